@@ -1,0 +1,57 @@
+"""Every configuration field, with its default. Other configs import this and override.
+
+Override any field on the command line: `--config.optim.learning_rate=0.05`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet18'  # A preset of resnet_flax.models.PRESETS.
+  config.model.max_params = 5_000_000  # Training refuses a model with more trainable parameters.
+  config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (parameters stay float32).
+  config.model.dropout_rate = 0.0  # Dropout before the classifier.
+  config.model.zero_init_residual = False  # Zero-init each block's last BatchNorm scale.
+  config.model.se_ratio = 0.0  # Squeeze-excitation reduction (e.g. 0.25); 0 turns SE off.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'tfds'  # tfds | folder | cifar_archive | synthetic
+  config.data.name = 'cifar10'  # cifar10 | cifar100 (tfds: any image-classification name).
+  config.data.path = ''  # tfds data_dir, image-folder root, or CIFAR archive (file or directory).
+  config.data.pipeline = 'tfdata'  # tfdata (host tf.data) | device (whole dataset in device memory).
+  config.data.validation_size = 0  # Hold out this many training images as the evaluation split.
+  config.data.cache_dir = ''  # Where decoded image folders are cached ('' = <path>/.resnet_flax_cache).
+  config.data.synthetic_train_size = 512  # Synthetic source: training images.
+  config.data.synthetic_test_size = 200  # Synthetic source: test images (not a multiple of batches).
+  config.data.synthetic_image_size = 32  # Synthetic source: height = width.
+  config.data.synthetic_num_classes = 10  # Synthetic source: number of classes.
+
+  config.augment = ml_collections.ConfigDict()
+  config.augment.train_ops = ('crop', 'flip')  # Applied in order on the device: crop | flip | cutout.
+  config.augment.crop_padding = 4  # Pixels of padding before the random crop.
+  config.augment.pad_mode = 'reflect'  # reflect | constant (zeros).
+  config.augment.cutout_size = 8  # Side of the square Cutout erases.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = 'sgd'  # sgd (momentum / Nesterov).
+  config.optim.learning_rate = 0.1  # Peak learning rate, reached after the warmup.
+  config.optim.momentum = 0.9  # SGD momentum.
+  config.optim.nesterov = True  # Nesterov momentum.
+  config.optim.weight_decay = 5e-4  # L2 on conv and dense kernels only (not BN, not biases).
+  config.optim.warmup_epochs = 2.0  # Linear warmup from 0 to the peak, then cosine to 0.
+  config.optim.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
+
+  config.num_epochs = 200.0  # Length of training; fractional epochs are allowed.
+  config.batch_size = 512  # Global batch size, over all devices and hosts.
+  config.eval_batch_size = 1000  # Global evaluation batch size (the last batch is padded).
+  config.seed = 0  # Everything random is a pure function of this seed and the step.
+  config.half_precision = False  # Shorthand for model.dtype='bfloat16'.
+
+  config.eval_every_epochs = 1.0  # Evaluate on the test split this often, and at the end.
+  config.checkpoint_every_steps = 500  # Save a checkpoint this often, and at the end.
+  config.keep_checkpoints = 2  # Keep this many latest checkpoints (plus the best by accuracy).
+  config.log_every_steps = 50  # Write training metrics this often.
+  return config

@@ -1,0 +1,1 @@
+"""resnet_flax: compact ResNets on CIFAR and image folders in JAX/Flax."""

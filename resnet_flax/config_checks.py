@@ -1,0 +1,91 @@
+"""Checks a config before any work, so a bad value gets one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from resnet_flax import augment, data, input_pipeline, models
+from resnet_flax.errors import ConfigError
+
+OPTIMIZERS = ('sgd',)
+DTYPES = ('float32', 'bfloat16')
+
+
+def _choice(options) -> Callable[[Any], str | None]:
+  return lambda v: None if v in options else f'choose one of {", ".join(map(str, options))}'
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive(v) -> str | None:
+  return None if _is_number(v) and v > 0 else 'must be > 0'
+
+
+def _non_negative(v) -> str | None:
+  return None if _is_number(v) and v >= 0 else 'must be >= 0'
+
+
+def _fraction(v) -> str | None:
+  return None if _is_number(v) and 0 <= v < 1 else 'must be in [0, 1)'
+
+
+def _augment_ops(ops) -> str | None:
+  try:
+    augment.validate_ops(ops)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+RULES: dict[str, Callable[[Any], str | None]] = {
+    'model.name': _choice(sorted(models.PRESETS)),
+    'model.max_params': _positive,
+    'model.dtype': _choice(DTYPES),
+    'model.dropout_rate': _fraction,
+    'model.se_ratio': _non_negative,
+    'data.source': _choice(sorted(data.SOURCES)),
+    'data.pipeline': _choice(sorted(input_pipeline.PIPELINES)),
+    'data.validation_size': _non_negative,
+    'augment.train_ops': _augment_ops,
+    'augment.crop_padding': _non_negative,
+    'augment.pad_mode': _choice(('reflect', 'constant')),
+    'augment.cutout_size': _non_negative,
+    'optim.name': _choice(OPTIMIZERS),
+    'optim.learning_rate': _non_negative,
+    'optim.momentum': _fraction,
+    'optim.weight_decay': _non_negative,
+    'optim.warmup_epochs': _non_negative,
+    'optim.label_smoothing': _fraction,
+    'num_epochs': _positive,
+    'batch_size': _positive,
+    'eval_batch_size': _positive,
+    'eval_every_epochs': _positive,
+    'checkpoint_every_steps': _positive,
+    'keep_checkpoints': _positive,
+    'log_every_steps': _positive,
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first bad field, its value and what it must be."""
+  for field, rule in RULES.items():
+    value = _get(config, field)
+    problem = rule(value)
+    if problem:
+      raise ConfigError(f'--config.{field}={value!r} is invalid: {problem}')
+  for field in ('batch_size', 'eval_batch_size'):
+    if _get(config, field) % jax.device_count():
+      raise ConfigError(f'--config.{field}={_get(config, field)} is not divisible by the {jax.device_count()} '
+                        'devices; choose a multiple of the device count')

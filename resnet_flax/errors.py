@@ -1,0 +1,13 @@
+"""Errors that reach the user as one line (what is wrong and how to fix it), never a traceback."""
+
+
+class UserError(Exception):
+  """Base of every error caused by the user's config, data or workdir."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field has a bad value, or the config does not fit the workdir."""
+
+
+class BudgetError(UserError):
+  """The model has more trainable parameters than `model.max_params` allows."""

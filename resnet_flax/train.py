@@ -1,0 +1,292 @@
+"""Training and evaluation: one jitted, data-parallel step over a ('data',) mesh of all devices.
+
+Parameters, batch statistics and optimizer state are replicated; batches are sharded along
+the batch axis. BatchNorm has no `axis_name`: under jit its statistics are over the global
+batch, so BN is synchronised across devices for free. Everything random is a pure function
+of (seed, step, example index), so a resumed run is bit-identical to an uninterrupted one.
+"""
+
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metrics, parameter_overview
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from resnet_flax import augment, checkpoint, config_checks, data, input_pipeline, models, writers
+from resnet_flax.errors import BudgetError, ConfigError
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Accuracy
+  learning_rate: metrics.LastValue.from_output('learning_rate')
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Accuracy
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  return jnp.bfloat16 if config.half_precision or config.model.dtype == 'bfloat16' else jnp.float32
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
+  return models.create_model(
+      config.model.name, num_classes, dtype=compute_dtype(config), dropout_rate=config.model.dropout_rate,
+      se_ratio=config.model.se_ratio, zero_init_residual=config.model.zero_init_residual)
+
+
+def check_param_budget(params, max_params: int) -> int:
+  """Logs the parameter overview; raises BudgetError over budget. Returns the count."""
+  count = models.count_params(params)
+  if count > max_params:
+    raise BudgetError(f'the model has {count:,} trainable parameters, over the budget of {max_params:,}; '
+                      f'raise it with --config.model.max_params={count} or choose a smaller model.name')
+  return count
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup from 0 to the peak, then cosine decay to 0 at the last step."""
+  total_steps = max(1, round(config.num_epochs * steps_per_epoch))
+  warmup_steps = min(round(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup_steps,
+      decay_steps=total_steps, end_value=0.0)
+
+
+def kernel_mask(params):
+  """True for conv and dense kernels: weight decay skips BatchNorm parameters and biases."""
+  return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == 'kernel', params)
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
+  optim = config.optim
+  return optax.chain(
+      optax.add_decayed_weights(optim.weight_decay, mask=kernel_mask),
+      optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov),
+  )
+
+
+def create_train_state(model: models.ResNet, variables, tx) -> TrainState:
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables['batch_stats'], tx=tx)
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  """Per-example cross-entropy in float32."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict, learning_rate_fn,
+               mean, std, num_classes: int):
+  """One SGD step on a uint8 batch; augmentation, forward, backward and update in one program."""
+  step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  augment_key, dropout_key = jax.random.split(step_key)
+  images = augment.augment_batch(batch['image'], augment_key, config.augment, mean, std)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    logits, updates = state.apply_fn(variables, images, train=True, mutable=['batch_stats'],
+                                     rngs={'dropout': dropout_key})
+    loss = cross_entropy(logits, batch['label'], num_classes, config.optim.label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  step_metrics = TrainMetrics.single_from_model_output(
+      loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step))
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch, *, mean, std, num_classes: int):
+  images = augment.normalize(batch['image'], mean, std)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  logits = state.apply_fn(variables, images, train=False)
+  loss = cross_entropy(logits, batch['label'], num_classes)
+  return EvalMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch['label'],
+                                              mask=batch["mask"])
+
+
+def evaluate(eval_fn: Callable, state: TrainState, batches) -> dict[str, float]:
+  """Metrics over every example of the split exactly once (padding is masked out)."""
+  total = None
+  for batch in batches:
+    batch_metrics = eval_fn(state, batch)
+    total = batch_metrics if total is None else total.merge(batch_metrics)
+  return {k: float(v) for k, v in total.compute().items()}
+
+
+def create_mesh() -> Mesh:
+  """A 1-D ('data',) mesh of every device of every process."""
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def jit_steps(config, mesh: Mesh, learning_rate_fn, mean, std, num_classes: int):
+  """The sharded train and eval steps. The state is replicated and donated to the train step."""
+  replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  train_fn = jax.jit(
+      functools.partial(train_step, config=config, learning_rate_fn=learning_rate_fn, mean=mean, std=std,
+                        num_classes=num_classes),
+      in_shardings=(replicated, sharded), out_shardings=(replicated, replicated), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes),
+                    in_shardings=(replicated, sharded), out_shardings=replicated)
+  return train_fn, eval_fn
+
+
+class Progress:
+  """Progress lines with throughput and ETA, from host-side step counts only (no device sync)."""
+
+  def __init__(self, start_step: int, total_steps: int, batch_size: int):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def rates(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    return {'steps_per_sec': steps_per_sec, 'images_per_sec': steps_per_sec * self.batch_size}
+
+  def log(self, step: int, scalars: dict[str, float]):
+    eta = (self.total_steps - step) / max(scalars['steps_per_sec'], 1e-9)
+    logging.info('step %d/%d (%.0f%%) loss %.4f accuracy %.4f lr %.4g | %.1f steps/s, %.0f images/s | ETA %s',
+                 step, self.total_steps, 100 * step / self.total_steps, scalars['loss'], scalars['accuracy'],
+                 scalars['learning_rate'], scalars['steps_per_sec'], scalars['images_per_sec'],
+                 time.strftime('%H:%M:%S', time.gmtime(eta)))
+
+
+def run_fingerprint(config: ml_collections.ConfigDict, train: data.ImageData) -> dict[str, Any]:
+  """What a checkpoint must agree with to be resumed: the model and the data's shape."""
+  return {
+      'model.name': config.model.name,
+      'model.se_ratio': config.model.se_ratio,
+      'image_shape': list(train.images.shape[1:]),
+      'num_classes': len(train.class_names),
+  }
+
+
+def check_resumable(workdir: str, fingerprint: dict[str, Any]):
+  """Refuses to resume a workdir whose checkpoints were made for another model or data shape."""
+  path = os.path.join(workdir, 'run.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = [f'{k}: {saved.get(k)} -> {v}' for k, v in fingerprint.items() if saved.get(k) != v]
+  if changed:
+    raise ConfigError(f'workdir {workdir} holds checkpoints of another model or data shape '
+                      f'({"; ".join(changed)}); use a new --workdir or restore those values')
+
+
+def save_run_files(workdir: str, config: ml_collections.ConfigDict, fingerprint: dict[str, Any]):
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, 'run.json'), 'w') as f:
+    json.dump(fingerprint, f, indent=2)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from `workdir` if it holds checkpoints) and returns the final eval metrics."""
+  config_checks.validate(config)
+  logging.info('Config:\n%s', config)
+  splits = data.load_splits(config.data)
+  train_split, test_split = splits['train'], splits['test']
+  num_classes = len(train_split.class_names)
+  steps_per_epoch = len(train_split) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(train_split)} training images; '
+                      'lower --config.batch_size')
+  total_steps = max(1, round(config.num_epochs * steps_per_epoch))
+  eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
+
+  model = create_model(config, num_classes)
+  variables = models.init_variables(model, train_split.images.shape[1:], jax.random.key(config.seed))
+  parameter_overview.log_parameter_overview(variables['params'])
+  num_params = check_param_budget(variables['params'], config.model.max_params)
+  logging.info('%s: %s trainable parameters (budget %s)', config.model.name, f'{num_params:,}',
+               f'{config.model.max_params:,}')
+
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  mesh = create_mesh()
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(create_train_state(model, variables, create_optimizer(config, learning_rate_fn)),
+                         replicated)
+
+  os.makedirs(workdir, exist_ok=True)
+  fingerprint = run_fingerprint(config, train_split)
+  check_resumable(workdir, fingerprint)
+  manager = checkpoint.create_manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
+  writer = writers.create_writer(workdir, is_primary=jax.process_index() == 0)
+  try:
+    if manager.latest_step() is not None:
+      state = checkpoint.restore(manager, state)
+      logging.info('Resuming from the checkpoint of step %d in %s', manager.latest_step(), workdir)
+    start_step = int(state.step)
+    if start_step >= total_steps:
+      logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, total_steps)
+      return {}
+    save_run_files(workdir, config, fingerprint)
+    if start_step == 0:
+      writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
+
+    mean, std = augment.channel_stats(train_split.images)
+    train_fn, eval_fn = jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes)
+    pipeline = input_pipeline.create_pipeline(config.data.pipeline, train_split, config.batch_size,
+                                              config.seed, mesh)
+    eval_batches = lambda: pipeline.eval_batches(test_split, config.eval_batch_size)
+    return _train_loop(config, state, pipeline, train_fn, functools.partial(evaluate, eval_fn),
+                       eval_batches, manager, writer, start_step, total_steps, eval_every_steps)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.flush()
+
+
+def _train_loop(config, state, pipeline, train_fn, evaluate_fn, eval_batches, manager, writer,
+                start_step: int, total_steps: int, eval_every_steps: int) -> dict[str, float]:
+  progress = Progress(start_step, total_steps, config.batch_size)
+  step_metrics, eval_metrics = [], {}
+  batches = pipeline.train_batches(start_step, total_steps)
+  logging.info('Training steps %d..%d (%d per epoch)', start_step + 1, total_steps, pipeline.steps_per_epoch)
+  for step, batch in zip(range(start_step + 1, total_steps + 1), batches):
+    state, one_step_metrics = train_fn(state, batch)
+    step_metrics.append(one_step_metrics)
+    is_last = step == total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      scalars = {f'train_{k}': v for k, v in _merge(step_metrics).compute().items()}
+      scalars.update(progress.rates(step))
+      writer.write_scalars(step, scalars)
+      progress.log(step, {k.removeprefix('train_'): float(v) for k, v in scalars.items()})
+      step_metrics = []
+    is_eval_step = step % eval_every_steps == 0 or is_last
+    if is_eval_step:
+      eval_metrics = evaluate_fn(state, eval_batches())
+      writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
+    checkpoint.save(manager, step, state, metrics=eval_metrics if is_eval_step else None,
+                    force=is_last or is_eval_step)
+  return eval_metrics
+
+
+def _merge(collections):
+  return functools.reduce(lambda a, b: a.merge(b), collections)

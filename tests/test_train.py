@@ -1,0 +1,143 @@
+"""The trainer end to end: budget, errors, exact resume after SIGKILL, sharding, TensorBoard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import smoke
+from resnet_flax import train, writers
+from resnet_flax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+# 6 epochs of 8 steps: checkpoints every 5 steps, evaluation every epoch.
+SMOKE_ARGS = ['--config=configs/smoke.py', '--config.num_epochs=6', '--config.log_every_steps=1']
+TOTAL_STEPS = 48
+
+
+def run_main(workdir, *args, devices: int = 1, wait: bool = True):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  command = [sys.executable, 'main.py', f'--workdir={workdir}', *SMOKE_ARGS, *args]
+  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+  if not wait:
+    return process
+  output, _ = process.communicate(timeout=300)
+  return process.returncode, output
+
+
+def finished_steps(workdir) -> list[int]:
+  directory = Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.exists() else []
+
+
+def load_checkpoint(workdir, step: int):
+  with ocp.StandardCheckpointer() as checkpointer:
+    return checkpointer.restore(Path(workdir) / 'checkpoints' / str(step) / 'default')
+
+
+@pytest.fixture(scope='session')
+def straight_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('straight')
+  returncode, output = run_main(workdir)
+  assert returncode == 0, output
+  return workdir
+
+
+def test_straight_run_checkpoints_evaluates_and_finishes(straight_run):
+  assert finished_steps(straight_run)[-1] == TOTAL_STEPS
+  assert len(finished_steps(straight_run)) >= 2
+  config = json.loads((straight_run / 'config.json').read_text())
+  assert config['num_epochs'] == 6
+
+
+def test_tensorboard_holds_train_and_eval_scalars(straight_run):
+  scalars = writers.read_scalars(str(straight_run))
+  for tag in ('train_loss', 'train_accuracy', 'train_learning_rate', 'steps_per_sec', 'eval_loss',
+              'eval_accuracy'):
+    assert tag in scalars, sorted(scalars)
+  assert [step for step, _ in scalars['train_loss']] == list(range(1, TOTAL_STEPS + 1))
+  assert [step for step, _ in scalars['eval_accuracy']] == list(range(8, TOTAL_STEPS + 1, 8))
+  assert scalars['eval_accuracy'][-1][1] > 0.5  # The synthetic classes are learnable.
+  assert scalars['train_learning_rate'][-1][1] < scalars['train_learning_rate'][10][1]
+
+
+def test_rerun_of_a_complete_run_says_so_and_exits_zero(straight_run):
+  returncode, output = run_main(straight_run)
+  assert returncode == 0
+  assert 'already complete' in output
+  assert finished_steps(straight_run)[-1] == TOTAL_STEPS
+
+
+def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
+  process = run_main(tmp_path, wait=False)
+  deadline = time.time() + 120
+  while not finished_steps(tmp_path) and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_at = finished_steps(tmp_path)
+  assert process.returncode == -signal.SIGKILL and killed_at and killed_at[-1] < TOTAL_STEPS
+
+  returncode, output = run_main(tmp_path)
+  assert returncode == 0, output
+  assert f'Resuming from the checkpoint of step {killed_at[-1]}' in output
+  resumed, straight = load_checkpoint(tmp_path, TOTAL_STEPS), load_checkpoint(straight_run, TOTAL_STEPS)
+  for name in ('params', 'batch_stats', 'opt_state', 'step'):
+    jax.tree.map(np.testing.assert_array_equal, resumed[name], straight[name])
+  final_eval = lambda w: {t: writers.read_scalars(str(w))[t][-1] for t in ('eval_loss', 'eval_accuracy')}
+  assert final_eval(tmp_path) == final_eval(straight_run)
+
+
+def test_four_devices_give_the_losses_of_one(straight_run, tmp_path):
+  returncode, output = run_main(tmp_path, devices=4)
+  assert returncode == 0, output
+  four = [loss for _, loss in writers.read_scalars(str(tmp_path))['train_loss']]
+  one = [loss for _, loss in writers.read_scalars(str(straight_run))['train_loss']]
+  assert len(four) == TOTAL_STEPS
+  np.testing.assert_allclose(four, one, rtol=1e-3, atol=1e-4)
+
+
+def test_over_budget_model_exits_nonzero_with_one_line(tmp_path):
+  returncode, output = run_main(tmp_path, '--config.model.name=resnet18_imagenet_stem')
+  assert returncode != 0
+  last_line = output.strip().splitlines()[-1]
+  assert last_line.startswith('error: the model has 11,181,642 trainable parameters, over the budget of 5,000,000')
+  assert '--config.model.max_params=' in last_line
+  assert not finished_steps(tmp_path)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.optim.learnin_rate=0.1', "unknown config field 'learnin_rate'; did you mean 'learning_rate'?"),
+    ('--config.batch_size=0', '--config.batch_size=0 is invalid: must be > 0'),
+    ('--config.optim.learning_rate=fast', "could not convert string to float: 'fast'"),
+    ('--config.data.pipeline=gpu', "--config.data.pipeline='gpu' is invalid: choose one of device, tfdata"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, override, message):
+  returncode, output = run_main(tmp_path, override)
+  lines = [l for l in output.strip().splitlines() if not l.startswith(('W', 'I'))]
+  assert returncode != 0
+  assert lines == [lines[-1]] and message in lines[-1], output
+  assert not finished_steps(tmp_path)
+
+
+def test_batch_not_divisible_by_device_count_is_refused(tmp_path):
+  returncode, output = run_main(tmp_path, '--config.batch_size=66', devices=4)
+  assert returncode != 0
+  assert 'error: --config.batch_size=66 is not divisible by the 4 devices' in output
+
+
+def test_resume_with_another_model_is_refused(straight_run):
+  config = smoke.get_config()
+  config.model.name = 'resnet18'
+  with pytest.raises(ConfigError, match=r'model.name: resnet_tiny -> resnet18.*use a new --workdir'):
+    train.train_and_evaluate(config, str(straight_run))
