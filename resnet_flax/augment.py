@@ -1,8 +1,9 @@
 """On-device training augmentation: pure JAX, one key per example, run inside the jitted step.
 
 Every random choice is a function of (step key, example index, op position), so a resumed run
-augments exactly like an uninterrupted one, and the batch may be sharded over any mesh: the work is
-one `vmap` over examples, with static shapes and no data-dependent branches.
+augments exactly like an uninterrupted one, and the batch may be sharded along a mesh axis of type
+Auto (Explicit axes reject the unsharded keys): the work is one `vmap` over examples, with static
+shapes and no data-dependent branches.
 
 Ops are defined on pixel values, so their order in `train_ops` means what it says:
   crop    pad (reflect, or constant black) and take a random crop of the original size;
@@ -10,8 +11,7 @@ Ops are defined on pixel values, so their order in `train_ops` means what it say
   cutout  fill a square with the dataset mean colour; `normalize` maps that colour to exactly 0,
           which is the standard Cutout of the normalized image (DeVries & Taylor, 2017).
 Crop and flip move uint8 pixels (a quarter of the bytes of float32); the first cutout turns the
-image into float32 pixel values, and `normalize` runs last. XLA fuses the casts, the Cutout mask and
-the normalization into one elementwise pass.
+image into float32 pixel values, and `normalize` runs last, on the whole batch.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _flip(key: jax.Array, image: jax.Array) -> jax.Array:
   """Mirrors left-right with probability 1/2, branch-free.
 
   It chooses the column order rather than selecting between two images: after a crop, XLA fuses
-  this gather into the crop's, which halves the time of crop + flip on CPU.
+  this gather with the crop's, which takes about a third off crop + flip on CPU.
   """
   columns = jnp.arange(image.shape[1])
   return image[:, jnp.where(jax.random.bernoulli(key), columns[::-1], columns)]
