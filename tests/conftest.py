@@ -1,0 +1,19 @@
+"""Shared fixtures."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+
+
+@pytest.fixture(scope='session')
+def cifar10_jpeg_dir(tmp_path_factory) -> Path:
+  """The real CIFAR-10 JPEGs, unpacked once per session: `<dir>/{train,test}/<class>/*.jpg`."""
+  archive = SHARED_DATA / 'cifar10-jpeg.tar.gz'
+  if not archive.is_file():
+    pytest.skip('../shared/data/cifar10-jpeg.tar.gz not found (real CIFAR-10 JPEGs live only in the project workplace)')
+  destination = tmp_path_factory.mktemp('cifar10_jpeg')
+  subprocess.run(['tar', 'xzf', str(archive), '-C', str(destination)], check=True)  # 8x faster than tarfile.
+  return destination / 'cifar10-jpeg'
