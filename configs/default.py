@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.warmup_epochs = 2.0  # Linear warmup from 0 to the peak, then cosine to 0.
   config.optim.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
 
+  config.eval = ml_collections.ConfigDict()
+  config.eval.checkpoint = 'best'  # --mode=evaluate|predict: best (by eval accuracy) | latest | a step number.
+  config.eval.tta = 'none'  # Test-time augmentation: none | flip (2 views) | flip+translate (6 views).
+
   config.num_epochs = 200.0  # Length of training; fractional epochs are allowed.
   config.batch_size = 512  # Global batch size, over all devices and hosts.
   config.eval_batch_size = 1000  # Global evaluation batch size (the last batch is padded).
@@ -54,4 +58,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500  # Save a checkpoint this often, and at the end.
   config.keep_checkpoints = 2  # Keep this many latest checkpoints (plus the best by accuracy).
   config.log_every_steps = 50  # Write training metrics this often.
+  config.skip_nonfinite_updates = False  # Skip (and count) steps with a NaN/inf loss instead of stopping.
   return config

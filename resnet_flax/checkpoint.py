@@ -7,15 +7,26 @@ and then a resume goes backwards).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from resnet_flax.errors import UserError
+
 BEST_METRIC = 'accuracy'
+CORRUPT_DIR = 'checkpoints_corrupt'
+
+
+class CheckpointError(UserError):
+  """A checkpoint could not be written (e.g. the disk is full); the earlier ones are intact."""
 
 
 def create_manager(workdir: str, keep: int, every_steps: int) -> ocp.CheckpointManager:
@@ -36,9 +47,41 @@ def create_manager(workdir: str, keep: int, every_steps: int) -> ocp.CheckpointM
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
-  """Starts an async save of `state` at `step`; `metrics` (Python floats) rank the best checkpoint."""
+  """Starts an async save of `state` at `step`; `metrics` (Python floats) rank the best checkpoint.
+
+  An earlier async save that failed raises here; a full disk becomes a one-line CheckpointError.
+  """
   metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-  return manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+  with _disk_errors_explained(manager, step):
+    return manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=force)
+
+
+def wait_until_finished(manager: ocp.CheckpointManager):
+  """Blocks until the last async save is on disk (call it in a `finally`)."""
+  with _disk_errors_explained(manager, manager.latest_step()):
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _disk_errors_explained(manager: ocp.CheckpointManager, step: int | None):
+  """Turns 'no space left on device' from Orbax (raised directly or wrapped) into a CheckpointError."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    if not _is_disk_full(e):
+      raise
+    complete = [s for s in manager.all_steps(read=True) if s != step]
+    kept = f'the checkpoint of step {max(complete)} is intact' if complete else 'no earlier checkpoint exists'
+    raise CheckpointError(f'no space left on the device while saving a checkpoint in {manager.directory} '
+                          f'({kept}); free some space and rerun the same command to resume') from e
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+  while exc is not None:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or 'No space left on device' in str(exc):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -58,3 +101,30 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   logging.info('Restoring checkpoint of step %d from %s', step, manager.directory)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, target: Any) -> Any | None:
+  """The newest checkpoint that restores; None if there is none.
+
+  A checkpoint that fails to restore (truncated, corrupt) is named in a warning and moved to
+  `<workdir>/checkpoints_corrupt/` (kept for inspection, never deleted), and the one before is tried.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, target, step)
+    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on bad files.
+      _set_aside(manager, step, e)
+  return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception):
+  path = os.path.join(str(manager.directory), str(step))
+  destination = os.path.join(os.path.dirname(str(manager.directory)), CORRUPT_DIR, str(step))
+  logging.warning('Checkpoint %s cannot be restored (%s: %s); moving it to %s and trying the one before.',
+                  path, type(error).__name__, str(error).splitlines()[0] if str(error) else '', destination)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    shutil.rmtree(destination, ignore_errors=True)
+    shutil.move(path, destination)
+  multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+  manager.reload()

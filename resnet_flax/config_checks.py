@@ -61,6 +61,9 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'optim.weight_decay': _non_negative,
     'optim.warmup_epochs': _non_negative,
     'optim.label_smoothing': _fraction,
+    'eval.checkpoint': lambda v: (None if v in ('best', 'latest') or str(v).isdigit()
+                                  else 'choose best, latest or a step number'),
+    'eval.tta': _choice(('none', 'flip', 'flip+translate')),
     'num_epochs': _positive,
     'batch_size': _positive,
     'eval_batch_size': _positive,
@@ -68,6 +71,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'checkpoint_every_steps': _positive,
     'keep_checkpoints': _positive,
     'log_every_steps': _positive,
+    'skip_nonfinite_updates': _choice((False, True)),
 }
 
 

@@ -11,3 +11,7 @@ class ConfigError(UserError, ValueError):
 
 class BudgetError(UserError):
   """The model has more trainable parameters than `model.max_params` allows."""
+
+
+class NonFiniteError(UserError):
+  """The loss or the gradients became NaN or infinite."""

@@ -7,9 +7,11 @@ of (seed, step, example index), so a resumed run is bit-identical to an uninterr
 """
 
 
+import dataclasses
 import functools
 import json
 import os
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -24,12 +26,14 @@ from clu import metrics, parameter_overview
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_flax import augment, checkpoint, config_checks, data, input_pipeline, models, writers
-from resnet_flax.errors import BudgetError, ConfigError
+from resnet_flax import augment, checkpoint, config_checks, data, input_pipeline, models, preemption, writers
+from resnet_flax.errors import BudgetError, ConfigError, NonFiniteError
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  nonfinite_steps: jax.Array  # Steps whose update was skipped because loss or gradients were not finite.
+  first_nonfinite_step: jax.Array  # The first such step, -1 while there is none.
 
 
 @flax.struct.dataclass
@@ -88,7 +92,9 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
 
 def create_train_state(model: models.ResNet, variables, tx) -> TrainState:
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=tx)
+                           batch_stats=variables['batch_stats'], tx=tx,
+                           nonfinite_steps=jnp.zeros((), jnp.int32),
+                           first_nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
 def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
@@ -112,10 +118,23 @@ def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict, l
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  new_state = skip_if_nonfinite(state, state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, grads)
   step_metrics = TrainMetrics.single_from_model_output(
       loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step))
   return new_state, step_metrics
+
+
+def skip_if_nonfinite(old: TrainState, new: TrainState, loss, grads) -> TrainState:
+  """Keeps `old` (but advances the step) when the loss or a gradient is not finite, and counts it.
+
+  The check is on the device, so no step waits for the host; the host reads the count at log and
+  checkpoint steps and stops there unless `skip_nonfinite_updates`. No checkpoint ever holds NaNs.
+  """
+  finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+  kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  first = jnp.where(~finite & (old.first_nonfinite_step < 0), old.step + 1, old.first_nonfinite_step)
+  return kept.replace(step=new.step, nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32),
+                      first_nonfinite_step=first)
 
 
 def eval_step(state: TrainState, batch, *, mean, std, num_classes: int):
@@ -206,9 +225,89 @@ def save_run_files(workdir: str, config: ml_collections.ConfigDict, fingerprint:
     json.dump(fingerprint, f, indent=2)
 
 
+def check_writable(workdir: str):
+  """Fails early, leaving no trace, if `workdir` (or the folder it would be created in) is not writable."""
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f'{existing} is a file')
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir} is not writable ({e}); choose another --workdir') from e
+
+
+@dataclasses.dataclass
+class TrainLoop:
+  """What the steps of a run need besides the state; `run` is the loop itself."""
+
+  config: ml_collections.ConfigDict
+  pipeline: input_pipeline.InputPipeline
+  train_fn: Callable
+  evaluate_fn: Callable[[TrainState], dict[str, float]]
+  manager: Any
+  writer: Any
+  total_steps: int
+  eval_every_steps: int
+
+  def run(self, state: TrainState, start_step: int) -> dict[str, float]:
+    config = self.config
+    progress = Progress(start_step, self.total_steps, config.batch_size)
+    step_metrics, eval_metrics = [], {}
+    # With several processes, agreeing on a stop costs an all-gather: do it at log steps only.
+    stop_check_every = 1 if jax.process_count() == 1 else config.log_every_steps
+    logging.info('Training steps %d..%d (%d per epoch)', start_step + 1, self.total_steps,
+                 self.pipeline.steps_per_epoch)
+    with preemption.StopRequest() as stop:
+      batches = self.pipeline.train_batches(start_step, self.total_steps)
+      for step, batch in zip(range(start_step + 1, self.total_steps + 1), batches):
+        state, one_step_metrics = self.train_fn(state, batch)
+        step_metrics.append(one_step_metrics)
+        is_last = step == self.total_steps
+        if step % config.log_every_steps == 0 or is_last:
+          self._log_train_metrics(state, step, step_metrics, progress)
+          step_metrics = []
+        is_eval_step = step % self.eval_every_steps == 0 or is_last
+        if is_eval_step:
+          eval_metrics = self.evaluate_fn(state)
+          self.writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
+        stopping = step % stop_check_every == 0 and stop.requested()
+        force_save = is_last or is_eval_step or stopping
+        if force_save or self.manager.should_save(step):
+          self._check_finite(state)
+          checkpoint.save(self.manager, step, state, metrics=eval_metrics if is_eval_step else None,
+                          force=force_save)
+        if stopping:
+          logging.warning('Stopped by %s at step %d with a checkpoint; rerun the same command to resume.',
+                          stop.signal_name, step)
+          break
+    return eval_metrics
+
+  def _log_train_metrics(self, state: TrainState, step: int, step_metrics, progress: Progress):
+    self._check_finite(state)
+    scalars = {f'train_{k}': v for k, v in _merge(step_metrics).compute().items()}
+    if self.config.skip_nonfinite_updates:
+      scalars['train_nonfinite_steps'] = int(state.nonfinite_steps)
+    scalars.update(progress.rates(step))
+    self.writer.write_scalars(step, scalars)
+    progress.log(step, {k.removeprefix('train_'): float(v) for k, v in scalars.items()})
+
+  def _check_finite(self, state: TrainState):
+    if self.config.skip_nonfinite_updates or not int(state.nonfinite_steps):
+      return
+    latest = self.manager.latest_step()
+    kept = f'the checkpoint of step {latest} is intact' if latest is not None else 'no checkpoint was saved'
+    raise NonFiniteError(
+        f'the loss became non-finite at step {int(state.first_nonfinite_step)} ({kept}); lower '
+        '--config.optim.learning_rate, or pass --config.skip_nonfinite_updates=True to skip such steps')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from `workdir` if it holds checkpoints) and returns the final eval metrics."""
   config_checks.validate(config)
+  check_writable(workdir)
   logging.info('Config:\n%s', config)
   splits = data.load_splits(config.data)
   train_split, test_split = splits['train'], splits['test']
@@ -229,19 +328,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   mesh = create_mesh()
-  replicated = NamedSharding(mesh, P())
   state = jax.device_put(create_train_state(model, variables, create_optimizer(config, learning_rate_fn)),
-                         replicated)
+                         NamedSharding(mesh, P()))
 
-  os.makedirs(workdir, exist_ok=True)
   fingerprint = run_fingerprint(config, train_split)
   check_resumable(workdir, fingerprint)
+  os.makedirs(workdir, exist_ok=True)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
   writer = writers.create_writer(workdir, is_primary=jax.process_index() == 0)
   try:
-    if manager.latest_step() is not None:
-      state = checkpoint.restore(manager, state)
-      logging.info('Resuming from the checkpoint of step %d in %s', manager.latest_step(), workdir)
+    restored = checkpoint.restore_latest_good(manager, state)
+    if restored is not None:
+      state = restored
+      logging.info('Resuming from the checkpoint of step %d in %s', int(state.step), workdir)
     start_step = int(state.step)
     if start_step >= total_steps:
       logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, total_steps)
@@ -254,38 +353,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_fn, eval_fn = jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes)
     pipeline = input_pipeline.create_pipeline(config.data.pipeline, train_split, config.batch_size,
                                               config.seed, mesh)
-    eval_batches = lambda: pipeline.eval_batches(test_split, config.eval_batch_size)
-    return _train_loop(config, state, pipeline, train_fn, functools.partial(evaluate, eval_fn),
-                       eval_batches, manager, writer, start_step, total_steps, eval_every_steps)
+    evaluate_fn = lambda s: evaluate(eval_fn, s, pipeline.eval_batches(test_split, config.eval_batch_size))
+    loop = TrainLoop(config, pipeline, train_fn, evaluate_fn, manager, writer, total_steps, eval_every_steps)
+    return loop.run(state, start_step)
   finally:
-    manager.wait_until_finished()
-    manager.close()
-    writer.flush()
-
-
-def _train_loop(config, state, pipeline, train_fn, evaluate_fn, eval_batches, manager, writer,
-                start_step: int, total_steps: int, eval_every_steps: int) -> dict[str, float]:
-  progress = Progress(start_step, total_steps, config.batch_size)
-  step_metrics, eval_metrics = [], {}
-  batches = pipeline.train_batches(start_step, total_steps)
-  logging.info('Training steps %d..%d (%d per epoch)', start_step + 1, total_steps, pipeline.steps_per_epoch)
-  for step, batch in zip(range(start_step + 1, total_steps + 1), batches):
-    state, one_step_metrics = train_fn(state, batch)
-    step_metrics.append(one_step_metrics)
-    is_last = step == total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      scalars = {f'train_{k}': v for k, v in _merge(step_metrics).compute().items()}
-      scalars.update(progress.rates(step))
-      writer.write_scalars(step, scalars)
-      progress.log(step, {k.removeprefix('train_'): float(v) for k, v in scalars.items()})
-      step_metrics = []
-    is_eval_step = step % eval_every_steps == 0 or is_last
-    if is_eval_step:
-      eval_metrics = evaluate_fn(state, eval_batches())
-      writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
-    checkpoint.save(manager, step, state, metrics=eval_metrics if is_eval_step else None,
-                    force=is_last or is_eval_step)
-  return eval_metrics
+    try:
+      checkpoint.wait_until_finished(manager)
+    finally:
+      manager.close()
+      writer.flush()
 
 
 def _merge(collections):
