@@ -35,6 +35,8 @@ def _fraction(v) -> str | None:
 
 
 def _augment_ops(ops) -> str | None:
+  if not isinstance(ops, (tuple, list)) or not all(isinstance(op, str) for op in ops):
+    return "must be a tuple of op names, e.g. \"('crop', 'flip')\""
   try:
     augment.validate_ops(ops)
   except ValueError as e:

@@ -1,56 +1,21 @@
 """The trainer end to end: budget, errors, exact resume after SIGKILL, sharding, TensorBoard."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+import conftest
+from conftest import finished_steps, load_checkpoint
 from configs import smoke
 from resnet_flax import train, writers
 from resnet_flax.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
-# 6 epochs of 8 steps: checkpoints every 5 steps, evaluation every epoch.
-SMOKE_ARGS = ['--config=configs/smoke.py', '--config.num_epochs=6', '--config.log_every_steps=1']
-TOTAL_STEPS = 48
-
-
-def run_main(workdir, *args, devices: int = 1, wait: bool = True):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
-  command = [sys.executable, 'main.py', f'--workdir={workdir}', *SMOKE_ARGS, *args]
-  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
-  if not wait:
-    return process
-  output, _ = process.communicate(timeout=300)
-  return process.returncode, output
-
-
-def finished_steps(workdir) -> list[int]:
-  directory = Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.exists() else []
-
-
-def load_checkpoint(workdir, step: int):
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(Path(workdir) / 'checkpoints' / str(step) / 'default')
-
-
-@pytest.fixture(scope='session')
-def straight_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('straight')
-  returncode, output = run_main(workdir)
-  assert returncode == 0, output
-  return workdir
+TOTAL_STEPS = conftest.SMOKE_TOTAL_STEPS
+run_main = conftest.run_smoke
 
 
 def test_straight_run_checkpoints_evaluates_and_finishes(straight_run):

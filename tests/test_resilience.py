@@ -1,0 +1,155 @@
+"""Preemption, kills, corrupt checkpoints, non-finite losses, unwritable or full disks, several hosts."""
+
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import SMOKE_TOTAL_STEPS, finished_steps, load_checkpoint, run_main, run_smoke
+from resnet_flax import writers
+
+
+def wait_for(condition, timeout: float = 120):
+  deadline = time.time() + timeout
+  while not condition():
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.02)
+
+
+def assert_same_state(workdir_a, workdir_b, step: int):
+  a, b = load_checkpoint(workdir_a, step), load_checkpoint(workdir_b, step)
+  for name in ('params', 'batch_stats', 'opt_state', 'step'):
+    jax.tree.map(np.testing.assert_array_equal, a[name], b[name])
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(straight_run, tmp_path):
+  process = run_smoke(tmp_path, wait=False)
+  wait_for(lambda: finished_steps(tmp_path))
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 0, output
+  stopped_at = finished_steps(tmp_path)[-1]
+  assert stopped_at < SMOKE_TOTAL_STEPS
+  assert f'Stopped by SIGTERM at step {stopped_at} with a checkpoint' in output
+  returncode, output = run_smoke(tmp_path)
+  assert returncode == 0 and f'Resuming from the checkpoint of step {stopped_at}' in output
+  assert_same_state(tmp_path, straight_run, SMOKE_TOTAL_STEPS)
+
+
+def test_twenty_sigkills_at_random_moments_lose_nothing(straight_run, tmp_path):
+  """Kills during training and during saves (a checkpoint every 2 steps); each run resumes."""
+  rng = random.Random(0)
+  kills = 0
+  while kills < 20:
+    process = run_smoke(tmp_path, '--config.checkpoint_every_steps=2', wait=False)
+    for line in process.stdout:  # Kill only once training runs: the start-up is not what we test.
+      if 'Training steps' in line or 'already complete' in line:
+        break
+    time.sleep(rng.uniform(0, 1.5))
+    process.kill()
+    process.communicate()
+    kills += process.returncode == -signal.SIGKILL
+    if finished_steps(tmp_path)[-1:] == [SMOKE_TOTAL_STEPS]:
+      shutil.rmtree(tmp_path / 'checkpoints' / str(SMOKE_TOTAL_STEPS))  # Keep it going to 20 kills.
+  returncode, output = run_smoke(tmp_path, '--config.checkpoint_every_steps=2')
+  assert returncode == 0, output
+  assert not list((tmp_path / 'checkpoints').glob('*tmp*')), 'leftover temporary checkpoints'
+  assert_same_state(tmp_path, straight_run, SMOKE_TOTAL_STEPS)
+
+
+def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path):
+  assert run_main(tmp_path)[0] == 0  # Smoke: 16 steps, checkpoints 15 and 16 kept.
+  for blob in (tmp_path / 'checkpoints' / '16').rglob('d/*'):
+    blob.write_bytes(blob.read_bytes()[:10])
+  returncode, output = run_main(tmp_path, '--config.num_epochs=3')
+  assert returncode == 0, output
+  assert f'Checkpoint {tmp_path}/checkpoints/16 cannot be restored' in output
+  assert 'Resuming from the checkpoint of step 15' in output
+  assert (tmp_path / 'checkpoints_corrupt' / '16').is_dir()
+  assert finished_steps(tmp_path)[-1] == 24
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+  assert run_main(tmp_path)[0] == 0
+  before = load_checkpoint(tmp_path, 16)
+  returncode, output = run_main(tmp_path, '--config.num_epochs=4', '--config.optim.learning_rate=1e30')
+  assert returncode == 1
+  assert output.strip().splitlines()[-1].startswith(
+      'error: the loss became non-finite at step 18 (the checkpoint of step 16 is intact)')
+  assert finished_steps(tmp_path) == [15, 16]
+  jax.tree.map(np.testing.assert_array_equal, load_checkpoint(tmp_path, 16)['params'], before['params'])
+
+
+def test_skip_nonfinite_updates_counts_them_and_keeps_training(tmp_path):
+  assert run_main(tmp_path)[0] == 0
+  returncode, output = run_main(tmp_path, '--config.num_epochs=3', '--config.optim.learning_rate=1e30',
+                                '--config.skip_nonfinite_updates=True', '--config.log_every_steps=1')
+  assert returncode == 0, output
+  skipped = dict(writers.read_scalars(str(tmp_path))['train_nonfinite_steps'])
+  assert skipped[24] >= 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(load_checkpoint(tmp_path, 24)))
+
+
+def test_unwritable_workdir_is_refused_before_any_work(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  returncode, output = run_main(blocker / 'run')
+  assert returncode == 1
+  assert output.strip().splitlines()[-1].startswith(f'error: workdir {blocker}/run is not writable')
+  assert blocker.read_text() == ''
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+  mount_point = tmp_path / 'tiny_disk'
+  mount_point.mkdir()
+  # 1 MiB: room for the smoke model's first checkpoint (~0.6 MiB), not for a second.
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount_point)],
+                    capture_output=True).returncode:
+    pytest.skip('cannot mount a small tmpfs here (needs root) to fill a disk')
+  yield mount_point
+  subprocess.run(['umount', str(mount_point)], check=True)
+
+
+def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_disk):
+  returncode, output = run_main(tiny_disk / 'run', '--config.keep_checkpoints=5')
+  assert returncode == 1, output
+  last_line = output.strip().splitlines()[-1]
+  assert last_line.startswith('error: no space left on the device while saving a checkpoint'), last_line
+  kept = finished_steps(tiny_disk / 'run')
+  assert kept and f'the checkpoint of step {kept[-1]} is intact' in last_line
+  assert load_checkpoint(tiny_disk / 'run', kept[-1])['step'] == kept[-1]
+
+
+def run_two_processes(workdir, port: int, *args) -> list[subprocess.Popen]:
+  return [run_main(workdir, '--config.log_every_steps=1', *args, devices=2, wait=False, process=(port, 2, i))
+          for i in range(2)]
+
+
+def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
+  one = tmp_path / 'one_process'
+  assert run_main(one, '--config.log_every_steps=1', devices=4)[0] == 0
+
+  two = tmp_path / 'two_processes'
+  processes = run_two_processes(two, 23456)
+  wait_for(lambda: finished_steps(two))
+  processes[1].kill()  # One host dies; the other cannot go on alone: the job scheduler stops it too.
+  processes[0].kill()
+  for p in processes:
+    p.communicate()
+  assert finished_steps(two)[-1] < 16
+
+  processes = run_two_processes(two, 23457)
+  outputs = [p.communicate(timeout=300)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert all('Resuming from the checkpoint' in o for o in outputs)
+  losses = lambda w: [v for _, v in writers.read_scalars(str(w))['train_loss']]
+  np.testing.assert_allclose(losses(two)[-4:], losses(one)[-4:], rtol=1e-3, atol=1e-4)
+  a, b = load_checkpoint(two, 16), load_checkpoint(one, 16)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-4), a['params'], b['params'])
+  assert len(list(Path(two).glob('events.out.tfevents*'))) == 2  # One per run: process 0 writes, 1 does not.
