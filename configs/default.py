@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0  # Dropout before the classifier.
   config.model.zero_init_residual = False  # Zero-init each block's last BatchNorm scale.
   config.model.se_ratio = 0.0  # Squeeze-excitation reduction (e.g. 0.25); 0 turns SE off.
+  config.model.drop_path_rate = 0.0  # Stochastic depth: drop rate of the last block (linear in depth).
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'  # tfds | folder | cifar_archive | synthetic
@@ -30,18 +31,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_num_classes = 10  # Synthetic source: number of classes.
 
   config.augment = ml_collections.ConfigDict()
-  config.augment.train_ops = ('crop', 'flip')  # Applied in order on the device: crop | flip | cutout.
+  config.augment.train_ops = ('crop', 'flip')  # In order: crop|flip|cutout|autoaugment|randaugment|trivialaugment.
   config.augment.crop_padding = 4  # Pixels of padding before the random crop.
   config.augment.pad_mode = 'reflect'  # reflect | constant (zeros).
   config.augment.cutout_size = 8  # Side of the square Cutout erases.
+  config.augment.randaugment_num_ops = 2  # RandAugment: ops applied to each image (N).
+  config.augment.randaugment_magnitude = 9  # RandAugment: strength M, 0..30 as torchvision (timm's 0..10 x 3).
+  config.augment.mixup_alpha = 0.0  # Mixup: lambda ~ Beta(alpha, alpha) per batch; 0 turns it off.
+  config.augment.cutmix_alpha = 0.0  # CutMix: lambda ~ Beta(alpha, alpha) per batch; 0 off; both on: 50/50.
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.name = 'sgd'  # sgd (momentum / Nesterov).
+  config.optim.name = 'sgd'  # sgd | sam (SGD at the sharpness-aware gradient) | adam | adamw.
   config.optim.learning_rate = 0.1  # Peak learning rate, reached after the warmup.
   config.optim.momentum = 0.9  # SGD momentum.
   config.optim.nesterov = True  # Nesterov momentum.
-  config.optim.weight_decay = 5e-4  # L2 on conv and dense kernels only (not BN, not biases).
-  config.optim.warmup_epochs = 2.0  # Linear warmup from 0 to the peak, then cosine to 0.
+  config.optim.weight_decay = 5e-4  # On conv and dense kernels only (not BN, not biases).
+  config.optim.decoupled_weight_decay = False  # SGD: decay the weights outside the momentum (AdamW always does).
+  config.optim.b1 = 0.9  # Adam/AdamW: first-moment decay.
+  config.optim.b2 = 0.999  # Adam/AdamW: second-moment decay.
+  config.optim.sam_rho = 0.05  # SAM: radius of the ascent step.
+  config.optim.sam_adaptive = False  # SAM: adaptive (ASAM) ascent, scaled by |w|.
+  config.optim.schedule = 'cosine'  # After the warmup: cosine | onecycle (linear to 0) | step.
+  config.optim.step_epochs = (100.0, 150.0)  # schedule=step: epochs at which the rate is multiplied ...
+  config.optim.step_gamma = 0.1  # ... by this factor.
+  config.optim.warmup_epochs = 2.0  # Linear warmup from 0 to the peak.
   config.optim.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
 
   config.eval = ml_collections.ConfigDict()
@@ -53,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000  # Global evaluation batch size (the last batch is padded).
   config.seed = 0  # Everything random is a pure function of this seed and the step.
   config.half_precision = False  # Shorthand for model.dtype='bfloat16'.
+  config.ema_decay = 0.0  # EMA of the weights, evaluated and checkpointed; 0 turns it off (e.g. 0.999).
 
   config.eval_every_epochs = 1.0  # Evaluate on the test split this often, and at the end.
   config.checkpoint_every_steps = 500  # Save a checkpoint this often, and at the end.

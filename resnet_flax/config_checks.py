@@ -10,7 +10,8 @@ import ml_collections
 from resnet_flax import augment, data, input_pipeline, models
 from resnet_flax.errors import ConfigError
 
-OPTIMIZERS = ('sgd',)
+OPTIMIZERS = ('sgd', 'sam', 'adam', 'adamw')
+SCHEDULES = ('cosine', 'onecycle', 'step')
 DTYPES = ('float32', 'bfloat16')
 
 
@@ -50,6 +51,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'model.dtype': _choice(DTYPES),
     'model.dropout_rate': _fraction,
     'model.se_ratio': _non_negative,
+    'model.drop_path_rate': _fraction,
     'data.source': _choice(sorted(data.SOURCES)),
     'data.pipeline': _choice(sorted(input_pipeline.PIPELINES)),
     'data.validation_size': _non_negative,
@@ -63,6 +65,12 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'optim.weight_decay': _non_negative,
     'optim.warmup_epochs': _non_negative,
     'optim.label_smoothing': _fraction,
+    'optim.schedule': _choice(SCHEDULES),
+    'optim.step_gamma': _positive,
+    'optim.sam_rho': _non_negative,
+    'optim.b1': _fraction,
+    'optim.b2': _fraction,
+    'ema_decay': _fraction,
     'eval.checkpoint': lambda v: (None if v in ('best', 'latest') or str(v).isdigit()
                                   else 'choose best, latest or a step number'),
     'eval.tta': _choice(('none', 'flip', 'flip+translate')),

@@ -26,7 +26,8 @@ from clu import metrics, parameter_overview
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from resnet_flax import augment, checkpoint, config_checks, data, input_pipeline, models, preemption, writers
+from resnet_flax import (augment, checkpoint, config_checks, data, input_pipeline, mixing, models, preemption,
+                         writers)
 from resnet_flax.errors import BudgetError, ConfigError, NonFiniteError
 
 
@@ -34,6 +35,11 @@ class TrainState(train_state.TrainState):
   batch_stats: Any
   nonfinite_steps: jax.Array  # Steps whose update was skipped because loss or gradients were not finite.
   first_nonfinite_step: jax.Array  # The first such step, -1 while there is none.
+  ema: Any = None  # {'params', 'batch_stats'}: exponential moving average of the weights, if enabled.
+
+  def eval_variables(self) -> dict[str, Any]:
+    """The weights evaluation and reports use: the EMA when there is one."""
+    return self.ema or {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 @flax.struct.dataclass
@@ -56,7 +62,8 @@ def compute_dtype(config: ml_collections.ConfigDict):
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
   return models.create_model(
       config.model.name, num_classes, dtype=compute_dtype(config), dropout_rate=config.model.dropout_rate,
-      se_ratio=config.model.se_ratio, zero_init_residual=config.model.zero_init_residual)
+      se_ratio=config.model.se_ratio, zero_init_residual=config.model.zero_init_residual,
+      drop_path_rate=config.model.drop_path_rate)
 
 
 def check_param_budget(params, max_params: int) -> int:
@@ -69,12 +76,19 @@ def check_param_budget(params, max_params: int) -> int:
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warmup from 0 to the peak, then cosine decay to 0 at the last step."""
+  """Linear warmup from 0 to the peak, then `optim.schedule`: cosine or linear decay to 0, or steps."""
+  optim = config.optim
   total_steps = max(1, round(config.num_epochs * steps_per_epoch))
-  warmup_steps = min(round(config.optim.warmup_epochs * steps_per_epoch), total_steps - 1)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.optim.learning_rate, warmup_steps=warmup_steps,
-      decay_steps=total_steps, end_value=0.0)
+  warmup_steps = min(round(optim.warmup_epochs * steps_per_epoch), total_steps - 1)
+  peak = optim.learning_rate
+  if optim.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, decay_steps=total_steps, end_value=0.0)
+  if optim.schedule == 'onecycle':
+    decay = optax.linear_schedule(peak, 0.0, total_steps - warmup_steps)
+  else:  # 'step': multiply by `step_gamma` at each of `step_epochs`.
+    boundaries = {round(e * steps_per_epoch) - warmup_steps: optim.step_gamma for e in optim.step_epochs}
+    decay = optax.piecewise_constant_schedule(peak, boundaries)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps])
 
 
 def kernel_mask(params):
@@ -83,42 +97,82 @@ def kernel_mask(params):
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
+  """SGD (with SAM, the same base), Adam or AdamW; weight decay on kernels only.
+
+  `weight_decay` is an L2 term added to the gradient (coupled), except for AdamW and with
+  `decoupled_weight_decay`, where it shrinks the weights outside the momentum (Loshchilov & Hutter).
+  """
   optim = config.optim
-  return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay, mask=kernel_mask),
-      optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov),
-  )
+  decay = optax.add_decayed_weights(optim.weight_decay, mask=kernel_mask)
+  if optim.name == 'adamw':
+    return optax.adamw(learning_rate_fn, optim.b1, optim.b2, weight_decay=optim.weight_decay, mask=kernel_mask)
+  if optim.name == 'adam':
+    return optax.chain(decay, optax.adam(learning_rate_fn, optim.b1, optim.b2))
+  if optim.decoupled_weight_decay:
+    return optax.chain(optax.trace(decay=optim.momentum, nesterov=optim.nesterov), decay,
+                       optax.scale_by_learning_rate(learning_rate_fn))
+  return optax.chain(decay, optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov))
 
 
-def create_train_state(model: models.ResNet, variables, tx) -> TrainState:
+def create_train_state(model: models.ResNet, variables, tx, ema: bool = False) -> TrainState:
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables['batch_stats'], tx=tx,
                            nonfinite_steps=jnp.zeros((), jnp.int32),
-                           first_nonfinite_step=jnp.full((), -1, jnp.int32))
+                           first_nonfinite_step=jnp.full((), -1, jnp.int32),
+                           ema=jax.tree.map(jnp.copy, dict(variables)) if ema else None)
 
 
-def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
-  """Per-example cross-entropy in float32."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+def update_ema(ema, params, batch_stats, decay: float):
+  """ema <- decay * ema + (1 - decay) * current, for the weights and the BN statistics."""
+  current = {'params': params, 'batch_stats': batch_stats}
+  return optax.incremental_update(current, ema, step_size=1.0 - decay)
+
+
+def sam_gradients(grad_fn: Callable, params, grads, rho: float, adaptive: bool):
+  """Sharpness-aware minimisation (Foret et al. 2021): the gradient at the worst point within rho.
+
+  Ascends to w + e with e = rho g / |g| (adaptive, Kwon et al. 2021: e = rho w^2 g / |w g|), and
+  returns the gradient there. Written here rather than with `optax.contrib.sam`, whose opaque mode
+  needs the loss closure threaded through the optimizer: two lines in the step are simpler.
+  """
+  scale = jax.tree.map(jnp.abs, params) if adaptive else jax.tree.map(jnp.ones_like, params)
+  norm = optax.global_norm(jax.tree.map(jnp.multiply, scale, grads))
+  ascent = jax.tree.map(lambda g, s: rho * s * s * g / (norm + 1e-12), grads, scale)
+  return grad_fn(jax.tree.map(jnp.add, params, ascent))[1]
+
+
+def cross_entropy(logits, targets, label_smoothing: float = 0.0):
+  """Per-example cross-entropy in float32 against [B, num_classes] targets."""
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), optax.smooth_labels(targets, label_smoothing))
 
 
 def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict, learning_rate_fn,
                mean, std, num_classes: int):
-  """One SGD step on a uint8 batch; augmentation, forward, backward and update in one program."""
+  """One step on a uint8 batch; augmentation, forward, backward and update in one program."""
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  augment_key, dropout_key = jax.random.split(step_key)
+  augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
   images = augment.augment_batch(batch['image'], augment_key, config.augment, mean, std)
+  targets = jax.nn.one_hot(batch['label'], num_classes)
+  if config.augment.mixup_alpha or config.augment.cutmix_alpha:
+    images, targets = mixing.mix_batch(images, batch['label'], mix_key, num_classes=num_classes,
+                                       mixup_alpha=config.augment.mixup_alpha,
+                                       cutmix_alpha=config.augment.cutmix_alpha)
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     logits, updates = state.apply_fn(variables, images, train=True, mutable=['batch_stats'],
                                      rngs={'dropout': dropout_key})
-    loss = cross_entropy(logits, batch['label'], num_classes, config.optim.label_smoothing).mean()
+    loss = cross_entropy(logits, targets, config.optim.label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = skip_if_nonfinite(state, state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, grads)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (loss, (logits, batch_stats)), grads = grad_fn(state.params)
+  if config.optim.name == 'sam':
+    grads = sam_gradients(grad_fn, state.params, grads, config.optim.sam_rho, config.optim.sam_adaptive)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.ema is not None:
+    new_state = new_state.replace(ema=update_ema(state.ema, new_state.params, batch_stats, config.ema_decay))
+  new_state = skip_if_nonfinite(state, new_state, loss, grads)
   step_metrics = TrainMetrics.single_from_model_output(
       loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step))
   return new_state, step_metrics
@@ -139,9 +193,8 @@ def skip_if_nonfinite(old: TrainState, new: TrainState, loss, grads) -> TrainSta
 
 def eval_step(state: TrainState, batch, *, mean, std, num_classes: int):
   images = augment.normalize(batch['image'], mean, std)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = state.apply_fn(variables, images, train=False)
-  loss = cross_entropy(logits, batch['label'], num_classes)
+  logits = state.apply_fn(state.eval_variables(), images, train=False)
+  loss = cross_entropy(logits, jax.nn.one_hot(batch['label'], num_classes))
   return EvalMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch['label'],
                                               mask=batch["mask"])
 
@@ -328,8 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   mesh = create_mesh()
-  state = jax.device_put(create_train_state(model, variables, create_optimizer(config, learning_rate_fn)),
-                         NamedSharding(mesh, P()))
+  tx = create_optimizer(config, learning_rate_fn)
+  state = jax.device_put(create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P()))
 
   fingerprint = run_fingerprint(config, train_split)
   check_resumable(workdir, fingerprint)

@@ -1,0 +1,120 @@
+"""Training options of the recipes: optimizers, SAM, schedules, EMA, label smoothing, weight decay."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import smoke
+from resnet_flax import train
+
+CURVATURE = jnp.array([1.0, 10.0])  # f(w) = 1/2 sum(a * w^2): gradient a * w.
+
+
+def quadratic_grad_fn(w):
+  loss = 0.5 * jnp.sum(CURVATURE * w * w)
+  return (loss, None), CURVATURE * w
+
+
+@pytest.mark.parametrize('adaptive', [False, True])
+def test_sam_gradient_is_taken_at_the_ascent_point(adaptive):
+  w = jnp.array([1.0, 1.0])
+  (_, _), g = quadratic_grad_fn(w)
+  rho = 0.1
+  scale = jnp.abs(w) if adaptive else jnp.ones_like(w)
+  ascent = rho * scale**2 * g / jnp.linalg.norm(scale * g)
+  expected = CURVATURE * (w + ascent)
+  sam = train.sam_gradients(quadratic_grad_fn, w, g, rho, adaptive)
+  np.testing.assert_allclose(sam, expected, rtol=1e-6)
+  # The ascent moves furthest along the sharp direction, so SAM's gradient grows most there.
+  assert (sam - g)[1] > (sam - g)[0] > 0
+
+
+def test_ema_equals_its_closed_form():
+  decay, values = 0.9, [jnp.full((3,), float(v)) for v in (1, 5, -2, 7)]
+  ema = {'params': {'w': jnp.zeros(3)}, 'batch_stats': {'m': jnp.ones(3)}}
+  for value in values:
+    ema = train.update_ema(ema, {'w': value}, {'m': 2 * value}, decay)
+  n = len(values)
+  closed = lambda start, xs: decay**n * start + sum((1 - decay) * decay**(n - 1 - t) * x for t, x in enumerate(xs))
+  np.testing.assert_allclose(ema['params']['w'], closed(0.0, values), rtol=1e-6)
+  np.testing.assert_allclose(ema['batch_stats']['m'], closed(1.0, [2 * v for v in values]), rtol=1e-6)
+
+
+def config_with(**optim):
+  config = smoke.get_config()
+  config.num_epochs, config.optim.warmup_epochs, config.optim.learning_rate = 10.0, 1.0, 0.5
+  config.optim.update(optim)
+  return config
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
+  fn = train.create_learning_rate_fn(config_with(schedule='cosine'), steps_per_epoch=10)
+  assert fn(0) == 0 and np.isclose(fn(5), 0.25) and np.isclose(fn(10), 0.5)
+  assert np.isclose(fn(55), 0.25, atol=1e-6) and np.isclose(fn(100), 0.0, atol=1e-7)
+
+
+def test_step_schedule_multiplies_by_gamma_at_the_given_epochs():
+  fn = train.create_learning_rate_fn(config_with(schedule='step', step_epochs=(4.0, 7.0), step_gamma=0.1),
+                                     steps_per_epoch=10)
+  assert np.isclose(fn(10), 0.5) and np.isclose(fn(39), 0.5)
+  assert np.isclose(fn(40), 0.05) and np.isclose(fn(69), 0.05) and np.isclose(fn(70), 0.005)
+
+
+def test_onecycle_schedule_decays_linearly_to_zero():
+  fn = train.create_learning_rate_fn(config_with(schedule='onecycle'), steps_per_epoch=10)
+  assert np.isclose(fn(10), 0.5) and np.isclose(fn(55), 0.25) and np.isclose(fn(100), 0.0)
+
+
+PARAMS = {'Conv_0': {'kernel': jnp.ones((2, 2))}, 'BatchNorm_0': {'scale': jnp.ones(2), 'bias': jnp.ones(2)},
+          'Dense_0': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}}
+
+
+@pytest.mark.parametrize('name, decoupled', [('sgd', False), ('sgd', True), ('sam', False), ('adam', False),
+                                             ('adamw', False)])
+def test_weight_decay_shrinks_kernels_only(name, decoupled):
+  config = config_with(name=name, weight_decay=0.1, decoupled_weight_decay=decoupled)
+  tx = train.create_optimizer(config, lambda step: 0.1)
+  zero_grads = jax.tree.map(jnp.zeros_like, PARAMS)
+  updates, _ = tx.update(zero_grads, tx.init(PARAMS), PARAMS)
+  new = optax.apply_updates(PARAMS, updates)
+  assert np.all(new['Conv_0']['kernel'] < 1) and np.all(new['Dense_0']['kernel'] < 1)
+  for leaf in (new['BatchNorm_0']['scale'], new['BatchNorm_0']['bias'], new['Dense_0']['bias']):
+    np.testing.assert_array_equal(leaf, 1.0)
+
+
+def test_decoupled_sgd_weight_decay_stays_out_of_the_momentum():
+  grads = jax.tree.map(jnp.zeros_like, PARAMS)
+  kernel_after_two_steps = {}
+  for decoupled in (False, True):
+    tx = train.create_optimizer(config_with(weight_decay=0.1, decoupled_weight_decay=decoupled, nesterov=False),
+                                lambda step: 1.0)
+    params, state = PARAMS, tx.init(PARAMS)
+    for _ in range(2):
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    kernel_after_two_steps[decoupled] = float(params['Conv_0']['kernel'][0, 0])
+  # Coupled: the decay enters the momentum (1 - 0.1 - (0.9*0.1 + 0.09)); decoupled: (1 - 0.1)^2.
+  assert np.isclose(kernel_after_two_steps[True], 0.81)
+  assert np.isclose(kernel_after_two_steps[False], 0.9 - (0.9 * 0.1 + 0.09), atol=1e-6)
+
+
+def test_label_smoothing_spreads_the_target():
+  logits = jnp.array([[2.0, 0.0, -1.0]])
+  one_hot = jax.nn.one_hot(jnp.array([0]), 3)
+  smoothed = jnp.array([[1 - 0.3 + 0.1, 0.1, 0.1]])
+  expected = -jnp.sum(smoothed * jax.nn.log_softmax(logits))
+  np.testing.assert_allclose(train.cross_entropy(logits, one_hot, 0.3), [expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize('override', [{'optim.name': 'sam'}, {'optim.name': 'adamw', 'optim.learning_rate': 3e-3},
+                                      {'ema_decay': 0.9}])
+def test_smoke_trains_with_the_option(tmp_path, override):
+  config = smoke.get_config()
+  config.num_epochs = 1.0
+  for field, value in override.items():
+    section, _, name = field.rpartition('.')
+    (config[section] if section else config)[name] = value
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert metrics['accuracy'] > 0.2  # 10 classes: above chance after one epoch.
