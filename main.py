@@ -1,6 +1,8 @@
 """Trains or evaluates a compact ResNet.
 
   python main.py --config=configs/resnet34.py --workdir=runs/r34 [--config.field=value ...]
+  python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=evaluate [--config.eval.tta=flip]
+  python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=predict --predict_paths=a.png,dir/
 
 Running the same command again resumes from the checkpoints in the workdir.
 """
@@ -12,13 +14,19 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_flax import train
+from resnet_flax import distributed, evaluate, train
 from resnet_flax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and reports.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to do with the workdir.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'], 'What to do with the workdir.')
+flags.DEFINE_list('predict_paths', [], '--mode=predict: image files and folders, comma-separated.')
+flags.DEFINE_integer('top_k', 5, '--mode=predict: how many classes to show per image.', lower_bound=1)
+flags.DEFINE_string('predict_output', None, '--mode=predict: JSON output (default <workdir>/predictions.json).')
+flags.DEFINE_string('coordinator_address', None, 'Several processes: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
+flags.DEFINE_integer('process_id', None, 'Several processes: the index of this one.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -43,17 +51,27 @@ def unknown_field_message(text: str) -> str:
 
 
 def quiet_library_info_logs():
-  """Orbax logs every step of every save at INFO; keep its warnings and errors only."""
-  library_info = lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-  logging.get_absl_handler().python_handler.addFilter(library_info)
+  """Orbax logs every step of every save at INFO, and warns on each save made between evaluations
+  that it got no metrics (by design here): keep its other warnings and errors only."""
+  def keep(record: std_logging.LogRecord) -> bool:
+    if '/orbax/' not in record.pathname:
+      return True
+    return record.levelno >= std_logging.WARNING and 'did not provide metrics' not in record.getMessage()
+  logging.get_absl_handler().python_handler.addFilter(keep)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   quiet_library_info_logs()
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.mode == 'train':
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == 'evaluate':
+      evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    else:
+      evaluate.run_predict(FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output)
   except UserError as e:
     sys.exit(f'error: {e}')
 

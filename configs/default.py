@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.step_epochs = (100.0, 150.0)  # schedule=step: epochs at which the rate is multiplied ...
   config.optim.step_gamma = 0.1  # ... by this factor.
   config.optim.warmup_epochs = 2.0  # Linear warmup from 0 to the peak.
+  config.optim.bn_scale_frozen = False  # Keep BatchNorm scales at their initial value (airbench).
+  config.optim.bn_bias_lr_multiplier = 1.0  # BatchNorm biases learn this many times faster (airbench).
   config.optim.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
 
   config.eval = ml_collections.ConfigDict()

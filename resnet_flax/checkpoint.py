@@ -39,6 +39,8 @@ def create_manager(workdir: str, keep: int, every_steps: int) -> ocp.CheckpointM
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=every_steps,
       preservation_policy=policy,
+      best_fn=best_metric,  # Also what makes Orbax write the metrics to disk.
+      best_mode='max',
       cleanup_tmp_directories=True,
       enable_async_checkpointing=True,
   )

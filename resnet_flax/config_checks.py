@@ -71,6 +71,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'optim.b1': _fraction,
     'optim.b2': _fraction,
     'ema_decay': _fraction,
+    'optim.bn_bias_lr_multiplier': _positive,
     'eval.checkpoint': lambda v: (None if v in ('best', 'latest') or str(v).isdigit()
                                   else 'choose best, latest or a step number'),
     'eval.tta': _choice(('none', 'flip', 'flip+translate')),

@@ -19,7 +19,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from clu import metrics, parameter_overview
@@ -27,7 +26,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from resnet_flax import (augment, checkpoint, config_checks, data, input_pipeline, mixing, models, preemption,
-                         writers)
+                         plots, writers)
 from resnet_flax.errors import BudgetError, ConfigError, NonFiniteError
 
 
@@ -97,12 +96,35 @@ def kernel_mask(params):
 
 
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
+  """The optimizer of `optim.name`; BatchNorm scales may be frozen and BN biases get their own rate.
+
+  Frozen BN scales with faster BN biases are one of airbench's speed tricks.
+  """
+  optim = config.optim
+  if not optim.bn_scale_frozen and optim.bn_bias_lr_multiplier == 1:
+    return _base_optimizer(optim, learning_rate_fn)
+  bias_lr = lambda step: optim.bn_bias_lr_multiplier * learning_rate_fn(step)
+  return optax.multi_transform({
+      'other': _base_optimizer(optim, learning_rate_fn),
+      'bn_scale': optax.set_to_zero() if optim.bn_scale_frozen else _base_optimizer(optim, learning_rate_fn),
+      'bn_bias': _base_optimizer(optim, bias_lr),
+  }, batch_norm_labels)
+
+
+def batch_norm_labels(params):
+  """'bn_scale' / 'bn_bias' for BatchNorm parameters, 'other' for the rest."""
+  def label(path, _):
+    is_norm = any('norm' in part.lower() for part in path[:-1])
+    return f'bn_{path[-1]}' if is_norm and path[-1] in ('scale', 'bias') else 'other'
+  return flax.traverse_util.path_aware_map(label, params)
+
+
+def _base_optimizer(optim: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
   """SGD (with SAM, the same base), Adam or AdamW; weight decay on kernels only.
 
   `weight_decay` is an L2 term added to the gradient (coupled), except for AdamW and with
   `decoupled_weight_decay`, where it shrinks the weights outside the momentum (Loshchilov & Hutter).
   """
-  optim = config.optim
   decay = optax.add_decayed_weights(optim.weight_decay, mask=kernel_mask)
   if optim.name == 'adamw':
     return optax.adamw(learning_rate_fn, optim.b1, optim.b2, weight_decay=optim.weight_decay, mask=kernel_mask)
@@ -253,6 +275,7 @@ def run_fingerprint(config: ml_collections.ConfigDict, train: data.ImageData) ->
       'model.se_ratio': config.model.se_ratio,
       'image_shape': list(train.images.shape[1:]),
       'num_classes': len(train.class_names),
+      'class_names': list(train.class_names),
   }
 
 
@@ -398,23 +421,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step >= total_steps:
       logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, total_steps)
       return {}
-    save_run_files(workdir, config, fingerprint)
+    mean, std = augment.channel_stats(train_split.images)
+    # What evaluation needs besides the fingerprint, so it works after the training data is gone.
+    save_run_files(workdir, config, {**fingerprint, 'pixel_mean': list(mean), 'pixel_std': list(std),
+                                     'steps_per_epoch': steps_per_epoch})
     if start_step == 0:
       writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
 
-    mean, std = augment.channel_stats(train_split.images)
     train_fn, eval_fn = jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes)
     pipeline = input_pipeline.create_pipeline(config.data.pipeline, train_split, config.batch_size,
                                               config.seed, mesh)
     evaluate_fn = lambda s: evaluate(eval_fn, s, pipeline.eval_batches(test_split, config.eval_batch_size))
     loop = TrainLoop(config, pipeline, train_fn, evaluate_fn, manager, writer, total_steps, eval_every_steps)
-    return loop.run(state, start_step)
+    eval_metrics = loop.run(state, start_step)
   finally:
     try:
       checkpoint.wait_until_finished(manager)
     finally:
       manager.close()
       writer.flush()
+  if jax.process_index() == 0:
+    plots.write_training_curves(workdir, steps_per_epoch)
+  return eval_metrics
 
 
 def _merge(collections):

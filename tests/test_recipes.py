@@ -118,3 +118,14 @@ def test_smoke_trains_with_the_option(tmp_path, override):
     (config[section] if section else config)[name] = value
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert metrics['accuracy'] > 0.2  # 10 classes: above chance after one epoch.
+
+
+def test_frozen_batch_norm_scales_and_faster_biases():
+  config = config_with(bn_scale_frozen=True, bn_bias_lr_multiplier=10.0, weight_decay=0.0, momentum=0.0)
+  tx = train.create_optimizer(config, lambda step: 0.1)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  new = optax.apply_updates(PARAMS, tx.update(grads, tx.init(PARAMS), PARAMS)[0])
+  np.testing.assert_array_equal(new['BatchNorm_0']['scale'], 1.0)
+  np.testing.assert_allclose(new['BatchNorm_0']['bias'], 1.0 - 1.0)  # lr 0.1 x 10.
+  np.testing.assert_allclose(new['Dense_0']['bias'], 0.9)
+  np.testing.assert_allclose(new['Conv_0']['kernel'], 0.9)

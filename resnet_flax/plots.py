@@ -1,0 +1,75 @@
+"""Report and training-curve plots (matplotlib's object API: no pyplot, no global backend)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+from matplotlib.figure import Figure
+
+from resnet_flax import writers
+
+
+def plot_confusion_matrix(report: dict[str, Any], title: str, path: str):
+  """Counts, coloured by the fraction of the true class; names on both axes."""
+  matrix = np.array(report['confusion_matrix'])
+  rows, cols = matrix.shape
+  fractions = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+  figure = Figure(figsize=(min(40, 3 + 0.45 * cols), min(40, 2 + 0.45 * rows)), layout='constrained')
+  axes = figure.subplots()
+  image = axes.imshow(fractions, cmap='Blues', vmin=0, vmax=1)
+  font_size = 8 if max(rows, cols) <= 30 else 5
+  axes.set_xticks(range(cols), report['predicted_class_names'], rotation=90, fontsize=font_size)
+  axes.set_yticks(range(rows), report['class_names'], fontsize=font_size)
+  if max(rows, cols) <= 30:
+    for (i, j), count in np.ndenumerate(matrix):
+      axes.text(j, i, str(count), ha='center', va='center', fontsize=7,
+                color='white' if fractions[i, j] > 0.5 else 'black')
+  axes.set_xlabel('predicted class')
+  axes.set_ylabel('true class')
+  axes.set_title(f'{title}\naccuracy {report["accuracy"]:.2%} of {report["num_examples"]:,} images')
+  figure.colorbar(image, ax=axes, label='fraction of the true class', shrink=0.8)
+  figure.savefig(path, dpi=100)
+
+
+def plot_per_class(report: dict[str, Any], title: str, path: str):
+  names = report['class_names']
+  accuracies = [report['per_class_accuracy'][name] for name in names]
+  figure = Figure(figsize=(8, min(40, 1.5 + 0.3 * len(names))), layout='constrained')
+  axes = figure.subplots()
+  bars = axes.barh(range(len(names)), [a or 0.0 for a in accuracies], color='tab:blue')
+  axes.bar_label(bars, ['no images' if a is None else f'{a:.1%}' for a in accuracies], padding=3, fontsize=7)
+  axes.axvline(report['accuracy'], color='tab:red', linestyle='--')
+  axes.set_yticks(range(len(names)), names, fontsize=8 if len(names) <= 30 else 5)
+  axes.invert_yaxis()
+  axes.set_xlim(0, 1.1)
+  axes.set_xlabel('accuracy')
+  axes.set_title(f'{title}\nper-class accuracy (dashed line: overall {report["accuracy"]:.2%})')
+  figure.savefig(path, dpi=100)
+
+
+def write_training_curves(workdir: str, steps_per_epoch: int) -> str | None:
+  """`<workdir>/training_curves.png`: loss, accuracy and learning rate against epochs, from TensorBoard."""
+  scalars = writers.read_scalars(workdir)
+  panels = {'loss': ('train_loss', 'eval_loss'), 'accuracy': ('train_accuracy', 'eval_accuracy'),
+            'learning rate': ('train_learning_rate',)}
+  if not any(tag in scalars for tags in panels.values() for tag in tags):
+    logging.info('No training scalars in %s: no training_curves.png', workdir)
+    return None
+  figure = Figure(figsize=(15, 4), layout='constrained')
+  for axes, (name, tags) in zip(figure.subplots(1, 3), panels.items()):
+    for tag in tags:
+      if tag in scalars:
+        steps, values = zip(*scalars[tag])
+        axes.plot(np.array(steps) / steps_per_epoch, values, label=tag.replace('_', ' '),
+                  marker='o' if tag.startswith('eval') else None, markersize=3)
+    axes.set_xlabel('epoch')
+    axes.set_title(name)
+    axes.grid(alpha=0.3)
+    axes.legend()
+  figure.suptitle(os.path.basename(os.path.normpath(workdir)))
+  path = os.path.join(workdir, 'training_curves.png')
+  figure.savefig(path, dpi=100)
+  return path

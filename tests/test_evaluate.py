@@ -1,0 +1,276 @@
+"""Evaluation reports, test-time augmentation, class matching by name, predictions and plots.
+
+One tiny model is trained per module on 12 synthetic classes: more than 5 (top-5 accuracy), and
+an image folder sorts 'class_10' and 'class_11' before 'class_2', a real reordering.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import smoke
+from resnet_flax import config_checks, data, evaluate, plots, train, writers
+from resnet_flax.data import DataError
+from resnet_flax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 12
+TEST_SIZE = 200
+SMOKE_ARGS = ['--config=configs/smoke.py', '--config.num_epochs=1', f'--config.data.synthetic_num_classes={NUM_CLASSES}']
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def smoke_config(**eval_fields):
+  config = smoke.get_config()
+  config.num_epochs = 1.0  # 8 steps.
+  config.data.synthetic_num_classes = NUM_CLASSES
+  config.eval.update(eval_fields)
+  return config
+
+
+def folder_config(root: Path):
+  config = smoke_config()
+  config.data.source, config.data.path = 'folder', str(root)
+  return config
+
+
+def run_main(workdir, *args, devices: int = 1):
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
+  process = subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}', *SMOKE_ARGS, *args], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+  return process.returncode, process.stdout
+
+
+def is_png(path: Path) -> bool:
+  return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+
+
+@pytest.fixture(scope='module')
+def test_split():
+  return data.load_splits(smoke_config().data)['test']
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('trained')
+  train.train_and_evaluate(smoke_config(), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def report(workdir):
+  return evaluate.evaluate_checkpoint(smoke_config(), str(workdir))
+
+
+@pytest.fixture(scope='module')
+def restored(workdir):
+  mesh = train.create_mesh()
+  with contextlib.closing(evaluate.open_checkpoints(str(workdir))) as manager:
+    run = evaluate.load_trained_run(str(workdir), smoke_config())
+    return evaluate.restore(manager, run, manager.latest_step(), mesh), mesh
+
+
+def report_dir(workdir, config) -> Path:
+  return Path(workdir) / 'eval' / evaluate.report_name(config.data)
+
+
+def write_png(path: Path, image: np.ndarray):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(image).save(path)
+
+
+def image_folder(root: Path, split, classes, unknown_classes=()) -> Path:
+  """`root/{train,test}/<class>/`: the test images of `classes`, one train image per class."""
+  for i, (image, label) in enumerate(zip(split.images, split.labels)):
+    if split.class_names[label] in classes:
+      write_png(root / 'test' / split.class_names[label] / f'{i:04d}.png', image)
+  for name in unknown_classes:
+    write_png(root / 'test' / name / '0.png', split.images[0])
+  for name in [*classes, *unknown_classes]:
+    write_png(root / 'train' / name / '0.png', split.images[0])
+  return root
+
+
+def test_report_holds_every_example_once_and_consistent_metrics(workdir, report):
+  directory = report_dir(workdir, smoke_config())
+  assert json.loads((directory / 'report.json').read_text()) == report
+  matrix = np.array(report['confusion_matrix'])
+  assert report['num_examples'] == TEST_SIZE == matrix.sum()
+  assert report['accuracy'] == np.trace(matrix) / TEST_SIZE
+  assert report['class_names'] == report['predicted_class_names'] == [f'class_{i}' for i in range(NUM_CLASSES)]
+  for i, name in enumerate(report['class_names']):
+    assert report['per_class_accuracy'][name] == pytest.approx(matrix[i, i] / matrix[i].sum())
+  assert report['accuracy'] <= report['top5_accuracy'] <= 1
+  assert 0 <= report['expected_calibration_error'] <= 1
+  assert report['tta'] == 'none' and report['checkpoint_step'] == 8
+  scalars = writers.read_scalars(str(workdir))  # The evaluation during training saw the same weights.
+  assert report['accuracy'] == pytest.approx(scalars['eval_accuracy'][-1][1], abs=1e-6)
+  assert report['loss'] == pytest.approx(scalars['eval_loss'][-1][1], rel=1e-5)
+  assert 'tta_accuracy' not in report
+  assert is_png(directory / 'confusion_matrix.png') and is_png(directory / 'per_class.png')
+
+
+def test_evaluating_twice_gives_identical_reports(workdir, report):
+  assert evaluate.evaluate_checkpoint(smoke_config(), str(workdir)) == report
+
+
+def test_four_devices_give_the_report_of_one(workdir, report):
+  returncode, output = run_main(workdir, '--mode=evaluate', devices=4)
+  assert returncode == 0, output
+  assert json.loads((report_dir(workdir, smoke_config()) / 'report.json').read_text()) == report
+
+
+@pytest.mark.parametrize('classes', [
+    [f'class_{i}' for i in range(NUM_CLASSES)],  # The folder sorts them: class_0, class_1, class_10, ...
+    ['class_10', 'class_3', 'class_7'],
+])
+def test_folder_classes_are_matched_by_name(workdir, report, test_split, tmp_path, classes):
+  config = folder_config(image_folder(tmp_path / 'images', test_split, classes))
+  folder_report = evaluate.evaluate_checkpoint(config, str(workdir))
+  assert folder_report['class_names'] == sorted(classes) != report['class_names'][:len(classes)]
+  assert folder_report['predicted_class_names'][:len(classes)] == sorted(classes)
+  assert folder_report['per_class_accuracy'] == {name: report['per_class_accuracy'][name] for name in sorted(classes)}
+  matrix, original = np.array(folder_report['confusion_matrix']), np.array(report['confusion_matrix'])
+  columns = [report['predicted_class_names'].index(name) for name in folder_report['predicted_class_names']]
+  for i, name in enumerate(folder_report['class_names']):
+    np.testing.assert_array_equal(matrix[i], original[report['class_names'].index(name), columns])
+  assert folder_report['num_examples'] == matrix.sum() == np.isin(
+      np.array(test_split.class_names)[test_split.labels], classes).sum()
+  assert folder_report['accuracy'] == np.trace(matrix) / matrix.sum()
+  assert report_dir(workdir, config) != report_dir(workdir, smoke_config())
+
+
+def test_a_class_the_model_does_not_know_is_named(workdir, test_split, tmp_path):
+  root = image_folder(tmp_path / 'images', test_split, ['class_3'], unknown_classes=['zebra'])
+  with pytest.raises(DataError, match=r"does not know the classes \['zebra'\].*'class_0', 'class_1'"):
+    evaluate.evaluate_checkpoint(folder_config(root), str(workdir))
+
+
+def test_no_checkpoint_is_one_clear_line(tmp_path):
+  returncode, output = run_main(tmp_path, '--mode=evaluate')
+  assert returncode != 0
+  assert output.strip().splitlines()[-1] == (
+      f'error: {tmp_path} has no checkpoint to evaluate: train first with --mode=train --workdir={tmp_path}, '
+      'or point --workdir at a trained run')
+
+
+def test_tta_averages_the_softmax_of_the_views(workdir, restored, test_split):
+  restored_run, mesh = restored
+  plain = evaluate.forward(restored_run, test_split, 64, 'none', mesh)['logits']
+  mirrored = data.ImageData(test_split.images[:, :, ::-1], test_split.labels, test_split.class_names)
+  mirrored_logits = evaluate.forward(restored_run, mirrored, 64, 'none', mesh)['logits']
+  expected = (np.exp(evaluate.log_softmax(plain)) + np.exp(evaluate.log_softmax(mirrored_logits))) / 2
+  np.testing.assert_allclose(evaluate.forward(restored_run, test_split, 64, 'flip', mesh)['tta_probabilities'],
+                             expected, atol=1e-6)
+  report = evaluate.evaluate_checkpoint(smoke_config(tta='flip'), str(workdir))
+  assert report['tta'] == 'flip' and report['tta_views'] == 2
+  assert report['tta_accuracy'] == np.mean(expected.argmax(axis=1) == test_split.labels)
+
+
+def test_translated_views_move_the_image_one_pixel_each_way():
+  images = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.uint8).reshape(2, 5, 5, 3)
+  np.testing.assert_array_equal(evaluate.view(images, False, 1)[:, 1:, 1:], images[:, :-1, :-1])
+  np.testing.assert_array_equal(evaluate.view(images, False, -1)[:, :-1, :-1], images[:, 1:, 1:])
+  np.testing.assert_array_equal(evaluate.view(images, True, 0), images[:, :, ::-1])
+  assert len(set(evaluate.TTA_VIEWS['flip+translate'])) == 6
+
+
+def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, restored, test_split, tmp_path,
+                                                                     capsys):
+  restored_run, mesh = restored
+  for i in range(5):
+    write_png(tmp_path / 'images' / f'{i}.png', test_split.images[i])
+  output = tmp_path / 'predictions.json'
+  rows = evaluate.run_predict(smoke_config(), str(workdir), [str(tmp_path / 'images')], 3, str(output))
+  logits = evaluate.forward(restored_run, test_split, 64, 'none', mesh)['logits'][:5]
+  assert [row['path'] for row in rows] == [str(tmp_path / 'images' / f'{i}.png') for i in range(5)]
+  for row, example_logits in zip(rows, logits):
+    probabilities = [t['probability'] for t in row['top_k']]
+    assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) <= 1 + 1e-6
+    assert row['top_k'][0]['class'] == test_split.class_names[example_logits.argmax()]
+  assert json.loads(output.read_text())['predictions'] == rows
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].startswith('image') and len(table) == 6 and rows[0]['top_k'][0]['class'] in table[1]
+
+
+def test_predict_names_an_image_of_another_size(workdir, tmp_path):
+  write_png(tmp_path / 'small.png', np.zeros((16, 16, 3), np.uint8))
+  with pytest.raises(DataError, match=r'small.png: 16x16x3 \(HxWxC\) images, but the model was trained on 32x32x3'):
+    evaluate.predict(smoke_config(), str(workdir), [str(tmp_path / 'small.png')], 3)
+
+
+def test_training_curves_are_drawn_from_tensorboard(workdir, report, tmp_path):
+  assert is_png(workdir / "training_curves.png")  # Written at the end of training and by evaluation.
+  (workdir / 'training_curves.png').unlink()
+  assert plots.write_training_curves(str(workdir), 8) == str(workdir / 'training_curves.png')
+  assert is_png(workdir / 'training_curves.png')
+  assert plots.write_training_curves(str(tmp_path), 8) is None
+
+
+def test_run_json_facts_spare_the_training_data_and_old_config_files_work(workdir, report, tmp_path):
+  """With the class names and normalization in run.json, config.json's training data is not read; a
+  config.json written before a field existed takes the current default."""
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval', '*.png'))
+  run = evaluate.load_trained_run(str(workdir), smoke_config())
+  saved = json.loads((copy / 'run.json').read_text())
+  saved.update(class_names=list(run.class_names), pixel_mean=list(run.pixel_mean), pixel_std=list(run.pixel_std),
+               steps_per_epoch=run.steps_per_epoch)
+  (copy / 'run.json').write_text(json.dumps(saved))
+  config = json.loads((copy / 'config.json').read_text())
+  config['data'].update(source='folder', path=str(tmp_path / 'gone'))
+  del config['model']['zero_init_residual']
+  (copy / 'config.json').write_text(json.dumps(config))
+  copy_report = evaluate.evaluate_checkpoint(smoke_config(), str(copy))
+  assert {**copy_report, 'workdir': report['workdir']} == report
+
+
+class FakeManager:
+  def __init__(self, metrics):
+    self._metrics = metrics
+    self.directory = 'w/checkpoints'
+
+  def all_steps(self):
+    return sorted(self._metrics)
+
+  def metrics(self, step):
+    return self._metrics[step]
+
+
+def test_checkpoint_choice():
+  manager = FakeManager({5: {'accuracy': 0.9}, 10: {'accuracy': 0.5}, 12: None})
+  assert evaluate.choose_step(manager, 'best') == 5
+  assert evaluate.choose_step(manager, 'latest') == 12
+  assert evaluate.choose_step(manager, '10') == 10
+  assert evaluate.choose_step(FakeManager({5: None, 10: None}), 'best') == 10
+  with pytest.raises(ConfigError, match=r'no checkpoint of step 7 .* steps \[5, 10, 12\]'):
+    evaluate.choose_step(manager, '7')
+
+
+def test_config_rules_accept_exactly_the_eval_choices():
+  assert all(config_checks.RULES['eval.tta'](mode) is None for mode in evaluate.TTA_VIEWS)
+  assert config_checks.RULES['eval.tta']('mirror') is not None
+  assert all(config_checks.RULES['eval.checkpoint'](v) is None for v in ('best', 'latest', '120'))
+  assert config_checks.RULES['eval.checkpoint']('newest') is not None
+
+
+def test_report_names_keep_datasets_apart(tmp_path):
+  names = set()
+  for parent in ('a', 'b'):
+    config = folder_config(tmp_path / parent / 'pets')
+    assert evaluate.report_name(config.data) == evaluate.report_name(folder_config(tmp_path / parent / 'pets').data)
+    names.add(evaluate.report_name(config.data))
+  names.add(evaluate.report_name(smoke_config().data))
+  assert len(names) == 3 and all(name.startswith('folder-pets-test-') for name in names - {
+      evaluate.report_name(smoke_config().data)})
