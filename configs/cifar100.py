@@ -1,4 +1,4 @@
-"""CIFAR-100 with the `resnet34` preset (100 classes: the classifier grows, the budget still holds)."""
+"""`configs/resnet34.py` on CIFAR-100 (100 classes: the classifier grows, the budget still holds)."""
 
 from configs import default
 
