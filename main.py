@@ -8,9 +8,11 @@ Running the same command again resumes from the checkpoints in the workdir.
 """
 
 import logging as std_logging
+import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,6 +26,8 @@ flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'], 'What to do
 flags.DEFINE_list('predict_paths', [], '--mode=predict: image files and folders, comma-separated.')
 flags.DEFINE_integer('top_k', 5, '--mode=predict: how many classes to show per image.', lower_bound=1)
 flags.DEFINE_string('predict_output', None, '--mode=predict: JSON output (default <workdir>/predictions.json).')
+flags.DEFINE_string('compilation_cache_dir', os.path.expanduser('~/.cache/resnet_flax/jax'),
+                    'Persistent XLA compilation cache: a resumed run skips compiling. Empty: off.')
 flags.DEFINE_string('coordinator_address', None, 'Several processes: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
 flags.DEFINE_integer('process_id', None, 'Several processes: the index of this one.')
@@ -64,6 +68,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   quiet_library_info_logs()
+  if FLAGS.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     if FLAGS.mode == 'train':

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -24,6 +25,8 @@ def cifar10_jpeg_dir(tmp_path_factory) -> Path:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# Shared by the test runs of main.py, so that only the first one of each program compiles it.
+COMPILATION_CACHE = Path(tempfile.gettempdir()) / 'resnet_flax_tests_jax_cache'
 
 
 def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple[int, int, int] | None = None):
@@ -33,7 +36,8 @@ def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple
   """
   env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
          'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONUNBUFFERED': '1'}
-  command = [sys.executable, 'main.py', f'--workdir={workdir}', '--config=configs/smoke.py', *args]
+  command = [sys.executable, 'main.py', f'--workdir={workdir}', '--config=configs/smoke.py',
+             f'--compilation_cache_dir={COMPILATION_CACHE}', *args]
   if process:
     port, count, index = process
     command += [f'--coordinator_address=localhost:{port}', f'--num_processes={count}', f'--process_id={index}']

@@ -69,7 +69,10 @@ def test_four_devices_give_the_losses_of_one(straight_run, tmp_path):
   four = [loss for _, loss in writers.read_scalars(str(tmp_path))['train_loss']]
   one = [loss for _, loss in writers.read_scalars(str(straight_run))['train_loss']]
   assert len(four) == TOTAL_STEPS
-  np.testing.assert_allclose(four, one, rtol=1e-3, atol=1e-4)
+  # Summing in another order changes the last bits, and training amplifies that step by step: tight at
+  # first (per-device BatchNorm statistics would be off by percents from step 1), looser later.
+  np.testing.assert_allclose(four[:3], one[:3], rtol=1e-5)
+  np.testing.assert_allclose(four, one, rtol=2e-2, atol=1e-3)
 
 
 def test_over_budget_model_exits_nonzero_with_one_line(tmp_path):
