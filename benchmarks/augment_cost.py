@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import app, flags, logging  # noqa: E402
 
-import common  # noqa: E402
+from benchmarks import common  # noqa: E402
 from configs import quick  # noqa: E402
 from resnet_flax import train, writers  # noqa: E402
 
@@ -86,7 +86,7 @@ def main(_):
             f'{run["first_train_loss"]:.3f} -> {run["last_train_loss"]:.3f}, test accuracy {run["test_accuracy"]:.3f}')
   settings = {'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps, 'repeats': FLAGS.repeats,
               'data_path': FLAGS.data_path, 'train_epochs': FLAGS.train_epochs}
-  print(f'results: {common.write_results("augment_cost", common.jax_device(), settings, results)}')
+  common.write_results('augment_cost', common.jax_device(), settings, results)
 
 
 if __name__ == '__main__':

@@ -5,13 +5,13 @@
 1. images/s of the host `tfdata` pipeline on ONE CPU core (the process is pinned to core 0 and
    TensorFlow to one thread), from in-memory CIFAR-sized uint8 arrays, delivered as global jax
    arrays: what the train step receives.
-2. time of the jitted augmentation (crop, flip, cutout) of one batch vs one `resnet18` train step
-   on the same device and batch.
-Figures are medians over `--repeats`, with the min-max spread.
+2. time of the jitted augmentation (crop, flip, cutout) of one batch vs one `--model` (resnet18)
+   train step on the same device and batch.
+Figures are medians over `--repeats`, with the min-max spread; they also go to
+`<--output_dir>/data_throughput_<device>.json`.
 """
 
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,24 +19,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import augment, input_pipeline, models, train  # noqa: E402
+from resnet_flax import augment, input_pipeline, train  # noqa: E402
 from resnet_flax.data import ImageData  # noqa: E402
 
+flags.DEFINE_string('model', 'resnet18', 'Model preset of the train step.')
 flags.DEFINE_integer('batch_size', 512, 'Global batch size.')
 flags.DEFINE_integer('steps', 300, 'Batches per pipeline measurement.')
 flags.DEFINE_integer('repeats', 5, 'Measurements of each kind.')
-flags.DEFINE_integer('step_repeats', 3, 'Timed resnet18 train steps per measurement (slow on CPU).')
+flags.DEFINE_integer('step_repeats', 3, 'Timed train steps per measurement (slow on CPU).')
+flags.DEFINE_integer('dataset_size', 50_000, 'Images in the in-memory dataset.')
 FLAGS = flags.FLAGS
 
-
-def cifar_sized_split(num_images: int = 50_000) -> ImageData:
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)
-  return ImageData(images, rng.integers(0, 10, num_images).astype(np.int32), tuple(map(str, range(10))))
+AUGMENT_CALLS = 20  # Augmentations per measurement.
+PIPELINE_WARMUP = 10  # Batches before the pipeline timing: the graph, the first permutation, the prefetch buffer.
+TINY = {'model': 'resnet_tiny', 'batch_size': 8, 'steps': 2, 'repeats': 1, 'step_repeats': 1, 'dataset_size': 64}
 
 
 def pin_to_one_core():
@@ -49,8 +49,8 @@ def pin_to_one_core():
 
 def tfdata_images_per_sec(split: ImageData) -> float:
   pipeline = input_pipeline.create_pipeline('tfdata', split, FLAGS.batch_size, 0, train.create_mesh())
-  batches = pipeline.train_batches(0, FLAGS.steps + 10)
-  for _ in range(10):  # Start-up: the graph, the first permutation, the prefetch buffer.
+  batches = pipeline.train_batches(0, FLAGS.steps + PIPELINE_WARMUP)
+  for _ in range(PIPELINE_WARMUP):
     jax.block_until_ready(next(batches))
   start = time.perf_counter()
   for batch in batches:
@@ -58,57 +58,45 @@ def tfdata_images_per_sec(split: ImageData) -> float:
   return FLAGS.steps * FLAGS.batch_size / (time.perf_counter() - start)
 
 
-def seconds_per_call(fn, *args, calls: int) -> float:
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(calls):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / calls
-
-
-def augment_vs_step_seconds(split: ImageData) -> tuple[float, float]:
+def augment_and_step_seconds(split: ImageData) -> tuple[list[float], list[float]]:
+  """Seconds of one augmentation of a batch, and of one train step on it, per repeat."""
   config = default.get_config()
+  config.model.name = FLAGS.model
   config.augment.train_ops = ('crop', 'flip', 'cutout')
   config.batch_size = FLAGS.batch_size
-  mean, std = augment.channel_stats(split.images)
-  batch = next(input_pipeline.create_pipeline('device', split, FLAGS.batch_size, 0, train.create_mesh())
-               .train_batches(0, 1))
-  augment_fn = jax.jit(lambda images, key: augment.augment_batch(images, key, config.augment, mean, std))
-  augment_seconds = seconds_per_call(augment_fn, batch['image'], jax.random.key(0), calls=20)
-
-  model = train.create_model(config, 10)
-  learning_rate_fn = train.create_learning_rate_fn(config, 100)
-  variables = models.init_variables(model, (32, 32, 3), jax.random.key(0))
-  state = train.create_train_state(model, variables, train.create_optimizer(config, learning_rate_fn))
-  step_fn, _ = train.jit_steps(config, train.create_mesh(), learning_rate_fn, mean, std, 10)
-  state = jax.block_until_ready(step_fn(state, batch)[0])  # Compiles; the state is donated from here on.
-  start = time.perf_counter()
-  for _ in range(FLAGS.step_repeats):
-    state = step_fn(state, batch)[0]
-  jax.block_until_ready(state)
-  step_seconds = (time.perf_counter() - start) / FLAGS.step_repeats
-  return augment_seconds, step_seconds
-
-
-def describe(values, unit_format) -> str:
-  return f'median {unit_format(statistics.median(values))} (min {unit_format(min(values))}, max {unit_format(max(values))})'
+  trainer = common.create_jax_trainer(config, split)
+  batch = trainer.device_batch(split)
+  augment_fn = jax.jit(lambda images, key: augment.augment_batch(images, key, config.augment, trainer.pixel_mean,
+                                                                 trainer.pixel_std))
+  augment_calls = lambda n: jax.block_until_ready([augment_fn(batch['image'], jax.random.key(0)) for _ in range(n)])
+  augment_calls(1)  # Compiles.
+  augment_seconds = common.time_calls(lambda: augment_calls(AUGMENT_CALLS), FLAGS.repeats)
+  trainer.run_on(batch, 1)  # Compiles; the state is donated from here on.
+  step_seconds = common.time_calls(lambda: trainer.run_on(batch, FLAGS.step_repeats), FLAGS.repeats)
+  return [s / AUGMENT_CALLS for s in augment_seconds], [s / FLAGS.step_repeats for s in step_seconds]
 
 
 def main(_):
-  split = cifar_sized_split()
-  device = f'{jax.devices()[0].device_kind} x{jax.device_count()}'
-  timings = [augment_vs_step_seconds(split) for _ in range(FLAGS.repeats)]
-  augment_ms = [1e3 * a for a, _ in timings]
-  step_ms = [1e3 * s for _, s in timings]
-  ratios = [a / s for a, s in timings]
+  common.apply_tiny(TINY)
+  split = common.random_split(FLAGS.dataset_size)
+  device = common.jax_device()
+  augment_seconds, step_seconds = augment_and_step_seconds(split)
+  augment_ms = [1e3 * a for a in augment_seconds]
+  step_ms = [1e3 * s for s in step_seconds]
+  ratios = [a / s for a, s in zip(augment_seconds, step_seconds)]
   pin_to_one_core()
   rates = [tfdata_images_per_sec(split) for _ in range(FLAGS.repeats)]
   print(f'device: {device}; batch {FLAGS.batch_size}; {FLAGS.repeats} repeats')
-  print(f'tfdata pipeline, 1 CPU core: {describe(rates, lambda v: f"{v:,.0f} images/s")}')
-  print(f'augment (crop, flip, cutout) of one batch: {describe(augment_ms, lambda v: f"{v:.2f} ms")}')
-  print(f'resnet18 train step, same batch:          {describe(step_ms, lambda v: f"{v:.1f} ms")}')
-  print(f'augmentation / train step: {describe(ratios, lambda v: f"{v:.2%}")}')
+  print(f'tfdata pipeline, 1 CPU core: {common.images_per_sec(rates)}')
+  print(f'augment (crop, flip, cutout) of one batch: {common.describe(augment_ms, lambda v: f"{v:.2f} ms")}')
+  print(f'{FLAGS.model} train step, same batch: {common.describe(step_ms, lambda v: f"{v:.1f} ms")}')
+  print(f'augmentation / train step: {common.describe(ratios, lambda v: f"{v:.2%}")}')
+  settings = {'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps, 'repeats': FLAGS.repeats,
+              'step_repeats': FLAGS.step_repeats, 'dataset_size': FLAGS.dataset_size}
+  common.write_results('data_throughput', device, settings,
+                       {'tfdata_images_per_sec_one_core': common.summarize(rates),
+                        'augment_ms': common.summarize(augment_ms), 'step_ms': common.summarize(step_ms),
+                        'augment_over_step': common.summarize(ratios)})
 
 
 if __name__ == '__main__':

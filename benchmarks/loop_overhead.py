@@ -4,22 +4,22 @@
 
 The loop figure is what `train_and_evaluate` logs as images/s (data pipeline, metrics, logging and
 checkpoints included), after the first logging window (compilation). The bare figure times the same
-jitted step on one batch already on the device. Both are medians over `--repeats` runs.
+jitted step on one batch already on the device. Both are medians over `--repeats` runs; the results
+also go to `<--output_dir>/loop_overhead_<device>.json`.
 """
 
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import augment, data, input_pipeline, models, train, writers  # noqa: E402
+from resnet_flax import data, train, writers  # noqa: E402
 
 flags.DEFINE_string('model', 'resnet_tiny', 'Model preset.')
 flags.DEFINE_integer('batch_size', 256, 'Global batch size.')
@@ -29,6 +29,7 @@ flags.DEFINE_string('pipeline', 'tfdata', 'Input pipeline of the loop: tfdata | 
 FLAGS = flags.FLAGS
 
 LOG_EVERY = 10
+TINY = {'batch_size': 8, 'steps': 2 * LOG_EVERY, 'repeats': 1}  # The loop figure needs a second log window.
 
 
 def make_config():
@@ -55,37 +56,34 @@ def loop_images_per_sec(config) -> float:
 
 def bare_step_images_per_sec(config) -> float:
   """The train step alone, on one device-resident batch, state donated from call to call."""
-  splits = data.load_splits(config.data)
-  model = train.create_model(config, len(splits['train'].class_names))
-  steps_per_epoch = len(splits['train']) // config.batch_size
-  learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch)
-  mesh = train.create_mesh()
-  variables = models.init_variables(model, splits['train'].images.shape[1:], jax.random.key(0))
-  state = train.create_train_state(model, variables, train.create_optimizer(config, learning_rate_fn))
-  mean, std = augment.channel_stats(splits['train'].images)
-  train_fn, _ = train.jit_steps(config, mesh, learning_rate_fn, mean, std, len(splits['train'].class_names))
-  pipeline = input_pipeline.create_pipeline('device', splits['train'], config.batch_size, 0, mesh)
-  batch = next(pipeline.train_batches(0, 1))
-  state, _ = train_fn(state, batch)
-  jax.block_until_ready(state)
-  start = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    state, _ = train_fn(state, batch)
-  jax.block_until_ready(state)
-  return FLAGS.steps * config.batch_size / (time.perf_counter() - start)
+  split = data.load_splits(config.data)['train']
+  trainer = common.create_jax_trainer(config, split)
+  batch = trainer.device_batch(split)
+  trainer.run_on(batch, 1)  # Compiles.
+  seconds, = common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), repeats=1)
+  return FLAGS.steps * config.batch_size / seconds
 
 
 def main(_):
   logging.set_verbosity(logging.WARNING)
+  common.apply_tiny(TINY)
   config = make_config()
-  bare = [bare_step_images_per_sec(config) for _ in range(FLAGS.repeats)]
-  loop = [loop_images_per_sec(config) for _ in range(FLAGS.repeats)]
-  describe = lambda xs: f'median {statistics.median(xs):,.0f} images/s (min {min(xs):,.0f}, max {max(xs):,.0f})'
-  print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}; model {FLAGS.model}, '
-        f'batch {FLAGS.batch_size}, {FLAGS.steps} steps, {FLAGS.repeats} repeats, pipeline {FLAGS.pipeline}')
-  print(f'bare jitted train step: {describe(bare)}')
-  print(f'whole main.py loop:     {describe(loop)}')
+  bare, loop = [], []
+  for _ in range(FLAGS.repeats):  # Interleaved, so that a busy spell on the machine hits both alike.
+    bare.append(bare_step_images_per_sec(config))
+    loop.append(loop_images_per_sec(config))
+  device = common.jax_device()
+  print(f'device: {device}; model {FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.steps} steps, '
+        f'{FLAGS.repeats} repeats, pipeline {FLAGS.pipeline}')
+  print(f'bare jitted train step: {common.images_per_sec(bare)}')
+  print(f'whole main.py loop:     {common.images_per_sec(loop)}')
   print(f'loop / bare: {statistics.median(loop) / statistics.median(bare):.1%}')
+  settings = {'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps,
+              'repeats': FLAGS.repeats, 'pipeline': FLAGS.pipeline}
+  common.write_results('loop_overhead', device, settings,
+                       {'bare_step_images_per_sec': common.summarize(bare),
+                        'loop_images_per_sec': common.summarize(loop),
+                        'loop_over_bare': statistics.median(loop) / statistics.median(bare)})
 
 
 if __name__ == '__main__':

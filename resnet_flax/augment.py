@@ -101,6 +101,20 @@ def _flip(key: jax.Array, image: jax.Array) -> jax.Array:
   return image[:, jnp.where(jax.random.bernoulli(key), columns[::-1], columns)]
 
 
+ALTERNATING_FLIP_STREAM = 2**32 - 1  # fold_in data of the flips' key; steps (the other fold_ins) stay below.
+
+
+def alternating_flip(images: jax.Array, indices: jax.Array, epoch: jax.Array, seed: int) -> jax.Array:
+  """airbench's alternating flip: training example `i` is mirrored in even epochs with probability 1/2,
+  a fixed draw from (seed, i), and the other way in odd epochs. Every pair of epochs shows each image
+  both ways, where independent flips repeat an orientation half of the time.
+  """
+  key = jax.random.fold_in(jax.random.key(seed), ALTERNATING_FLIP_STREAM)
+  in_even_epochs = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i)))(indices)
+  mirrored = in_even_epochs ^ (epoch % 2 == 1)
+  return jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
+
+
 def _cutout(key: jax.Array, image: jax.Array, *, size: int, fill: jax.Array) -> jax.Array:
   """Fills a size x size square, centred uniformly over the image and clipped at its borders.
 

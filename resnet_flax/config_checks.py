@@ -52,12 +52,15 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'model.dropout_rate': _fraction,
     'model.se_ratio': _non_negative,
     'model.drop_path_rate': _fraction,
+    'model.stem': _choice(('', *models.STEMS)),
+    'model.dirac_init': _choice((False, True)),
     'data.source': _choice(sorted(data.SOURCES)),
     'data.pipeline': _choice(sorted(input_pipeline.PIPELINES)),
     'data.validation_size': _non_negative,
     'augment.train_ops': _augment_ops,
     'augment.crop_padding': _non_negative,
     'augment.pad_mode': _choice(('reflect', 'constant')),
+    'augment.alternating_flip': _choice((False, True)),
     'augment.cutout_size': _non_negative,
     'augment.randaugment_num_ops': _non_negative,
     'augment.randaugment_magnitude': lambda v: None if _is_number(v) and 0 <= v <= 30 else 'must be in [0, 30]',
@@ -104,6 +107,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problem = rule(value)
     if problem:
       raise ConfigError(f'--config.{field}={value!r} is invalid: {problem}')
+  if config.augment.alternating_flip and 'flip' in config.augment.train_ops:
+    raise ConfigError("--config.augment.alternating_flip=True replaces the 'flip' op; remove 'flip' from "
+                      '--config.augment.train_ops')
   for field in ('batch_size', 'eval_batch_size'):
     if _get(config, field) % jax.device_count():
       raise ConfigError(f'--config.{field}={_get(config, field)} is not divisible by the {jax.device_count()} '

@@ -1,8 +1,8 @@
 """Step-indexed input pipelines that hand uint8 batches, sharded over the mesh, to the train step.
 
 Both pipelines produce the same batches: global batch `step` holds the examples
-`perm[pos * B:(pos + 1) * B]`, with `epoch, pos = divmod(step, steps_per_epoch)` and
-`perm = epoch_permutation(seed, epoch, n)`. A run resumed at step k therefore continues
+`perm[pos * B:(pos + 1) * B]` (their indices in the training split are its `index`), with
+`epoch, pos = divmod(step, steps_per_epoch)` and `perm = epoch_permutation(seed, epoch, n)`. A run resumed at step k therefore continues
 exactly where an uninterrupted run would be, replaying nothing. The last partial batch of
 each epoch is dropped (a different one each epoch). Augmentation happens in the train step.
 
@@ -133,7 +133,7 @@ class TfDataPipeline(InputPipeline):
       return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(indices, [None, None]))
 
     def gather(indices):
-      return {'image': tf.gather(images, indices), 'label': tf.gather(labels, indices)}
+      return {'image': tf.gather(images, indices), 'label': tf.gather(labels, indices), 'index': indices}
 
     return (tf.data.Dataset.range(first_epoch, last_epoch)
             .flat_map(epoch_indices)
@@ -166,7 +166,7 @@ class DevicePipeline(InputPipeline):
 
 def _gather_batch(images, labels, perm, position, *, batch_size):
   indices = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
-  return {'image': images[indices], 'label': labels[indices]}
+  return {'image': images[indices], 'label': labels[indices], 'index': indices}
 
 
 PIPELINES = {'tfdata': TfDataPipeline, 'device': DevicePipeline}

@@ -19,9 +19,23 @@ BATCH_NORM_MOMENTUM = 0.9  # The recipes' value; flax defaults to 0.99.
 BATCH_NORM_EPSILON = 1e-5
 
 
-def _conv_and_norm(dtype: Any, train: bool) -> tuple[ModuleDef, ModuleDef]:
+def dirac(base_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.initializers.Initializer:
+  """`base_init` with its first min(in, out) filters replaced by identities (airbench's dirac init):
+  at the start each convolution passes its input channels through, as if the layer were not there."""
+  def init(key, shape, dtype=jnp.float32):
+    *window, in_channels, out_channels = shape
+    passed = min(in_channels, out_channels)
+    identity = jnp.zeros((*window, in_channels, passed), dtype)
+    identity = identity.at[tuple(w // 2 for w in window) + (jnp.arange(passed), jnp.arange(passed))].set(1)
+    return base_init(key, shape, dtype).at[..., :passed].set(identity)
+  return init
+
+
+def _conv_and_norm(dtype: Any, train: bool, dirac_init: bool = False) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free SAME convolutions and BatchNorm that compute in `dtype` and keep float32 parameters."""
   conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, padding='SAME')
+  if dirac_init:
+    conv = functools.partial(conv, kernel_init=dirac())
   norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
                            epsilon=BATCH_NORM_EPSILON, dtype=dtype)
   return conv, norm
@@ -55,6 +69,41 @@ class SqueezeExcite(nn.Module):
     gate = nn.relu(nn.Dense(max(1, int(channels * self.ratio)), dtype=self.dtype)(gate))
     gate = nn.sigmoid(nn.Dense(channels, dtype=self.dtype)(gate))
     return x * gate
+
+
+class PatchWhitening(nn.Module):
+  """A frozen `patch_size` x `patch_size` VALID convolution that whitens the image's patches (airbench).
+
+  Its 2 * p * p * C filters are +/- the eigenvectors of the patch covariance of training images, each
+  scaled by 1 / sqrt(eigenvalue + eps): set them with `whitening_kernel` after init. The optimizer
+  leaves them alone (`WHITENING` names them for it) and no gradient flows into them.
+  """
+
+  patch_size: int = 2
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    window = (self.patch_size, self.patch_size)
+    kernel = self.param('kernel', nn.initializers.zeros, (*window, x.shape[-1], 2 * self.patch_size ** 2 * x.shape[-1]))
+    return jax.lax.conv_general_dilated(x, jax.lax.stop_gradient(kernel).astype(self.dtype), (1, 1), 'VALID',
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+WHITENING = 'whitening'  # The module name of a ResNet's PatchWhitening stem.
+
+
+def whitening_kernel(images: jax.Array, patch_size: int = 2, eps: float = 5e-4) -> jax.Array:
+  """The PatchWhitening kernel [p, p, C, 2pqC] for normalized float images [N, H, W, C]."""
+  channels = images.shape[-1]
+  patches = jax.lax.conv_general_dilated_patches(
+      jnp.asarray(images, jnp.float32), (patch_size, patch_size), (1, 1), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # [N, H', W', C * p * p], channel-major.
+  patches = patches.reshape(-1, patches.shape[-1])
+  eigenvalues, eigenvectors = jnp.linalg.eigh(patches.T @ patches / patches.shape[0])
+  filters = eigenvectors / jnp.sqrt(eigenvalues + eps)  # Columns: one filter each, in (c, h, w) order.
+  filters = filters.reshape(channels, patch_size, patch_size, -1).transpose(1, 2, 0, 3)
+  return jnp.concatenate([filters, -filters], axis=-1)
 
 
 class _Block(nn.Module):
@@ -129,7 +178,8 @@ class PreActBlock(_Block):
 
 
 class ResNet(nn.Module):
-  """ResNet with a CIFAR stem (3x3, stride 1) or an ImageNet stem (7x7 stride 2 + max-pool).
+  """ResNet with a CIFAR stem (3x3, stride 1), an ImageNet stem (7x7 stride 2 + max-pool), or a
+  whitening stem (a frozen 2x2 `PatchWhitening`, then the CIFAR stem).
 
   With post-activation blocks the stem ends in BN-ReLU; with pre-activation blocks (`PreActBlock`) the
   CIFAR stem is a bare conv and a final BN-ReLU precedes pooling (He et al. 2016, "Identity mappings").
@@ -147,11 +197,12 @@ class ResNet(nn.Module):
   se_ratio: float = 0.0
   zero_init_residual: bool = False
   drop_path_rate: float = 0.0  # Of the last block; earlier ones get linearly less.
+  dirac_init: bool = False  # Convolutions start as identities on their first channels (`dirac`).
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    conv, norm = _conv_and_norm(self.dtype, train)
+    conv, norm = _conv_and_norm(self.dtype, train, self.dirac_init)
     dropout = functools.partial(nn.Dropout, deterministic=not train)
     x = self._stem(x.astype(self.dtype), conv, norm)
     blocks = [(width, 2 if stage > 0 and block == 0 else 1)
@@ -168,13 +219,15 @@ class ResNet(nn.Module):
 
   def _stem(self, x, conv, norm):
     width = self.stem_width or self.widths[0]
-    if self.stem == 'cifar':
+    if self.stem == 'whiten':
+      x = PatchWhitening(dtype=self.dtype, name=WHITENING)(x)
+    if self.stem in ('cifar', 'whiten'):
       x = conv(width, (3, 3), name='stem_conv')(x)
       return x if self.block_cls.preactivation else nn.relu(norm(name='stem_norm')(x))
     if self.stem == 'imagenet':
       x = nn.relu(norm(name='stem_norm')(conv(width, (7, 7), (2, 2), name='stem_conv')(x)))
       return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
-    raise ValueError(f"unknown stem {self.stem!r}; use 'cifar' or 'imagenet'")
+    raise ValueError(f"unknown stem {self.stem!r}; use 'cifar', 'whiten' or 'imagenet'")
 
 
 def wide_resnet(depth: int, widen_factor: int) -> functools.partial:
@@ -276,9 +329,11 @@ PRESETS: dict[str, functools.partial] = {
                                      widths=(16, 32, 64)),
 }
 
-# Options off by default (0 or False) everywhere; an architecture without one still accepts it off.
+# Options off by default (0, False or '': the preset's own) everywhere; an architecture without one
+# still accepts it off.
 SWITCHABLE_OPTIONS = ('dropout_rate', 'block_dropout_rate', 'se_ratio', 'zero_init_residual',
-                      'drop_path_rate')
+                      'drop_path_rate', 'dirac_init', 'stem')
+STEMS = ('cifar', 'whiten', 'imagenet')
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
@@ -296,7 +351,7 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   unsupported = sorted(set(options).intersection(SWITCHABLE_OPTIONS) - fields)
   if unsupported:
     raise ValueError(f'model.name {name!r} ({preset.func.__name__}) has no option {", ".join(unsupported)}; '
-                     'leave it at 0/False')
+                     "leave it at 0/False/''")
   return preset(num_classes=num_classes, **options)
 
 

@@ -29,6 +29,8 @@ from resnet_flax import (augment, checkpoint, config_checks, data, input_pipelin
                          plots, writers)
 from resnet_flax.errors import BudgetError, ConfigError, NonFiniteError
 
+WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
+
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
@@ -62,7 +64,17 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.
   return models.create_model(
       config.model.name, num_classes, dtype=compute_dtype(config), dropout_rate=config.model.dropout_rate,
       se_ratio=config.model.se_ratio, zero_init_residual=config.model.zero_init_residual,
-      drop_path_rate=config.model.drop_path_rate)
+      drop_path_rate=config.model.drop_path_rate, dirac_init=config.model.dirac_init, stem=config.model.stem)
+
+
+def set_patch_whitening(variables, images, mean, std, num_images: int = WHITENING_IMAGES):
+  """Sets a `PatchWhitening` stem's kernel from the first `num_images` training images, normalized
+  as the train step normalizes them; other models are returned as they are."""
+  if models.WHITENING not in variables['params']:
+    return variables
+  kernel = models.whitening_kernel(augment.normalize(images[:num_images], mean, std))
+  params = {**variables['params'], models.WHITENING: {'kernel': kernel}}
+  return {**variables, 'params': params}
 
 
 def check_param_budget(params, max_params: int) -> int:
@@ -98,22 +110,24 @@ def kernel_mask(params):
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule):
   """The optimizer of `optim.name`; BatchNorm scales may be frozen and BN biases get their own rate.
 
-  Frozen BN scales with faster BN biases are one of airbench's speed tricks.
+  Frozen BN scales with faster BN biases are one of airbench's speed tricks. A whitening stem is
+  always frozen: neither the gradient nor weight decay moves it.
   """
   optim = config.optim
-  if not optim.bn_scale_frozen and optim.bn_bias_lr_multiplier == 1:
-    return _base_optimizer(optim, learning_rate_fn)
   bias_lr = lambda step: optim.bn_bias_lr_multiplier * learning_rate_fn(step)
   return optax.multi_transform({
       'other': _base_optimizer(optim, learning_rate_fn),
       'bn_scale': optax.set_to_zero() if optim.bn_scale_frozen else _base_optimizer(optim, learning_rate_fn),
       'bn_bias': _base_optimizer(optim, bias_lr),
-  }, batch_norm_labels)
+      'frozen': optax.set_to_zero(),
+  }, param_labels)
 
 
-def batch_norm_labels(params):
-  """'bn_scale' / 'bn_bias' for BatchNorm parameters, 'other' for the rest."""
+def param_labels(params):
+  """'frozen' for a whitening stem, 'bn_scale' / 'bn_bias' for BatchNorm parameters, 'other' for the rest."""
   def label(path, _):
+    if path[0] == models.WHITENING:
+      return 'frozen'
     is_norm = any('norm' in part.lower() for part in path[:-1])
     return f'bn_{path[-1]}' if is_norm and path[-1] in ('scale', 'bias') else 'other'
   return flax.traverse_util.path_aware_map(label, params)
@@ -169,11 +183,14 @@ def cross_entropy(logits, targets, label_smoothing: float = 0.0):
 
 
 def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict, learning_rate_fn,
-               mean, std, num_classes: int):
+               mean, std, num_classes: int, steps_per_epoch: int):
   """One step on a uint8 batch; augmentation, forward, backward and update in one program."""
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
-  images = augment.augment_batch(batch['image'], augment_key, config.augment, mean, std)
+  images = batch['image']
+  if config.augment.alternating_flip:
+    images = augment.alternating_flip(images, batch['index'], state.step // steps_per_epoch, config.seed)
+  images = augment.augment_batch(images, augment_key, config.augment, mean, std)
   targets = jax.nn.one_hot(batch['label'], num_classes)
   if config.augment.mixup_alpha or config.augment.cutmix_alpha:
     images, targets = mixing.mix_batch(images, batch['label'], mix_key, num_classes=num_classes,
@@ -235,12 +252,12 @@ def create_mesh() -> Mesh:
   return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def jit_steps(config, mesh: Mesh, learning_rate_fn, mean, std, num_classes: int):
+def jit_steps(config, mesh: Mesh, learning_rate_fn, mean, std, num_classes: int, steps_per_epoch: int):
   """The sharded train and eval steps. The state is replicated and donated to the train step."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   train_fn = jax.jit(
       functools.partial(train_step, config=config, learning_rate_fn=learning_rate_fn, mean=mean, std=std,
-                        num_classes=num_classes),
+                        num_classes=num_classes, steps_per_epoch=steps_per_epoch),
       in_shardings=(replicated, sharded), out_shardings=(replicated, replicated), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes),
                     in_shardings=(replicated, sharded), out_shardings=replicated)
@@ -273,6 +290,7 @@ def run_fingerprint(config: ml_collections.ConfigDict, train: data.ImageData) ->
   return {
       'model.name': config.model.name,
       'model.se_ratio': config.model.se_ratio,
+      'model.stem': config.model.stem,
       'image_shape': list(train.images.shape[1:]),
       'num_classes': len(train.class_names),
       'class_names': list(train.class_names),
@@ -396,7 +414,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
   model = create_model(config, num_classes)
+  mean, std = augment.channel_stats(train_split.images)
   variables = models.init_variables(model, train_split.images.shape[1:], jax.random.key(config.seed))
+  variables = set_patch_whitening(variables, train_split.images, mean, std)
   parameter_overview.log_parameter_overview(variables['params'])
   num_params = check_param_budget(variables['params'], config.model.max_params)
   logging.info('%s: %s trainable parameters (budget %s)', config.model.name, f'{num_params:,}',
@@ -421,14 +441,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start_step >= total_steps:
       logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, total_steps)
       return {}
-    mean, std = augment.channel_stats(train_split.images)
     # What evaluation needs besides the fingerprint, so it works after the training data is gone.
     save_run_files(workdir, config, {**fingerprint, 'pixel_mean': list(mean), 'pixel_std': list(std),
                                      'steps_per_epoch': steps_per_epoch})
     if start_step == 0:
       writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
 
-    train_fn, eval_fn = jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes)
+    train_fn, eval_fn = jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps_per_epoch)
     pipeline = input_pipeline.create_pipeline(config.data.pipeline, train_split, config.batch_size,
                                               config.seed, mesh)
     evaluate_fn = lambda s: evaluate(eval_fn, s, pipeline.eval_batches(test_split, config.eval_batch_size))

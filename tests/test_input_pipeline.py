@@ -36,6 +36,8 @@ def test_both_pipelines_give_the_same_batches(split):
   for a, b in zip(tfdata, device):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
+    np.testing.assert_array_equal(a['index'], b['index'])
+    np.testing.assert_array_equal(a['index'], a['image'][:, 0, 0, 0])  # Each example's place in the split.
     assert a['image'].dtype == np.uint8 and a['image'].shape == (BATCH, 8, 8, 3)
 
 

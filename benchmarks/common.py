@@ -1,0 +1,205 @@
+"""What the benchmark scripts share: flags, timing, summaries, the JAX train step, and JSON results.
+
+Every script prints its figures and writes them, with the device, the library versions and the
+command, to `<--output_dir>/<benchmark>_<device>[_tiny].json`. `--tiny` runs one tiny iteration on a
+CPU in seconds, to check that a script works; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import itertools
+import json
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from resnet_flax import augment, input_pipeline, models, train
+from resnet_flax.data import ImageData
+
+RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch')
+
+flags.DEFINE_bool('tiny', False, 'One tiny iteration on a CPU in seconds, to check the script; meaningless figures.')
+flags.DEFINE_string('output_dir', str(RESULTS_DIR), 'Where the JSON results go.')
+FLAGS = flags.FLAGS
+
+
+def apply_tiny(overrides: dict[str, Any]):
+  """With --tiny, sets these flags (name: value), whatever the command line says."""
+  if FLAGS.tiny:
+    for name, value in overrides.items():
+      FLAGS[name].value = value
+
+
+# Figures.
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+  return {'median': statistics.median(values), 'min': min(values), 'max': max(values), 'values': list(values)}
+
+
+def describe(values: Sequence[float], unit_format: Callable[[float], str]) -> str:
+  return (f'median {unit_format(statistics.median(values))} '
+          f'(min {unit_format(min(values))}, max {unit_format(max(values))}, n={len(values)})')
+
+
+def images_per_sec(values: Sequence[float]) -> str:
+  return describe(values, lambda v: f'{v:,.0f} images/s')
+
+
+def gibibytes(num_bytes: int | None) -> str:
+  return 'n/a' if num_bytes is None else f'{num_bytes / 2**30:.2f} GiB'
+
+
+def time_calls(fn: Callable[[], Any], repeats: int) -> list[float]:
+  """Seconds of each of `repeats` calls of `fn`, which must return only once the device is done."""
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+# Data and the JAX train step.
+
+
+def random_split(num_images: int, num_classes: int = 10, image_shape: Sequence[int] = (32, 32, 3)) -> ImageData:
+  """CIFAR-sized uint8 noise with random labels: costs what real images cost to move and train on."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (num_images, *image_shape), dtype=np.uint8)
+  labels = rng.integers(0, num_classes, num_images).astype(np.int32)
+  return ImageData(images, labels, tuple(map(str, range(num_classes))))
+
+
+@dataclasses.dataclass
+class JaxTrainer:
+  """The train step as `train.train_and_evaluate` builds it (jitted over the ('data',) mesh, the
+  replicated state donated), with its state; `run` steps through batches and waits for the device."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  train_fn: Callable
+  state: train.TrainState
+  pixel_mean: tuple[float, ...]
+  pixel_std: tuple[float, ...]
+  step: int = 0  # Steps run, counted on the host.
+
+  def run(self, batches: Iterable[input_pipeline.Batch]):
+    for batch in batches:
+      self.state, _ = self.train_fn(self.state, batch)
+      self.step += 1
+    jax.block_until_ready(self.state)
+
+  def run_on(self, batch: input_pipeline.Batch, num_steps: int):
+    """`num_steps` steps on the same device-resident batch."""
+    self.run(itertools.repeat(batch, num_steps))
+
+  def device_batch(self, split: ImageData) -> input_pipeline.Batch:
+    """The first `batch_size` examples of `split`, sharded over the mesh as the pipelines shard them."""
+    sharding = input_pipeline.data_sharding(self.mesh)
+    size = self.config.batch_size
+    return {'image': jax.device_put(split.images[:size], sharding),
+            'label': jax.device_put(split.labels[:size], sharding),
+            'index': jax.device_put(np.arange(size, dtype=np.int32), sharding)}
+
+
+def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> JaxTrainer:
+  """The same calls, in the same order, as `train.train_and_evaluate`."""
+  num_classes = len(split.class_names)
+  steps_per_epoch = len(split) // config.batch_size
+  model = train.create_model(config, num_classes)
+  mean, std = augment.channel_stats(split.images)
+  variables = models.init_variables(model, split.images.shape[1:], jax.random.key(config.seed))
+  variables = train.set_patch_whitening(variables, split.images, mean, std)
+  learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch)
+  mesh = train.create_mesh()
+  tx = train.create_optimizer(config, learning_rate_fn)
+  state = jax.device_put(train.create_train_state(model, variables, tx, ema=config.ema_decay > 0),
+                         NamedSharding(mesh, P()))
+  train_fn, _ = train.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps_per_epoch)
+  return JaxTrainer(config, mesh, train_fn, state, mean, std)
+
+
+def jax_device() -> str:
+  return f'{jax.devices()[0].device_kind} x{jax.device_count()}'
+
+
+def jax_peak_bytes() -> int | None:
+  """Peak bytes the allocator of the first local device has handed out; None where it does not say (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return stats.get('peak_bytes_in_use') if stats else None
+
+
+class CompileTimer:
+  """Wall time JAX spends compiling inside a `with` block: tracing, lowering to MLIR and XLA compiling
+  every jitted function, read from `jax.monitoring`'s compile events (overlaps counted once)."""
+
+  EVENT_PREFIX = '/jax/core/compile/'
+
+  def __init__(self):
+    self._spans: list[tuple[float, float]] = []
+
+  def _listen(self, event: str, start: float, end: float, **_):
+    if event.startswith(self.EVENT_PREFIX):
+      self._spans.append((start, end))
+
+  def __enter__(self) -> CompileTimer:
+    jax.monitoring.register_event_time_span_listener(self._listen)
+    return self
+
+  def __exit__(self, *_):
+    jax.monitoring.unregister_event_time_span_listener(self._listen)
+
+  @property
+  def seconds(self) -> float:
+    total, covered_until = 0.0, float('-inf')
+    for start, end in sorted(self._spans):
+      total += max(0.0, end - max(start, covered_until))
+      covered_until = max(covered_until, end)
+    return total
+
+
+# Results.
+
+
+def environment(device: str) -> dict[str, Any]:
+  """The machine, the library versions and the command, for the JSON results."""
+  versions = {}
+  for package in PACKAGES:
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return {
+      'device': device,
+      'command': f'python {shlex.join(sys.argv)}',
+      'versions': {'python': platform.python_version(), **versions},
+      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
+
+
+def write_results(benchmark: str, device: str, settings: dict[str, Any], results: dict[str, Any]) -> Path:
+  """Writes the JSON record of one run; returns its path."""
+  slug = re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')
+  path = Path(FLAGS.output_dir) / f'{benchmark}_{slug}{"_tiny" if FLAGS.tiny else ""}.json'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  record = {'benchmark': benchmark, 'tiny': FLAGS.tiny, **environment(device), 'settings': settings,
+            'results': results}
+  path.write_text(json.dumps(record, indent=2) + '\n')
+  print(f'results: {path}')
+  return path
