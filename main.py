@@ -80,7 +80,7 @@ def main(argv):
     else:
       evaluate.run_predict(FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output)
   except UserError as e:
-    sys.exit(f'error: {e}')
+    sys.exit(f'error: {" ".join(str(e).split())}')  # One line, whatever a library put in the message.
 
 
 if __name__ == '__main__':

@@ -218,10 +218,15 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
   assert not marker.exists()
 
 
-def test_a_file_that_is_not_a_tar_is_an_error(tmp_path):
-  (tmp_path / 'cifar-10-python.tar.gz').write_bytes(b'\x1f\x8b' + bytes(100))
-  with pytest.raises(DataError, match='cifar-10-python.tar.gz is not a readable CIFAR archive'):
+@pytest.mark.parametrize('content', [b'', b'not an archive', b'\x1f\x8b' + bytes(100)])
+def test_a_file_that_is_not_a_tar_is_a_one_line_error(tmp_path, content):
+  (tmp_path / 'cifar-10-python.tar.gz').write_bytes(content)
+  with pytest.raises(DataError, match='cifar-10-python.tar.gz is not a (tar|readable CIFAR) archive') as error:
     cifar_archive.load(data_config(tmp_path / 'cifar-10-python.tar.gz'))
+  assert '\n' not in str(error.value)
+
+
+def test_an_archive_without_cifar_files_is_an_error(tmp_path):
   with pytest.raises(DataError, match='is not a CIFAR archive'):
     cifar_archive.load(data_config(_empty_tar(tmp_path / 'empty.tar.gz')))
 

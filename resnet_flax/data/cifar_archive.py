@@ -167,6 +167,8 @@ def _read_files(path: Path, wanted: set[str]) -> dict[str, bytes]:
     with tarfile.open(path) as archive:
       return {posixpath.basename(member.name): archive.extractfile(member).read() for member in archive
               if member.isfile() and posixpath.basename(member.name) in wanted}
+  except tarfile.ReadError as e:  # Its message lists every compression tried, one per line.
+    raise DataError(f'{path} is not a tar archive, or a damaged one: {_ACCEPTED}') from e
   except (tarfile.TarError, OSError, EOFError) as e:  # A bad gzip stream raises OSError or EOFError.
     raise DataError(f'{path} is not a readable CIFAR archive ({e}): {_ACCEPTED}') from e
 
