@@ -39,6 +39,7 @@ OPTIONS = {  # name: (train_ops, mixup_alpha, cutmix_alpha)
     'trivialaugment': (('crop', 'flip', 'trivialaugment'), 0.0, 0.0),
     'trivialaugment+cutout+mixup/cutmix': (('crop', 'flip', 'trivialaugment', 'cutout'), 0.2, 1.0),
 }
+HEAVIEST = 'trivialaugment+cutout+mixup/cutmix'
 
 
 def config_for(option: str):
@@ -70,7 +71,8 @@ def main(_):
   logging.set_verbosity(logging.WARNING)
   common.apply_tiny({'model': 'resnet_tiny', 'batch_size': 8, 'steps': 1, 'repeats': 1, 'data_path': None})
   split = common.random_split(4 * FLAGS.batch_size)
-  seconds = {option: step_seconds(option, split) for option in OPTIONS}
+  options = (BASELINE, HEAVIEST) if FLAGS.tiny else tuple(OPTIONS)  # --tiny: only the extremes.
+  seconds = {option: step_seconds(option, split) for option in options}
   baseline = common.summarize(seconds[BASELINE])['median']
   results = {}
   print(f'device: {common.jax_device()}; model {FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.repeats} repeats')
@@ -80,7 +82,7 @@ def main(_):
     print(f'{option:36s} step {common.describe([1e3 * v for v in values], lambda v: f"{v:.1f} ms")}  '
           f'{slowdown:+.1%} vs {BASELINE}')
   if FLAGS.data_path:
-    for option in OPTIONS:
+    for option in options:
       results[option]['real_data_run'] = run = short_real_run(option)
       print(f'{option:36s} {FLAGS.train_epochs} epochs on CIFAR-10 (JPEG q75): train loss '
             f'{run["first_train_loss"]:.3f} -> {run["last_train_loss"]:.3f}, test accuracy {run["test_accuracy"]:.3f}')

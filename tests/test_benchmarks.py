@@ -33,7 +33,7 @@ EXPECTED_RESULTS = {
     ],
     'augment_cost': [
         ('crop+flip', 'step_seconds', 'median'),
-        ('trivialaugment+cutout+mixup/cutmix', 'slowdown_vs_crop_flip'),
+        ('trivialaugment+cutout+mixup/cutmix', 'slowdown_vs_crop_flip'),  # --tiny: only these two.
     ],
     'time_to_accuracy': [
         ('runs', 0, 'train_s'),

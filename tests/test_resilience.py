@@ -1,5 +1,6 @@
 """Preemption, kills, corrupt checkpoints, non-finite losses, unwritable or full disks, several hosts."""
 
+import os
 import random
 import re
 import shutil
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import SMOKE_TOTAL_STEPS, finished_steps, load_checkpoint, run_main, run_smoke
-from resnet_flax import writers
+from resnet_flax import preemption, writers
 
 
 def wait_for(condition, timeout: float = 120):
@@ -162,3 +163,17 @@ def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
   a, b = load_checkpoint(two, 16), load_checkpoint(one, 16)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-4), a['params'], b['params'])
   assert len(list(Path(two).glob('events.out.tfevents*'))) == 2  # One per run: process 0 writes, 1 does not.
+
+
+def test_first_sigint_asks_to_stop_and_a_second_one_exits_at_once(monkeypatch):
+  exits = []
+  monkeypatch.setattr(preemption.os, '_exit', exits.append)
+  with preemption.StopRequest() as stop:
+    assert not stop.requested()
+    os.kill(os.getpid(), signal.SIGINT)
+    wait_for(stop.requested)
+    assert stop.signal_name == 'SIGINT' and exits == []
+    os.kill(os.getpid(), signal.SIGINT)
+    wait_for(lambda: exits)
+  assert exits == [128 + signal.SIGINT]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored on leaving.
