@@ -85,7 +85,8 @@ class PatchWhitening(nn.Module):
   @nn.compact
   def __call__(self, x):
     window = (self.patch_size, self.patch_size)
-    kernel = self.param('kernel', nn.initializers.zeros, (*window, x.shape[-1], 2 * self.patch_size ** 2 * x.shape[-1]))
+    filters = 2 * self.patch_size ** 2 * x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.zeros, (*window, x.shape[-1], filters))  # Zero until set.
     return jax.lax.conv_general_dilated(x, jax.lax.stop_gradient(kernel).astype(self.dtype), (1, 1), 'VALID',
                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
@@ -94,7 +95,7 @@ WHITENING = 'whitening'  # The module name of a ResNet's PatchWhitening stem.
 
 
 def whitening_kernel(images: jax.Array, patch_size: int = 2, eps: float = 5e-4) -> jax.Array:
-  """The PatchWhitening kernel [p, p, C, 2pqC] for normalized float images [N, H, W, C]."""
+  """The PatchWhitening kernel [p, p, C, 2 * p * p * C] for normalized float images [N, H, W, C]."""
   channels = images.shape[-1]
   patches = jax.lax.conv_general_dilated_patches(
       jnp.asarray(images, jnp.float32), (patch_size, patch_size), (1, 1), 'VALID',

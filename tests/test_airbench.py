@@ -1,5 +1,6 @@
 """airbench's speed tricks as options: a frozen patch-whitening stem, dirac init, alternating flip."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +75,7 @@ def test_set_patch_whitening_uses_the_normalized_training_images():
 
 @pytest.mark.parametrize('in_channels, out_channels, strides', [(4, 6, 1), (6, 4, 1), (4, 8, 2)])
 def test_dirac_init_passes_the_first_channels_through(in_channels, out_channels, strides):
-  conv = models.nn.Conv(out_channels, (3, 3), strides, use_bias=False, kernel_init=models.dirac())
+  conv = nn.Conv(out_channels, (3, 3), strides, use_bias=False, kernel_init=models.dirac())
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, in_channels))
   y, params = conv.init_with_output(jax.random.key(0), x)
   passed = min(in_channels, out_channels)
