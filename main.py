@@ -54,20 +54,43 @@ def unknown_field_message(text: str) -> str:
   return f'{message}; did you mean {suggestion.group(1)!r}?' if suggestion else message
 
 
-def quiet_library_info_logs():
+def quiet_library_logs():
   """Orbax logs every step of every save at INFO, and warns on each save made between evaluations
-  that it got no metrics (by design here): keep its other warnings and errors only."""
+  that it got no metrics (by design here): keep its other warnings and errors only, as one line each.
+  A failed save makes Orbax log, and tensorstore's callbacks print, a traceback per array: the trainer
+  turns the failure into one clear error, so here they are one log line each (each callback error once)."""
   def keep(record: std_logging.LogRecord) -> bool:
     if '/orbax/' not in record.pathname:
       return True
+    record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING and 'did not provide metrics' not in record.getMessage()
   logging.get_absl_handler().python_handler.addFilter(keep)
+
+  seen = set()
+
+  def one_line_once(unraisable):  # sys.unraisablehook: how tensorstore's callbacks report their errors.
+    message = f'{unraisable.exc_type.__name__}: {unraisable.exc_value}'
+    if message not in seen:
+      seen.add(message)
+      logging.warning('%s (in a library callback; repeats are not logged)', message)
+  sys.unraisablehook = one_line_once
+
+
+def exit_with_error(message: str):
+  """Prints `message` as the last line and exits 1: what library threads print while the process
+  shuts down (about the same failure) goes nowhere, so the error stays the last thing a user sees."""
+  print(f'error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, sys.stdout.fileno())
+  os.dup2(devnull, sys.stderr.fileno())
+  sys.exit(1)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  quiet_library_info_logs()
+  quiet_library_logs()
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
@@ -80,7 +103,7 @@ def main(argv):
     else:
       evaluate.run_predict(FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output)
   except UserError as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')  # One line, whatever a library put in the message.
+    exit_with_error(str(e))  # One line, whatever a library put in the message.
 
 
 if __name__ == '__main__':

@@ -72,7 +72,8 @@ def _disk_errors_explained(manager: ocp.CheckpointManager, step: int | None):
   except Exception as e:  # pylint: disable=broad-except
     if not _is_disk_full(e):
       raise
-    complete = [s for s in manager.all_steps(read=True) if s != step]
+    manager.reload()
+    complete = [s for s in manager.all_steps() if s != step]
     kept = f'the checkpoint of step {max(complete)} is intact' if complete else 'no earlier checkpoint exists'
     raise CheckpointError(f'no space left on the device while saving a checkpoint in {manager.directory} '
                           f'({kept}); free some space and rerun the same command to resume') from e
