@@ -100,22 +100,23 @@ class JaxTrainer:
   step: int = 0  # Steps run, counted on the host.
 
   def run(self, batches: Iterable[input_pipeline.Batch]):
+    """Steps through stacked batches, a call each, and waits for the device."""
     for batch in batches:
       self.state, _ = self.train_fn(self.state, batch)
-      self.step += 1
+      self.step += len(batch['label'])
     jax.block_until_ready(self.state)
 
   def run_on(self, batch: input_pipeline.Batch, num_steps: int):
-    """`num_steps` steps on the same device-resident batch."""
+    """`num_steps` steps on the same device-resident batch, one call each."""
     self.run(itertools.repeat(batch, num_steps))
 
   def device_batch(self, split: ImageData) -> input_pipeline.Batch:
-    """The first `batch_size` examples of `split`, sharded over the mesh as the pipelines shard them."""
-    sharding = input_pipeline.data_sharding(self.mesh)
+    """The first `batch_size` examples of `split`, as the pipelines hand one step's batch to the train step."""
+    sharding = input_pipeline.stacked_data_sharding(self.mesh)
     size = self.config.batch_size
-    return {'image': jax.device_put(split.images[:size], sharding),
-            'label': jax.device_put(split.labels[:size], sharding),
-            'index': jax.device_put(np.arange(size, dtype=np.int32), sharding)}
+    return {'image': jax.device_put(split.images[None, :size], sharding),
+            'label': jax.device_put(split.labels[None, :size], sharding),
+            'index': jax.device_put(np.arange(size, dtype=np.int32)[None], sharding)}
 
 
 def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> JaxTrainer:

@@ -49,7 +49,7 @@ def pin_to_one_core():
 
 def tfdata_images_per_sec(split: ImageData) -> float:
   pipeline = input_pipeline.create_pipeline('tfdata', split, FLAGS.batch_size, 0, train.create_mesh())
-  batches = pipeline.train_batches(0, FLAGS.steps + PIPELINE_WARMUP)
+  batches = pipeline.train_batches(0, [1] * (FLAGS.steps + PIPELINE_WARMUP))
   for _ in range(PIPELINE_WARMUP):
     jax.block_until_ready(next(batches))
   start = time.perf_counter()
@@ -68,7 +68,8 @@ def augment_and_step_seconds(split: ImageData) -> tuple[list[float], list[float]
   batch = trainer.device_batch(split)
   augment_fn = jax.jit(lambda images, key: augment.augment_batch(images, key, config.augment, trainer.pixel_mean,
                                                                  trainer.pixel_std))
-  augment_calls = lambda n: jax.block_until_ready([augment_fn(batch['image'], jax.random.key(0)) for _ in range(n)])
+  images = batch['image'][0]
+  augment_calls = lambda n: jax.block_until_ready([augment_fn(images, jax.random.key(0)) for _ in range(n)])
   augment_calls(1)  # Compiles.
   augment_seconds = common.time_calls(lambda: augment_calls(AUGMENT_CALLS), FLAGS.repeats)
   trainer.run_on(batch, 1)  # Compiles; the state is donated from here on.

@@ -8,9 +8,10 @@ For each preset (`--models`, default resnet18 and resnet34), at `--batch_size` 5
 1. JAX step: images/s of the train step that `train.train_and_evaluate` builds (configs/default.py
    with `half_precision=True`: jit over the ('data',) mesh, state donated, crop + flip in the step)
    on one batch already on the device.
-2. JAX device pipeline + step: images/s of the loop as training runs it with `data.pipeline=device`:
-   each batch gathered in jit from a `--dataset_size` uint8 dataset resident on the device (new
-   permutation each epoch), then the same step.
+2. JAX device pipeline + step: images/s of whole epochs of the loop as training runs it with
+   `data.pipeline=device`: each call's batches gathered in jit from a `--dataset_size` uint8 dataset
+   resident on the device (new permutation each epoch), then the same step; once with one step per
+   call, once with `--steps_per_call` steps per call (`lax.scan`, config `steps_per_call`).
 3. PyTorch step: images/s of benchmarks/torch_resnet.py's twin of the model and step (same blocks,
    widths, BatchNorm, SGD-Nesterov with weight decay, the config's label smoothing, crop + flip on
    the device, bf16 autocast, channels_last, torch.compile, cudnn.benchmark) on one batch on the
@@ -19,8 +20,9 @@ For each preset (`--models`, default resnet18 and resnet34), at `--batch_size` 5
    `torch.cuda.max_memory_allocated()` after 3; 'n/a' on a CPU. Both are peaks over the worker's
    life, so the scratch memory of autotuning (XLA's, cudnn.benchmark's) counts too.
 
-Every figure is the median over `--repeats` timings of `--steps` steps, with min and max, after
-`--warmup_steps` untimed steps (the first step, compilation included, is timed on its own). Timings
+Every figure is the median over `--repeats` timings of `--steps` steps (of an epoch for 2), with min
+and max, after `--warmup_steps` untimed steps (an untimed epoch for 2; the first step, compilation
+included, is timed on its own). Timings
 use time.perf_counter around the steps and end with jax.block_until_ready / torch.cuda.synchronize.
 Each (framework, preset) runs in a process of its own: JAX's allocator has no reset of its peak,
 JAX preallocates most of the GPU's memory, and the two frameworks' CUDA libraries stay apart.
@@ -49,6 +51,7 @@ flags.DEFINE_integer('steps', 50, 'Train steps per timing.')
 flags.DEFINE_integer('warmup_steps', 10, 'Untimed steps after the first, before the timings.')
 flags.DEFINE_integer('repeats', 5, 'Timings of each kind.')
 flags.DEFINE_integer('dataset_size', 50_000, 'Images of the device-resident dataset of the pipeline timing.')
+flags.DEFINE_integer('steps_per_call', 16, 'Steps per compiled call of the scanned device-pipeline timing.')
 flags.DEFINE_bool('torch_compile', True, 'Compile the PyTorch step with torch.compile.')
 flags.DEFINE_enum('worker', None, ['jax', 'torch'], 'Internal: measure one framework on --worker_model.')
 flags.DEFINE_string('worker_model', None, 'Internal: the preset a worker measures.')
@@ -56,7 +59,7 @@ flags.DEFINE_string('worker_output', None, 'Internal: where a worker writes its 
 FLAGS = flags.FLAGS
 
 TINY = {'models': ['resnet_tiny'], 'batch_size': 8, 'steps': 1, 'warmup_steps': 0, 'repeats': 2,
-        'dataset_size': 32, 'torch_compile': False}  # torch.compile alone takes ~45 s on a CPU.
+        'dataset_size': 32, 'steps_per_call': 3, 'torch_compile': False}  # torch.compile alone takes ~45 s on a CPU.
 
 
 def make_config(model_name: str) -> ml_collections.ConfigDict:
@@ -82,15 +85,27 @@ def jax_figures(model_name: str) -> dict:
   peak_bytes = common.jax_peak_bytes()
 
   pipeline = input_pipeline.create_pipeline('device', split, config.batch_size, config.seed, trainer.mesh)
-  run_pipeline = lambda n: trainer.run(pipeline.train_batches(trainer.step, trainer.step + n))
-  run_pipeline(FLAGS.warmup_steps)  # Compiles the permutation and the gather.
-  pipeline_seconds = common.time_calls(lambda: run_pipeline(FLAGS.steps), FLAGS.repeats)
+  epoch_images = pipeline.steps_per_epoch * config.batch_size
+
+  def run_epoch(steps_per_call: int):
+    """From the current step to the end of its epoch, in calls as the training loop plans them."""
+    stop = (trainer.step // pipeline.steps_per_epoch + 1) * pipeline.steps_per_epoch
+    lengths = input_pipeline.call_lengths(trainer.step, stop, steps_per_call, (pipeline.steps_per_epoch,))
+    trainer.run(pipeline.train_batches(trainer.step, lengths))
+
+  def epoch_rates(steps_per_call: int) -> list[float]:
+    run_epoch(steps_per_call)  # Compiles the permutation, the gather and the calls of each length.
+    return [epoch_images / s for s in common.time_calls(lambda: run_epoch(steps_per_call), FLAGS.repeats)]
+
+  run_epoch(1)  # To the start of an epoch.
+  pipeline_rates, scanned_rates = epoch_rates(1), epoch_rates(FLAGS.steps_per_call)
   return {
       'device': common.jax_device(),
       'num_params': models.count_params(trainer.state.params),
       'first_step_s': first_step_s,
       'step_images_per_sec': common.summarize(rates(step_seconds)),
-      'pipeline_images_per_sec': common.summarize(rates(pipeline_seconds)),
+      'pipeline_images_per_sec': common.summarize(pipeline_rates),
+      'scanned_pipeline_images_per_sec': common.summarize(scanned_rates),
       'peak_bytes': peak_bytes,
       'peak_bytes_with_dataset': common.jax_peak_bytes(),
   }
@@ -158,6 +173,7 @@ def measure(model_name: str, torch_available: bool) -> dict:
   jax_rate = figures['jax'].get('step_images_per_sec', {}).get('median')
   if jax_rate:
     figures['pipeline_over_step'] = figures['jax']['pipeline_images_per_sec']['median'] / jax_rate
+    figures['scanned_pipeline_over_step'] = figures['jax']['scanned_pipeline_images_per_sec']['median'] / jax_rate
   if jax_rate and figures['torch'] and 'error' not in figures['torch']:
     figures['jax_over_torch'] = jax_rate / figures['torch']['step_images_per_sec']['median']
   return figures
@@ -173,6 +189,9 @@ def print_figures(model_name: str, figures: dict):
     print(f'    step, batch on device:     {common.images_per_sec(jax_side["step_images_per_sec"]["values"])}')
     print(f'    device pipeline + step:    {common.images_per_sec(jax_side["pipeline_images_per_sec"]["values"])}')
     print(f'    pipeline + step / step:    {figures["pipeline_over_step"]:.1%}')
+    print(f'    the same, {FLAGS.steps_per_call} steps a call: '
+          f'{common.images_per_sec(jax_side["scanned_pipeline_images_per_sec"]["values"])}')
+    print(f'    scanned pipeline / step:   {figures["scanned_pipeline_over_step"]:.1%}')
     print(f'    peak memory: {common.gibibytes(jax_side["peak_bytes"])} '
           f'({common.gibibytes(jax_side["peak_bytes_with_dataset"])} with the dataset on the device)')
   if torch_side is None:
@@ -209,7 +228,8 @@ def main(argv):
     print_figures(name, figures)
   settings = {'config': 'configs/default.py', 'half_precision': True, 'models': FLAGS.models,
               'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps, 'warmup_steps': FLAGS.warmup_steps,
-              'repeats': FLAGS.repeats, 'dataset_size': FLAGS.dataset_size, 'torch_compile': FLAGS.torch_compile}
+              'repeats': FLAGS.repeats, 'dataset_size': FLAGS.dataset_size, 'steps_per_call': FLAGS.steps_per_call,
+              'torch_compile': FLAGS.torch_compile}
   common.write_results('throughput', device, settings, results)
   failed = [f'{name} {framework}' for name, figures in results.items() for framework in ('jax', 'torch')
             if figures[framework] and 'error' in figures[framework]]

@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Everything random is a pure function of this seed and the step.
   config.half_precision = False  # Shorthand for model.dtype='bfloat16'.
   config.ema_decay = 0.0  # EMA of the weights, evaluated and checkpointed; 0 turns it off (e.g. 0.999).
+  config.steps_per_call = 1  # Train steps per compiled call (lax.scan), ending at log/eval/save steps and epochs; 1 on CPU.
 
   config.eval_every_epochs = 1.0  # Evaluate on the test split this often, and at the end.
   config.checkpoint_every_steps = 500  # Save a checkpoint this often, and at the end.

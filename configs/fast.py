@@ -38,4 +38,5 @@ def get_config():
   config.eval_every_epochs = 4.0
   config.checkpoint_every_steps = 10_000  # Checkpoints at the evaluations and at the end only.
   config.log_every_steps = 49
+  config.steps_per_call = 1  # Until a GPU run of benchmarks/throughput.py shows that scanning several steps pays.
   return config

@@ -86,6 +86,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'batch_size': _positive,
     'eval_batch_size': _positive,
     'eval_every_epochs': _positive,
+    'steps_per_call': _positive,
     'checkpoint_every_steps': _positive,
     'keep_checkpoints': _positive,
     'log_every_steps': _positive,

@@ -2,9 +2,14 @@
 
 Both pipelines produce the same batches: global batch `step` holds the examples
 `perm[pos * B:(pos + 1) * B]` (their indices in the training split are its `index`), with
-`epoch, pos = divmod(step, steps_per_epoch)` and `perm = epoch_permutation(seed, epoch, n)`. A run resumed at step k therefore continues
-exactly where an uninterrupted run would be, replaying nothing. The last partial batch of
-each epoch is dropped (a different one each epoch). Augmentation happens in the train step.
+`epoch, pos = divmod(step, steps_per_epoch)` and `perm = epoch_permutation(seed, epoch, n)`.
+A run resumed at step k therefore continues exactly where an uninterrupted run would be,
+replaying nothing. The last partial batch of each epoch is dropped (a different one each
+epoch). Augmentation happens in the train step.
+
+The batches of consecutive steps come stacked, one stack per call of the train step (which
+scans over them): `train_batches` takes the length of each call, and a call stays within
+one epoch (`call_lengths` plans them so).
 
 - `tfdata`: host tf.data gathers each process's slice of the batch from in-memory arrays,
   prefetches, and the next batch is already on its way to the devices while a step runs.
@@ -16,7 +21,8 @@ from __future__ import annotations
 import abc
 import collections
 import functools
-from typing import Iterator
+import itertools
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +47,26 @@ def _host_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
+
+
+def stacked_data_sharding(mesh: Mesh) -> NamedSharding:
+  """Stacked batches [steps, batch, ...]: each step's batch sharded as `data_sharding` shards it."""
+  return NamedSharding(mesh, P(None, 'data'))
+
+
+def call_lengths(start_step: int, stop_step: int, max_length: int, ends_every: Sequence[int]) -> list[int]:
+  """How many steps each call of the train step runs, to go from `start_step` to `stop_step`.
+
+  A call runs at most `max_length` steps and ends at every multiple of each of `ends_every` (where
+  the loop logs, evaluates or saves, and where an epoch ends), so the host acts at the same steps
+  whatever `max_length` is.
+  """
+  lengths, step = [], start_step
+  while step < stop_step:
+    end = min([stop_step, step + max_length] + [(step // every + 1) * every for every in ends_every])
+    lengths.append(end - step)
+    step = end
+  return lengths
 
 
 def process_slice(global_batch: int) -> slice:
@@ -71,8 +97,10 @@ class InputPipeline(abc.ABC):
     self._eval_cache: dict[int, list[Batch]] = {}
 
   @abc.abstractmethod
-  def train_batches(self, start_step: int, num_steps: int) -> Iterator[Batch]:
-    """Global batches for steps start_step, ..., num_steps - 1."""
+  def train_batches(self, start_step: int, lengths: Sequence[int]) -> Iterator[Batch]:
+    """From step `start_step` on, for each n of `lengths`, the global batches of the next n steps,
+    stacked: {'image': [n, B, H, W, C] uint8, 'label': [n, B], 'index': [n, B]}. No stack may cross
+    the end of an epoch."""
 
   def eval_batches(self, split: ImageData, batch_size: int) -> list[Batch]:
     """Every example of `split` once; the last batch is padded and `mask` marks real examples.
@@ -106,13 +134,14 @@ def padded_batches(split: ImageData, batch_size: int) -> Iterator[dict[str, np.n
 class TfDataPipeline(InputPipeline):
   """Host pipeline: tf.data gathers this process's slice of every batch from host memory."""
 
-  def train_batches(self, start_step: int, num_steps: int) -> Iterator[Batch]:
-    dataset = self._local_dataset(start_step, num_steps)
-    return prefetch(self._to_global_train(b) for b in dataset.as_numpy_iterator())
+  def train_batches(self, start_step: int, lengths: Sequence[int]) -> Iterator[Batch]:
+    local_batches = self._local_dataset(start_step, start_step + sum(lengths)).as_numpy_iterator()
+    stacks = (_stack(itertools.islice(local_batches, n)) for n in lengths)
+    return prefetch(self._to_global_train(stack) for stack in stacks)
 
-  def _to_global_train(self, local_batch: dict[str, np.ndarray]) -> Batch:
-    sharding = data_sharding(self.mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+  def _to_global_train(self, local_stack: dict[str, np.ndarray]) -> Batch:
+    sharding = stacked_data_sharding(self.mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_stack.items()}
 
   def local_indices(self, epoch: int) -> np.ndarray:
     """[steps_per_epoch, local batch] indices of this process's examples in `epoch`."""
@@ -120,13 +149,13 @@ class TfDataPipeline(InputPipeline):
     steps = perm[:self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
     return steps[:, process_slice(self.batch_size)]
 
-  def _local_dataset(self, start_step: int, num_steps: int):
+  def _local_dataset(self, start_step: int, stop_step: int):
     import tensorflow as tf  # Only this pipeline needs TensorFlow.
 
     tf.config.set_visible_devices([], 'GPU')  # Keep TensorFlow off the accelerators.
     images, labels = tf.constant(self.train.images), tf.constant(self.train.labels)
     first_epoch, skip = divmod(start_step, self.steps_per_epoch)
-    last_epoch = -(-num_steps // self.steps_per_epoch)
+    last_epoch = -(-stop_step // self.steps_per_epoch)
 
     def epoch_indices(epoch):
       indices = tf.numpy_function(self.local_indices, [epoch], tf.int32, stateful=False)
@@ -138,7 +167,7 @@ class TfDataPipeline(InputPipeline):
     return (tf.data.Dataset.range(first_epoch, last_epoch)
             .flat_map(epoch_indices)
             .skip(skip)
-            .take(num_steps - start_step)
+            .take(stop_step - start_step)
             .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .prefetch(tf.data.AUTOTUNE))
 
@@ -152,21 +181,31 @@ class DevicePipeline(InputPipeline):
     self._images = jax.device_put(train.images, replicated)
     self._labels = jax.device_put(train.labels, replicated)
     self._permutation = jax.jit(epoch_permutation, static_argnums=(2,), out_shardings=replicated)
-    self._gather = jax.jit(functools.partial(_gather_batch, batch_size=batch_size),
-                           out_shardings=data_sharding(mesh))
+    self._gather = jax.jit(functools.partial(_gather_batches, batch_size=batch_size), static_argnums=4,
+                           out_shardings=stacked_data_sharding(mesh))
 
-  def train_batches(self, start_step: int, num_steps: int) -> Iterator[Batch]:
-    perm, perm_epoch = None, None
-    for step in range(start_step, num_steps):
+  def train_batches(self, start_step: int, lengths: Sequence[int]) -> Iterator[Batch]:
+    perm, perm_epoch, step = None, None, start_step
+    for n in lengths:
       epoch, position = divmod(step, self.steps_per_epoch)
+      if position + n > self.steps_per_epoch:
+        raise ValueError(f'steps {step}..{step + n - 1} cross the end of epoch {epoch}: plan with call_lengths')
       if epoch != perm_epoch:
         perm, perm_epoch = self._permutation(self.seed, epoch, len(self.train)), epoch
-      yield self._gather(self._images, self._labels, perm, position)
+      yield self._gather(self._images, self._labels, perm, position, n)
+      step += n
 
 
-def _gather_batch(images, labels, perm, position, *, batch_size):
-  indices = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
+def _gather_batches(images, labels, perm, position, num_steps, *, batch_size):
+  """The batches of `num_steps` steps from `position` in the epoch of `perm`, stacked."""
+  indices = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, num_steps * batch_size)
+  indices = indices.reshape(num_steps, batch_size)
   return {'image': images[indices], 'label': labels[indices], 'index': indices}
+
+
+def _stack(batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  batches = list(batches)
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 PIPELINES = {'tfdata': TfDataPipeline, 'device': DevicePipeline}

@@ -17,9 +17,11 @@ EXPECTED_RESULTS = {
     'throughput': [
         ('resnet_tiny', 'jax', 'step_images_per_sec', 'median'),
         ('resnet_tiny', 'jax', 'pipeline_images_per_sec', 'median'),
+        ('resnet_tiny', 'jax', 'scanned_pipeline_images_per_sec', 'median'),
         ('resnet_tiny', 'jax', 'peak_bytes'),
         ('resnet_tiny', 'jax', 'peak_bytes_with_dataset'),
         ('resnet_tiny', 'pipeline_over_step'),
+        ('resnet_tiny', 'scanned_pipeline_over_step'),
         ('resnet_tiny', 'torch'),  # None where torch is not installed.
     ],
     'loop_overhead': [

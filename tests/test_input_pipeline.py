@@ -21,9 +21,14 @@ def split():
   return ImageData(images, np.arange(NUM_EXAMPLES, dtype=np.int32) % 10, tuple('abcdefghij'))
 
 
-def batches(name, split, start, stop, seed=3):
+def batches(name, split, start, stop, seed=3, lengths=None):
+  """The batches of steps start..stop - 1, one a step, from calls of `lengths` (default 1 each)."""
   pipeline = input_pipeline.create_pipeline(name, split, BATCH, seed, train.create_mesh())
-  return [jax.tree.map(np.asarray, b) for b in pipeline.train_batches(start, stop)]
+  lengths = lengths or [1] * (stop - start)
+  assert sum(lengths) == stop - start
+  stacks = [jax.tree.map(np.asarray, b) for b in pipeline.train_batches(start, lengths)]
+  assert [len(stack['label']) for stack in stacks] == lengths
+  return [{k: v[i] for k, v in stack.items()} for stack in stacks for i in range(len(stack['label']))]
 
 
 def example_ids(batch_list):
@@ -59,6 +64,31 @@ def test_resuming_at_step_k_continues_the_uninterrupted_run(split, name, resume_
   assert example_ids(batches(name, split, resume_at, 14)) == uninterrupted[resume_at:]
 
 
+@pytest.mark.parametrize('name', ['tfdata', 'device'])
+def test_stacked_calls_hold_the_batches_of_single_steps(split, name):
+  lengths = input_pipeline.call_lengths(2, 14, max_length=3, ends_every=(6,))
+  assert lengths == [3, 1, 3, 3, 2]  # Steps 3-5, 6 | 7-9, 10-12 (both in epoch 1), 13-14.
+  stacked = batches(name, split, 2, 14, lengths=lengths)
+  single = batches(name, split, 2, 14)
+  for a, b in zip(stacked, single, strict=True):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_call_lengths_end_at_every_boundary_and_never_exceed_the_maximum():
+  lengths = input_pipeline.call_lengths(5, 50, max_length=7, ends_every=(4, 10))
+  ends = np.cumsum([5] + lengths)[1:]
+  assert sum(lengths) == 45 and max(lengths) <= 7
+  assert set(range(8, 51, 4)) | set(range(10, 51, 10)) <= set(ends)
+  assert input_pipeline.call_lengths(0, 3, max_length=1, ends_every=(10,)) == [1, 1, 1]
+  assert input_pipeline.call_lengths(6, 6, max_length=4, ends_every=(2,)) == []
+
+
+def test_a_call_across_an_epoch_end_is_refused(split):
+  pipeline = input_pipeline.create_pipeline('device', split, BATCH, 0, train.create_mesh())
+  with pytest.raises(ValueError, match='cross the end of epoch 0'):
+    next(pipeline.train_batches(4, [3]))
+
+
 def test_another_seed_gives_another_order(split):
   assert example_ids(batches('device', split, 0, 2, seed=1)) != example_ids(batches('device', split, 0, 2, seed=2))
 
@@ -83,10 +113,10 @@ from resnet_flax import augment, input_pipeline, train
 from resnet_flax.data import ImageData
 split = ImageData(np.zeros((64, 8, 8, 3), np.uint8), np.zeros(64, np.int32), ('a',))
 pipeline = input_pipeline.create_pipeline('device', split, 16, 0, train.create_mesh())
-batch = next(pipeline.train_batches(0, 4))
+batch = next(pipeline.train_batches(0, [1]))
 augment_fn = functools.partial(augment.augment_batch, aug_config=default.get_config().augment,
                                mean=(0.5,) * 3, std=(0.25,) * 3)
-out = jax.jit(augment_fn)(batch['image'], jax.random.key(0))
+out = jax.jit(augment_fn)(batch['image'][0], jax.random.key(0))
 assert out.shape == (16, 8, 8, 3) and out.dtype == np.float32
 print('ok')
 '''
