@@ -11,6 +11,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -40,12 +41,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     args = FLAGS(argv)
     FLAGS.config.keys()  # A config file that failed to load raises only when first used.
     return args
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
+  except flags.Error as e:  # Its message may hold a config file's traceback: the first and last lines tell.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    sys.exit(f'error: {lines[0]}' if len(lines) == 1 else f'error: {lines[0]} {lines[-1]}')
   except (AttributeError, KeyError) as e:  # config_flags: no such field.
     sys.exit(f'error: {unknown_field_message(str(e))} (configs/default.py lists every field)')
-  except OSError as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
+  except OSError as e:  # config_flags: the config file cannot be read.
+    sys.exit(f'error: cannot load the --config file: {str(e).splitlines()[-1].strip()}')
+  except Exception as e:  # pylint: disable=broad-except  # The config file itself raised.
+    sys.exit(f'error: the --config file failed to load: {where_it_failed(e)}; fix the file')
+
+
+def where_it_failed(e: Exception) -> str:
+  """`Type: message (file, line N)`, N being where a config file raised `e`."""
+  if isinstance(e, SyntaxError):
+    return f'{type(e).__name__}: {e.msg} ({e.filename}, line {e.lineno})'
+  frame = traceback.extract_tb(e.__traceback__)[-1]
+  return f'{type(e).__name__}: {e} ({frame.filename}, line {frame.lineno})'
 
 
 def unknown_field_message(text: str) -> str:

@@ -98,6 +98,21 @@ def test_bad_config_is_one_clear_line(tmp_path, override, message):
   assert not finished_steps(tmp_path)
 
 
+@pytest.mark.parametrize('source, message', [
+    ('def get_config(:\n', 'the --config file failed to load: SyntaxError: invalid syntax ({path}, line 1); fix the file'),
+    ('def get_config():\n  return 1 / 0\n', 'the --config file failed to load: ZeroDivisionError: division by zero ({path}, line 2)'),
+    (None, "cannot load the --config file: [Errno 2] No such file or directory: '{path}'"),
+])
+def test_a_config_file_that_does_not_load_is_one_clear_line(tmp_path, source, message):
+  path = tmp_path / 'my_config.py'
+  if source is not None:
+    path.write_text(source)
+  returncode, output = run_main(tmp_path / 'run', f'--config={path}')  # The last --config counts.
+  assert returncode == 1
+  assert output.strip().splitlines()[-1].startswith(f'error: {message.format(path=path)}'), output
+  assert 'Traceback' not in output
+
+
 def test_batch_not_divisible_by_device_count_is_refused(tmp_path):
   returncode, output = run_main(tmp_path, '--config.batch_size=66', devices=4)
   assert returncode != 0
