@@ -370,7 +370,7 @@ class TrainLoop:
   def run(self, state: TrainState, start_step: int) -> dict[str, float]:
     config = self.config
     progress = Progress(start_step, self.total_steps, config.batch_size)
-    step_metrics, eval_metrics = [], {}
+    unlogged_metrics, eval_metrics = [], {}
     steps_per_epoch = self.pipeline.steps_per_epoch
     lengths = input_pipeline.call_lengths(
         start_step, self.total_steps, config.steps_per_call,
@@ -383,12 +383,12 @@ class TrainLoop:
       for length, batch in zip(lengths, batches):
         state, call_metrics = self.train_fn(state, batch)
         step += length
-        step_metrics.append(call_metrics)
+        unlogged_metrics.append(call_metrics)
         is_last = step == self.total_steps
         is_log_step = step % config.log_every_steps == 0 or is_last
         if is_log_step:
-          self._log_train_metrics(state, step, step_metrics, progress)
-          step_metrics = []
+          self._log_train_metrics(state, step, unlogged_metrics, progress)
+          unlogged_metrics = []
         is_eval_step = step % self.eval_every_steps == 0 or is_last
         if is_eval_step:
           eval_metrics = self.evaluate_fn(state)
@@ -406,9 +406,9 @@ class TrainLoop:
           break
     return eval_metrics
 
-  def _log_train_metrics(self, state: TrainState, step: int, step_metrics, progress: Progress):
+  def _log_train_metrics(self, state: TrainState, step: int, call_metrics, progress: Progress):
     self._check_finite(state)
-    scalars = {f'train_{k}': v for k, v in _merge(step_metrics).compute().items()}
+    scalars = {f'train_{k}': v for k, v in _merge(call_metrics).compute().items()}
     if self.config.skip_nonfinite_updates:
       scalars['train_nonfinite_steps'] = int(state.nonfinite_steps)
     scalars.update(progress.rates(step))
