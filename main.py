@@ -27,8 +27,11 @@ flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'], 'What to do
 flags.DEFINE_list('predict_paths', [], '--mode=predict: image files and folders, comma-separated.')
 flags.DEFINE_integer('top_k', 5, '--mode=predict: how many classes to show per image.', lower_bound=1)
 flags.DEFINE_string('predict_output', None, '--mode=predict: JSON output (default <workdir>/predictions.json).')
-flags.DEFINE_string('compilation_cache_dir', os.path.expanduser('~/.cache/resnet_flax/jax'),
-                    'Persistent XLA compilation cache: a resumed run skips compiling. Empty: off.')
+flags.DEFINE_string(
+  'compilation_cache_dir',
+  os.path.expanduser('~/.cache/resnet_flax/jax'),
+  'Persistent XLA compilation cache: a resumed run skips compiling. Empty: off.',
+)
 flags.DEFINE_string('coordinator_address', None, 'Several processes: host:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
 flags.DEFINE_integer('process_id', None, 'Several processes: the index of this one.')
@@ -48,7 +51,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: {unknown_field_message(str(e))} (configs/default.py lists every field)')
   except OSError as e:  # config_flags: the config file cannot be read.
     sys.exit(f'error: cannot load the --config file: {str(e).splitlines()[-1].strip()}')
-  except Exception as e:  # pylint: disable=broad-except  # The config file itself raised.
+  except Exception as e:  # The config file itself raised.
     sys.exit(f'error: the --config file failed to load: {where_it_failed(e)}; fix the file')
 
 
@@ -61,7 +64,7 @@ def where_it_failed(e: Exception) -> str:
 
 
 def unknown_field_message(text: str) -> str:
-  field, suggestion = re.search(r"(\w+)", text), re.search(r'Did you mean "(\w+)"', text)
+  field, suggestion = re.search(r'(\w+)', text), re.search(r'Did you mean "(\w+)"', text)
   message = f'unknown config field {field.group(1)!r}' if field else f'unknown config field: {text}'
   return f'{message}; did you mean {suggestion.group(1)!r}?' if suggestion else message
 
@@ -71,11 +74,13 @@ def quiet_library_logs():
   that it got no metrics (by design here): keep its other warnings and errors only, as one line each.
   A failed save makes Orbax log, and tensorstore's callbacks print, a traceback per array: the trainer
   turns the failure into one clear error, so here they are one log line each (each callback error once)."""
+
   def keep(record: std_logging.LogRecord) -> bool:
     if '/orbax/' not in record.pathname:
       return True
     record.exc_info, record.exc_text = None, None
     return record.levelno >= std_logging.WARNING and 'did not provide metrics' not in record.getMessage()
+
   logging.get_absl_handler().python_handler.addFilter(keep)
 
   seen = set()
@@ -85,6 +90,7 @@ def quiet_library_logs():
     if message not in seen:
       seen.add(message)
       logging.warning('%s (in a library callback; repeats are not logged)', message)
+
   sys.unraisablehook = one_line_once
 
 

@@ -32,12 +32,12 @@ FLAGS = flags.FLAGS
 
 BASELINE = 'crop+flip'
 OPTIONS = {  # name: (train_ops, mixup_alpha, cutmix_alpha)
-    BASELINE: (('crop', 'flip'), 0.0, 0.0),
-    'cutout': (('crop', 'flip', 'cutout'), 0.0, 0.0),
-    'autoaugment': (('crop', 'flip', 'autoaugment'), 0.0, 0.0),
-    'randaugment': (('crop', 'flip', 'randaugment'), 0.0, 0.0),
-    'trivialaugment': (('crop', 'flip', 'trivialaugment'), 0.0, 0.0),
-    'trivialaugment+cutout+mixup/cutmix': (('crop', 'flip', 'trivialaugment', 'cutout'), 0.2, 1.0),
+  BASELINE: (('crop', 'flip'), 0.0, 0.0),
+  'cutout': (('crop', 'flip', 'cutout'), 0.0, 0.0),
+  'autoaugment': (('crop', 'flip', 'autoaugment'), 0.0, 0.0),
+  'randaugment': (('crop', 'flip', 'randaugment'), 0.0, 0.0),
+  'trivialaugment': (('crop', 'flip', 'trivialaugment'), 0.0, 0.0),
+  'trivialaugment+cutout+mixup/cutmix': (('crop', 'flip', 'trivialaugment', 'cutout'), 0.2, 1.0),
 }
 HEAVIEST = 'trivialaugment+cutout+mixup/cutmix'
 
@@ -79,15 +79,25 @@ def main(_):
   for option, values in seconds.items():
     slowdown = common.summarize(values)['median'] / baseline - 1
     results[option] = {'step_seconds': common.summarize(values), 'slowdown_vs_crop_flip': slowdown}
-    print(f'{option:36s} step {common.describe([1e3 * v for v in values], lambda v: f"{v:.1f} ms")}  '
-          f'{slowdown:+.1%} vs {BASELINE}')
+    print(
+      f'{option:36s} step {common.describe([1e3 * v for v in values], lambda v: f"{v:.1f} ms")}  '
+      f'{slowdown:+.1%} vs {BASELINE}'
+    )
   if FLAGS.data_path:
     for option in options:
       results[option]['real_data_run'] = run = short_real_run(option)
-      print(f'{option:36s} {FLAGS.train_epochs} epochs on CIFAR-10 (JPEG q75): train loss '
-            f'{run["first_train_loss"]:.3f} -> {run["last_train_loss"]:.3f}, test accuracy {run["test_accuracy"]:.3f}')
-  settings = {'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps, 'repeats': FLAGS.repeats,
-              'data_path': FLAGS.data_path, 'train_epochs': FLAGS.train_epochs}
+      print(
+        f'{option:36s} {FLAGS.train_epochs} epochs on CIFAR-10 (JPEG q75): train loss '
+        f'{run["first_train_loss"]:.3f} -> {run["last_train_loss"]:.3f}, test accuracy {run["test_accuracy"]:.3f}'
+      )
+  settings = {
+    'model': FLAGS.model,
+    'batch_size': FLAGS.batch_size,
+    'steps': FLAGS.steps,
+    'repeats': FLAGS.repeats,
+    'data_path': FLAGS.data_path,
+    'train_epochs': FLAGS.train_epochs,
+  }
   common.write_results('augment_cost', common.jax_device(), settings, results)
 
 

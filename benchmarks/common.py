@@ -18,14 +18,16 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_flax import augment, input_pipeline, models, train
 from resnet_flax.data import ImageData
@@ -53,8 +55,10 @@ def summarize(values: Sequence[float]) -> dict[str, Any]:
 
 
 def describe(values: Sequence[float], unit_format: Callable[[float], str]) -> str:
-  return (f'median {unit_format(statistics.median(values))} '
-          f'(min {unit_format(min(values))}, max {unit_format(max(values))}, n={len(values)})')
+  return (
+    f'median {unit_format(statistics.median(values))} '
+    f'(min {unit_format(min(values))}, max {unit_format(max(values))}, n={len(values)})'
+  )
 
 
 def images_per_sec(values: Sequence[float]) -> str:
@@ -114,9 +118,11 @@ class JaxTrainer:
     """The first `batch_size` examples of `split`, as the pipelines hand one step's batch to the train step."""
     sharding = input_pipeline.stacked_data_sharding(self.mesh)
     size = self.config.batch_size
-    return {'image': jax.device_put(split.images[None, :size], sharding),
-            'label': jax.device_put(split.labels[None, :size], sharding),
-            'index': jax.device_put(np.arange(size, dtype=np.int32)[None], sharding)}
+    return {
+      'image': jax.device_put(split.images[None, :size], sharding),
+      'label': jax.device_put(split.labels[None, :size], sharding),
+      'index': jax.device_put(np.arange(size, dtype=np.int32)[None], sharding),
+    }
 
 
 def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> JaxTrainer:
@@ -130,8 +136,9 @@ def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> J
   learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch)
   mesh = train.create_mesh()
   tx = train.create_optimizer(config, learning_rate_fn)
-  state = jax.device_put(train.create_train_state(model, variables, tx, ema=config.ema_decay > 0),
-                         NamedSharding(mesh, P()))
+  state = jax.device_put(
+    train.create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P())
+  )
   train_fn, _ = train.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps_per_epoch)
   return JaxTrainer(config, mesh, train_fn, state, mean, std)
 
@@ -187,10 +194,10 @@ def environment(device: str) -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
       versions[package] = None
   return {
-      'device': device,
-      'command': f'python {shlex.join(sys.argv)}',
-      'versions': {'python': platform.python_version(), **versions},
-      'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+    'device': device,
+    'command': f'python {shlex.join(sys.argv)}',
+    'versions': {'python': platform.python_version(), **versions},
+    'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
 
 
@@ -199,8 +206,7 @@ def write_results(benchmark: str, device: str, settings: dict[str, Any], results
   slug = re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')
   path = Path(FLAGS.output_dir) / f'{benchmark}_{slug}{"_tiny" if FLAGS.tiny else ""}.json'
   path.parent.mkdir(parents=True, exist_ok=True)
-  record = {'benchmark': benchmark, 'tiny': FLAGS.tiny, **environment(device), 'settings': settings,
-            'results': results}
+  record = {'benchmark': benchmark, 'tiny': FLAGS.tiny, **environment(device), 'settings': settings, 'results': results}
   path.write_text(json.dumps(record, indent=2) + '\n')
   print(f'results: {path}')
   return path

@@ -66,8 +66,9 @@ def augment_and_step_seconds(split: ImageData) -> tuple[list[float], list[float]
   config.batch_size = FLAGS.batch_size
   trainer = common.create_jax_trainer(config, split)
   batch = trainer.device_batch(split)
-  augment_fn = jax.jit(lambda images, key: augment.augment_batch(images, key, config.augment, trainer.pixel_mean,
-                                                                 trainer.pixel_std))
+  augment_fn = jax.jit(
+    lambda images, key: augment.augment_batch(images, key, config.augment, trainer.pixel_mean, trainer.pixel_std)
+  )
   images = batch['image'][0]
   augment_calls = lambda n: jax.block_until_ready([augment_fn(images, jax.random.key(0)) for _ in range(n)])
   augment_calls(1)  # Compiles.
@@ -84,7 +85,7 @@ def main(_):
   augment_seconds, step_seconds = augment_and_step_seconds(split)
   augment_ms = [1e3 * a for a in augment_seconds]
   step_ms = [1e3 * s for s in step_seconds]
-  ratios = [a / s for a, s in zip(augment_seconds, step_seconds)]
+  ratios = [a / s for a, s in zip(augment_seconds, step_seconds, strict=True)]
   pin_to_one_core()
   rates = [tfdata_images_per_sec(split) for _ in range(FLAGS.repeats)]
   print(f'device: {device}; batch {FLAGS.batch_size}; {FLAGS.repeats} repeats')
@@ -92,12 +93,25 @@ def main(_):
   print(f'augment (crop, flip, cutout) of one batch: {common.describe(augment_ms, lambda v: f"{v:.2f} ms")}')
   print(f'{FLAGS.model} train step, same batch: {common.describe(step_ms, lambda v: f"{v:.1f} ms")}')
   print(f'augmentation / train step: {common.describe(ratios, lambda v: f"{v:.2%}")}')
-  settings = {'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps, 'repeats': FLAGS.repeats,
-              'step_repeats': FLAGS.step_repeats, 'dataset_size': FLAGS.dataset_size}
-  common.write_results('data_throughput', device, settings,
-                       {'tfdata_images_per_sec_one_core': common.summarize(rates),
-                        'augment_ms': common.summarize(augment_ms), 'step_ms': common.summarize(step_ms),
-                        'augment_over_step': common.summarize(ratios)})
+  settings = {
+    'model': FLAGS.model,
+    'batch_size': FLAGS.batch_size,
+    'steps': FLAGS.steps,
+    'repeats': FLAGS.repeats,
+    'step_repeats': FLAGS.step_repeats,
+    'dataset_size': FLAGS.dataset_size,
+  }
+  common.write_results(
+    'data_throughput',
+    device,
+    settings,
+    {
+      'tfdata_images_per_sec_one_core': common.summarize(rates),
+      'augment_ms': common.summarize(augment_ms),
+      'step_ms': common.summarize(step_ms),
+      'augment_over_step': common.summarize(ratios),
+    },
+  )
 
 
 if __name__ == '__main__':

@@ -60,7 +60,7 @@ def bare_step_images_per_sec(config) -> float:
   trainer = common.create_jax_trainer(config, split)
   batch = trainer.device_batch(split)
   trainer.run_on(batch, 1)  # Compiles.
-  seconds, = common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), repeats=1)
+  (seconds,) = common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), repeats=1)
   return FLAGS.steps * config.batch_size / seconds
 
 
@@ -73,17 +73,30 @@ def main(_):
     bare.append(bare_step_images_per_sec(config))
     loop.append(loop_images_per_sec(config))
   device = common.jax_device()
-  print(f'device: {device}; model {FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.steps} steps, '
-        f'{FLAGS.repeats} repeats, pipeline {FLAGS.pipeline}')
+  print(
+    f'device: {device}; model {FLAGS.model}, batch {FLAGS.batch_size}, {FLAGS.steps} steps, '
+    f'{FLAGS.repeats} repeats, pipeline {FLAGS.pipeline}'
+  )
   print(f'bare jitted train step: {common.images_per_sec(bare)}')
   print(f'whole main.py loop:     {common.images_per_sec(loop)}')
   print(f'loop / bare: {statistics.median(loop) / statistics.median(bare):.1%}')
-  settings = {'model': FLAGS.model, 'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps,
-              'repeats': FLAGS.repeats, 'pipeline': FLAGS.pipeline}
-  common.write_results('loop_overhead', device, settings,
-                       {'bare_step_images_per_sec': common.summarize(bare),
-                        'loop_images_per_sec': common.summarize(loop),
-                        'loop_over_bare': statistics.median(loop) / statistics.median(bare)})
+  settings = {
+    'model': FLAGS.model,
+    'batch_size': FLAGS.batch_size,
+    'steps': FLAGS.steps,
+    'repeats': FLAGS.repeats,
+    'pipeline': FLAGS.pipeline,
+  }
+  common.write_results(
+    'loop_overhead',
+    device,
+    settings,
+    {
+      'bare_step_images_per_sec': common.summarize(bare),
+      'loop_images_per_sec': common.summarize(loop),
+      'loop_over_bare': statistics.median(loop) / statistics.median(bare),
+    },
+  )
 
 
 if __name__ == '__main__':

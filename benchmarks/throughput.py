@@ -58,8 +58,16 @@ flags.DEFINE_string('worker_model', None, 'Internal: the preset a worker measure
 flags.DEFINE_string('worker_output', None, 'Internal: where a worker writes its figures.')
 FLAGS = flags.FLAGS
 
-TINY = {'models': ['resnet_tiny'], 'batch_size': 8, 'steps': 1, 'warmup_steps': 0, 'repeats': 2,
-        'dataset_size': 32, 'steps_per_call': 3, 'torch_compile': False}  # torch.compile alone takes ~45 s on a CPU.
+TINY = {
+  'models': ['resnet_tiny'],
+  'batch_size': 8,
+  'steps': 1,
+  'warmup_steps': 0,
+  'repeats': 2,
+  'dataset_size': 32,
+  'steps_per_call': 3,
+  'torch_compile': False,
+}  # torch.compile alone takes ~45 s on a CPU.
 
 
 def make_config(model_name: str) -> ml_collections.ConfigDict:
@@ -79,7 +87,7 @@ def jax_figures(model_name: str) -> dict:
   split = common.random_split(FLAGS.dataset_size)
   trainer = common.create_jax_trainer(config, split)
   batch = trainer.device_batch(split)
-  first_step_s, = common.time_calls(lambda: trainer.run_on(batch, 1), repeats=1)
+  (first_step_s,) = common.time_calls(lambda: trainer.run_on(batch, 1), repeats=1)
   trainer.run_on(batch, FLAGS.warmup_steps)
   step_seconds = common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), FLAGS.repeats)
   peak_bytes = common.jax_peak_bytes()
@@ -100,14 +108,14 @@ def jax_figures(model_name: str) -> dict:
   run_epoch(1)  # To the start of an epoch.
   pipeline_rates, scanned_rates = epoch_rates(1), epoch_rates(FLAGS.steps_per_call)
   return {
-      'device': common.jax_device(),
-      'num_params': models.count_params(trainer.state.params),
-      'first_step_s': first_step_s,
-      'step_images_per_sec': common.summarize(rates(step_seconds)),
-      'pipeline_images_per_sec': common.summarize(pipeline_rates),
-      'scanned_pipeline_images_per_sec': common.summarize(scanned_rates),
-      'peak_bytes': peak_bytes,
-      'peak_bytes_with_dataset': common.jax_peak_bytes(),
+    'device': common.jax_device(),
+    'num_params': models.count_params(trainer.state.params),
+    'first_step_s': first_step_s,
+    'step_images_per_sec': common.summarize(rates(step_seconds)),
+    'pipeline_images_per_sec': common.summarize(pipeline_rates),
+    'scanned_pipeline_images_per_sec': common.summarize(scanned_rates),
+    'peak_bytes': peak_bytes,
+    'peak_bytes_with_dataset': common.jax_peak_bytes(),
   }
 
 
@@ -118,9 +126,11 @@ def torch_figures(model_name: str) -> dict:
 
   config = make_config(model_name)
   assert tuple(config.augment.train_ops) == ('crop', 'flip') and config.augment.pad_mode == 'reflect', (
-      'torch_resnet mirrors crop (reflect) + flip only')
+    'torch_resnet mirrors crop (reflect) + flip only'
+  )
   assert config.optim.name == 'sgd' and not config.optim.bn_scale_frozen and not config.ema_decay, (
-      'torch_resnet mirrors plain SGD only')
+    'torch_resnet mirrors plain SGD only'
+  )
   cuda = torch.cuda.is_available()
   device = torch.device('cuda' if cuda else 'cpu')
   torch.backends.cudnn.benchmark = True  # Times cuDNN's algorithms and keeps the fastest, as XLA autotunes.
@@ -128,11 +138,18 @@ def torch_figures(model_name: str) -> dict:
   mean, std = augment.channel_stats(split.images)
   model = torch_resnet.prepare(torch_resnet.create_model(model_name, len(split.class_names)), device)
   optim = config.optim
-  optimizer = torch_resnet.create_optimizer(model, optim.learning_rate, optim.momentum, optim.nesterov,
-                                            optim.weight_decay)
-  step = torch_resnet.make_train_step(model, optimizer, label_smoothing=optim.label_smoothing, pixel_mean=mean,
-                                      pixel_std=std, crop_padding=config.augment.crop_padding,
-                                      compile_model=FLAGS.torch_compile)
+  optimizer = torch_resnet.create_optimizer(
+    model, optim.learning_rate, optim.momentum, optim.nesterov, optim.weight_decay
+  )
+  step = torch_resnet.make_train_step(
+    model,
+    optimizer,
+    label_smoothing=optim.label_smoothing,
+    pixel_mean=mean,
+    pixel_std=std,
+    crop_padding=config.augment.crop_padding,
+    compile_model=FLAGS.torch_compile,
+  )
   images = torch.from_numpy(split.images).to(device)
   labels = torch.from_numpy(split.labels).long().to(device)
 
@@ -142,16 +159,16 @@ def torch_figures(model_name: str) -> dict:
     if cuda:
       torch.cuda.synchronize()
 
-  first_step_s, = common.time_calls(lambda: run(1), repeats=1)
+  (first_step_s,) = common.time_calls(lambda: run(1), repeats=1)
   run(FLAGS.warmup_steps)
   step_seconds = common.time_calls(lambda: run(FLAGS.steps), FLAGS.repeats)
   return {
-      'device': torch.cuda.get_device_name() if cuda else 'cpu',
-      'num_params': torch_resnet.count_params(model),
-      'compiled': FLAGS.torch_compile,
-      'first_step_s': first_step_s,
-      'step_images_per_sec': common.summarize(rates(step_seconds)),
-      'peak_bytes': torch.cuda.max_memory_allocated() if cuda else None,
+    'device': torch.cuda.get_device_name() if cuda else 'cpu',
+    'num_params': torch_resnet.count_params(model),
+    'compiled': FLAGS.torch_compile,
+    'first_step_s': first_step_s,
+    'step_images_per_sec': common.summarize(rates(step_seconds)),
+    'peak_bytes': torch.cuda.max_memory_allocated() if cuda else None,
   }
 
 
@@ -159,8 +176,14 @@ def run_worker(framework: str, model_name: str) -> dict:
   """Measures one framework on one preset in a fresh process (this script, with the same flags)."""
   with tempfile.TemporaryDirectory() as directory:
     output = Path(directory) / 'figures.json'
-    command = [sys.executable, __file__, *sys.argv[1:], f'--worker={framework}', f'--worker_model={model_name}',
-               f'--worker_output={output}']
+    command = [
+      sys.executable,
+      __file__,
+      *sys.argv[1:],
+      f'--worker={framework}',
+      f'--worker_model={model_name}',
+      f'--worker_output={output}',
+    ]
     returncode = subprocess.run(command).returncode
     if returncode:
       return {'error': f'the {framework} worker for {model_name} exited with code {returncode}; see its output above'}
@@ -168,8 +191,10 @@ def run_worker(framework: str, model_name: str) -> dict:
 
 
 def measure(model_name: str, torch_available: bool) -> dict:
-  figures = {'jax': run_worker('jax', model_name),
-             'torch': run_worker('torch', model_name) if torch_available else None}
+  figures = {
+    'jax': run_worker('jax', model_name),
+    'torch': run_worker('torch', model_name) if torch_available else None,
+  }
   jax_rate = figures['jax'].get('step_images_per_sec', {}).get('median')
   if jax_rate:
     figures['pipeline_over_step'] = figures['jax']['pipeline_images_per_sec']['median'] / jax_rate
@@ -189,19 +214,24 @@ def print_figures(model_name: str, figures: dict):
     print(f'    step, batch on device:     {common.images_per_sec(jax_side["step_images_per_sec"]["values"])}')
     print(f'    device pipeline + step:    {common.images_per_sec(jax_side["pipeline_images_per_sec"]["values"])}')
     print(f'    pipeline + step / step:    {figures["pipeline_over_step"]:.1%}')
-    print(f'    the same, {FLAGS.steps_per_call} steps a call: '
-          f'{common.images_per_sec(jax_side["scanned_pipeline_images_per_sec"]["values"])}')
+    print(
+      f'    the same, {FLAGS.steps_per_call} steps a call: '
+      f'{common.images_per_sec(jax_side["scanned_pipeline_images_per_sec"]["values"])}'
+    )
     print(f'    scanned pipeline / step:   {figures["scanned_pipeline_over_step"]:.1%}')
-    print(f'    peak memory: {common.gibibytes(jax_side["peak_bytes"])} '
-          f'({common.gibibytes(jax_side["peak_bytes_with_dataset"])} with the dataset on the device)')
+    print(
+      f'    peak memory: {common.gibibytes(jax_side["peak_bytes"])} '
+      f'({common.gibibytes(jax_side["peak_bytes_with_dataset"])} with the dataset on the device)'
+    )
   if torch_side is None:
     print('  PyTorch: skipped, torch is not importable here')
   elif 'error' in torch_side:
     print(f'  PyTorch: FAILED: {torch_side["error"]}')
   else:
     compiled = 'torch.compile' if torch_side['compiled'] else 'eager'
-    print(f'  PyTorch ({torch_side["num_params"]:,} parameters, {compiled}, '
-          f'first step {torch_side["first_step_s"]:.1f} s)')
+    print(
+      f'  PyTorch ({torch_side["num_params"]:,} parameters, {compiled}, first step {torch_side["first_step_s"]:.1f} s)'
+    )
     print(f'    step, batch on device:     {common.images_per_sec(torch_side["step_images_per_sec"]["values"])}')
     print(f'    peak memory: {common.gibibytes(torch_side["peak_bytes"])}')
   if 'jax_over_torch' in figures:
@@ -226,13 +256,25 @@ def main(argv):
   print(f'\ndevice: {device}; {FLAGS.steps} steps x {FLAGS.repeats} repeats after {FLAGS.warmup_steps} warm-up steps')
   for name, figures in results.items():
     print_figures(name, figures)
-  settings = {'config': 'configs/default.py', 'half_precision': True, 'models': FLAGS.models,
-              'batch_size': FLAGS.batch_size, 'steps': FLAGS.steps, 'warmup_steps': FLAGS.warmup_steps,
-              'repeats': FLAGS.repeats, 'dataset_size': FLAGS.dataset_size, 'steps_per_call': FLAGS.steps_per_call,
-              'torch_compile': FLAGS.torch_compile}
+  settings = {
+    'config': 'configs/default.py',
+    'half_precision': True,
+    'models': FLAGS.models,
+    'batch_size': FLAGS.batch_size,
+    'steps': FLAGS.steps,
+    'warmup_steps': FLAGS.warmup_steps,
+    'repeats': FLAGS.repeats,
+    'dataset_size': FLAGS.dataset_size,
+    'steps_per_call': FLAGS.steps_per_call,
+    'torch_compile': FLAGS.torch_compile,
+  }
   common.write_results('throughput', device, settings, results)
-  failed = [f'{name} {framework}' for name, figures in results.items() for framework in ('jax', 'torch')
-            if figures[framework] and 'error' in figures[framework]]
+  failed = [
+    f'{name} {framework}'
+    for name, figures in results.items()
+    for framework in ('jax', 'torch')
+    if figures[framework] and 'error' in figures[framework]
+  ]
   if failed:
     sys.exit(f'failed: {", ".join(failed)}')
 

@@ -32,8 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,9 +47,12 @@ from resnet_flax.errors import UserError  # noqa: E402
 
 flags.DEFINE_string('config', 'fast', 'Config module of configs/ (fast, quick, resnet18, ...).')
 flags.DEFINE_integer('seeds', 5, 'Runs, with seeds 0 .. seeds - 1.')
-flags.DEFINE_string('data_path', os.environ.get('CIFAR10_JPEG_DIR', ''),
-                    'Replaces data.path: the unpacked cifar10-jpeg folder (default $CIFAR10_JPEG_DIR).')
-flags.DEFINE_float('num_epochs', None, 'Replaces num_epochs (default: the config\'s).')
+flags.DEFINE_string(
+  'data_path',
+  os.environ.get('CIFAR10_JPEG_DIR', ''),
+  'Replaces data.path: the unpacked cifar10-jpeg folder (default $CIFAR10_JPEG_DIR).',
+)
+flags.DEFINE_float('num_epochs', None, "Replaces num_epochs (default: the config's).")
 FLAGS = flags.FLAGS
 
 FIGURES = ('train_s', 'compile_s', 'wall_s', 'accuracy', 'tta_accuracy')
@@ -79,8 +83,13 @@ def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
       start = time.perf_counter()
       metrics = train.train_and_evaluate(config, workdir)
       wall_s = time.perf_counter() - start
-    figures = {'seed': seed, 'wall_s': wall_s, 'compile_s': compile_timer.seconds,
-               'train_s': wall_s - compile_timer.seconds, 'accuracy': metrics['accuracy']}
+    figures = {
+      'seed': seed,
+      'wall_s': wall_s,
+      'compile_s': compile_timer.seconds,
+      'train_s': wall_s - compile_timer.seconds,
+      'accuracy': metrics['accuracy'],
+    }
     if config.eval.tta != 'none':
       config.eval.checkpoint = 'latest'
       figures['tta_accuracy'] = evaluate.evaluate_checkpoint(config, workdir)['tta_accuracy']
@@ -88,8 +97,12 @@ def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | None]:
-  return {'mean': statistics.mean(values), 'std': statistics.stdev(values) if len(values) > 1 else None,
-          'min': min(values), 'max': max(values)}
+  return {
+    'mean': statistics.mean(values),
+    'std': statistics.stdev(values) if len(values) > 1 else None,
+    'min': min(values),
+    'max': max(values),
+  }
 
 
 def measure(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> dict[str, Any]:
@@ -107,14 +120,17 @@ def measure(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> dict[str
 
 def seed_line(run: dict[str, Any]) -> str:
   tta = f' (TTA {run["tta_accuracy"]:.4f})' if 'tta_accuracy' in run else ''
-  return (f'seed {run["seed"]}: accuracy {run["accuracy"]:.4f}{tta}; train {run["train_s"]:.1f} s '
-          f'= wall {run["wall_s"]:.1f} s - compile {run["compile_s"]:.1f} s')
+  return (
+    f'seed {run["seed"]}: accuracy {run["accuracy"]:.4f}{tta}; train {run["train_s"]:.1f} s '
+    f'= wall {run["wall_s"]:.1f} s - compile {run["compile_s"]:.1f} s'
+  )
 
 
 def mean_std(stats: dict[str, float | None], value_format: str) -> str:
   std = 'n/a' if stats['std'] is None else format(stats['std'], value_format)
-  return (f'{stats["mean"]:{value_format}} ± {std} (min {stats["min"]:{value_format}}, '
-          f'max {stats["max"]:{value_format}})')
+  return (
+    f'{stats["mean"]:{value_format}} ± {std} (min {stats["min"]:{value_format}}, max {stats["max"]:{value_format}})'
+  )
 
 
 def print_summary(summary: dict[str, dict[str, float | None]], num_seeds: int):
@@ -140,15 +156,21 @@ def main(argv):
   if FLAGS.num_epochs is not None:
     config.num_epochs = FLAGS.num_epochs
   device = common.jax_device()
-  print(f'device: {device}; configs/{FLAGS.config}.py, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
-        f'{config.model.name} on {config.data.source} data {config.data.path}')
+  print(
+    f'device: {device}; configs/{FLAGS.config}.py, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
+    f'{config.model.name} on {config.data.source} data {config.data.path}'
+  )
   try:
     results = measure(config, range(FLAGS.seeds))
   except UserError as e:
     sys.exit(f'error: {e}')
   print_summary(results['summary'], FLAGS.seeds)
-  settings = {'config': f'configs/{FLAGS.config}.py', 'seeds': FLAGS.seeds, 'data_path': config.data.path,
-              'config_values': json.loads(config.to_json_best_effort())}
+  settings = {
+    'config': f'configs/{FLAGS.config}.py',
+    'seeds': FLAGS.seeds,
+    'data_path': config.data.path,
+    'config_values': json.loads(config.to_json_best_effort()),
+  }
   common.write_results('time_to_accuracy', device, settings, results)
 
 

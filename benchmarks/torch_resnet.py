@@ -21,7 +21,7 @@ computes accuracy and guards against non-finite updates.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,9 @@ BATCH_NORM_EPSILON = 1e-5
 
 # name: (blocks per stage, widths): as in resnet_flax.models.PRESETS.
 SPECS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
-    'resnet18': ((2, 2, 2, 2), (32, 64, 128, 256)),
-    'resnet34': ((3, 4, 6, 3), (40, 80, 144, 176)),
-    'resnet_tiny': ((1, 1, 1), (16, 32, 64)),
+  'resnet18': ((2, 2, 2, 2), (32, 64, 128, 256)),
+  'resnet34': ((3, 4, 6, 3), (40, 80, 144, 176)),
+  'resnet_tiny': ((1, 1, 1), (16, 32, 64)),
 }
 # Trainable parameters of the flax presets for 10 classes (`python -m resnet_flax.models`).
 FLAX_PARAM_COUNTS = {'resnet18': 2_797_610, 'resnet34': 4_348_082, 'resnet_tiny': 78_042}
@@ -68,10 +68,9 @@ class ResNet(nn.Module):
 
   def __init__(self, stage_sizes: Sequence[int], widths: Sequence[int], num_classes: int):
     super().__init__()
-    self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, padding=1, bias=False), _batch_norm(widths[0]),
-                              nn.ReLU())
+    self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, padding=1, bias=False), _batch_norm(widths[0]), nn.ReLU())
     blocks, channels = [], widths[0]
-    for stage, (num_blocks, width) in enumerate(zip(stage_sizes, widths)):
+    for stage, (num_blocks, width) in enumerate(zip(stage_sizes, widths, strict=True)):
       for block in range(num_blocks):
         blocks.append(BasicBlock(channels, width, 2 if stage > 0 and block == 0 else 1))
         channels = width
@@ -96,8 +95,9 @@ def create_model(name: str, num_classes: int = 10) -> ResNet:
   return model
 
 
-def create_optimizer(model: nn.Module, learning_rate: float, momentum: float, nesterov: bool,
-                     weight_decay: float) -> torch.optim.SGD:
+def create_optimizer(
+  model: nn.Module, learning_rate: float, momentum: float, nesterov: bool, weight_decay: float
+) -> torch.optim.SGD:
   """SGD with weight decay on conv and dense kernels only (not BatchNorm, not biases), as train.kernel_mask."""
   kernels = [p for p in model.parameters() if p.ndim > 1]
   others = [p for p in model.parameters() if p.ndim <= 1]
@@ -129,9 +129,16 @@ def augment(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, padding
   return normalized.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def make_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, *, label_smoothing: float,
-                    pixel_mean: Sequence[float], pixel_std: Sequence[float], crop_padding: int,
-                    compile_model: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_train_step(
+  model: nn.Module,
+  optimizer: torch.optim.Optimizer,
+  *,
+  label_smoothing: float,
+  pixel_mean: Sequence[float],
+  pixel_std: Sequence[float],
+  crop_padding: int,
+  compile_model: bool = True,
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
   """step(uint8 images [B, H, W, C], int64 labels [B]) -> loss: augment, forward, backward, update.
 
   `pixel_mean` and `pixel_std` are per channel in [0, 1], as augment.channel_stats returns them.

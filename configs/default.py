@@ -17,7 +17,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.zero_init_residual = False  # Zero-init each block's last BatchNorm scale.
   config.model.se_ratio = 0.0  # Squeeze-excitation reduction (e.g. 0.25); 0 turns SE off.
   config.model.drop_path_rate = 0.0  # Stochastic depth: drop rate of the last block (linear in depth).
-  config.model.stem = ''  # ResNets: cifar | whiten (frozen 2x2 patch whitening, then cifar) | imagenet; '' = the preset's.
+  config.model.stem = (
+    ''  # ResNets: cifar | whiten (frozen 2x2 patch whitening, then cifar) | imagenet; '' = the preset's.
+  )
   config.model.dirac_init = False  # ResNets: convolutions start as identities on their first channels (airbench).
 
   config.data = ml_collections.ConfigDict()
@@ -36,7 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.train_ops = ('crop', 'flip')  # In order: crop|flip|cutout|autoaugment|randaugment|trivialaugment.
   config.augment.crop_padding = 4  # Pixels of padding before the random crop.
   config.augment.pad_mode = 'reflect'  # reflect | constant (zeros).
-  config.augment.alternating_flip = False  # Flip each image one way in even epochs, the other in odd (airbench); not with 'flip'.
+  config.augment.alternating_flip = (
+    False  # Flip each image one way in even epochs, the other in odd (airbench); not with 'flip'.
+  )
   config.augment.cutout_size = 8  # Side of the square Cutout erases.
   config.augment.randaugment_num_ops = 2  # RandAugment: ops applied to each image (N).
   config.augment.randaugment_magnitude = 9  # RandAugment: strength M, 0..30 as torchvision (timm's 0..10 x 3).
@@ -72,7 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0  # Everything random is a pure function of this seed and the step.
   config.half_precision = False  # Shorthand for model.dtype='bfloat16'.
   config.ema_decay = 0.0  # EMA of the weights, evaluated and checkpointed; 0 turns it off (e.g. 0.999).
-  config.steps_per_call = 1  # Train steps per compiled call (lax.scan), ending at log/eval/save steps and epochs; 1 on CPU.
+  config.steps_per_call = (
+    1  # Train steps per compiled call (lax.scan), ending at log/eval/save steps and epochs; 1 on CPU.
+  )
 
   config.eval_every_epochs = 1.0  # Evaluate on the test split this often, and at the end.
   config.checkpoint_every_steps = 500  # Save a checkpoint this often, and at the end.

@@ -38,7 +38,8 @@ most of it.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def channel_stats(images: np.ndarray, chunk_size: int = 256) -> tuple[tuple[floa
   channels = images.shape[-1]
   counts = np.zeros((channels, 256), np.int64)
   for start in range(0, len(images), chunk_size):
-    pixels = np.asarray(images[start:start + chunk_size], np.uint8).reshape(-1, channels)
+    pixels = np.asarray(images[start : start + chunk_size], np.uint8).reshape(-1, channels)
     for c in range(channels):
       counts[c] += np.bincount(pixels[:, c], minlength=256)
   values = np.arange(256) / 255
@@ -158,8 +159,9 @@ def rotate(image: jax.Array, degrees: Scalar) -> jax.Array:
   height, width, _ = image.shape
   cos, sin = jnp.cos(jnp.deg2rad(degrees)), jnp.sin(jnp.deg2rad(degrees))
   centre_x, centre_y = width / 2, height / 2
-  return _affine(image, cos, -sin, centre_x - cos * centre_x + sin * centre_y,
-                 sin, cos, centre_y - sin * centre_x - cos * centre_y)
+  return _affine(
+    image, cos, -sin, centre_x - cos * centre_x + sin * centre_y, sin, cos, centre_y - sin * centre_x - cos * centre_y
+  )
 
 
 def shear_x(image: jax.Array, factor: Scalar) -> jax.Array:
@@ -273,6 +275,7 @@ class PolicyOp(NamedTuple):
   (rounded), Solarize's threshold is 255 - strength (so strength 0 still inverts 255), translations
   truncate to whole pixels. Policies negate the strength of `signed` ops with probability 1/2.
   """
+
   apply: Callable[[jax.Array, jax.Array], jax.Array]
   signed: bool
 
@@ -286,21 +289,21 @@ def _unary(image_op: Callable[[jax.Array], jax.Array]) -> PolicyOp:
 
 
 POLICY_OPS: dict[str, PolicyOp] = {
-    'Identity': _unary(lambda image: image),
-    'ShearX': PolicyOp(shear_x, True),
-    'ShearY': PolicyOp(shear_y, True),
-    'TranslateX': PolicyOp(lambda image, pixels: translate_x(image, jnp.trunc(pixels)), True),
-    'TranslateY': PolicyOp(lambda image, pixels: translate_y(image, jnp.trunc(pixels)), True),
-    'Rotate': PolicyOp(rotate, True),
-    'Brightness': _enhance(brightness),
-    'Color': _enhance(color),
-    'Contrast': _enhance(contrast),
-    'Sharpness': _enhance(sharpness),
-    'Posterize': PolicyOp(lambda image, bits_removed: posterize(image, 8 - jnp.round(bits_removed)), False),
-    'Solarize': PolicyOp(lambda image, strength: solarize(image, 255 - strength), False),
-    'AutoContrast': _unary(auto_contrast),
-    'Equalize': _unary(equalize),
-    'Invert': _unary(invert),
+  'Identity': _unary(lambda image: image),
+  'ShearX': PolicyOp(shear_x, True),
+  'ShearY': PolicyOp(shear_y, True),
+  'TranslateX': PolicyOp(lambda image, pixels: translate_x(image, jnp.trunc(pixels)), True),
+  'TranslateY': PolicyOp(lambda image, pixels: translate_y(image, jnp.trunc(pixels)), True),
+  'Rotate': PolicyOp(rotate, True),
+  'Brightness': _enhance(brightness),
+  'Color': _enhance(color),
+  'Contrast': _enhance(contrast),
+  'Sharpness': _enhance(sharpness),
+  'Posterize': PolicyOp(lambda image, bits_removed: posterize(image, 8 - jnp.round(bits_removed)), False),
+  'Solarize': PolicyOp(lambda image, strength: solarize(image, 255 - strength), False),
+  'AutoContrast': _unary(auto_contrast),
+  'Equalize': _unary(equalize),
+  'Invert': _unary(invert),
 }
 _ENHANCE_OPS = ('Brightness', 'Color', 'Contrast', 'Sharpness')
 
@@ -309,44 +312,60 @@ RAND_OPS = tuple(name for name in POLICY_OPS if name != 'Invert')
 NUM_LEVELS = 31  # RandAugment's and TrivialAugment's magnitude scale: levels 0..30, as torchvision.
 
 # TrivialAugment Wide's maximum strengths (translation in pixels, whatever the image size).
-WIDE_SPACE = {'ShearX': 0.99, 'ShearY': 0.99, 'TranslateX': 32.0, 'TranslateY': 32.0, 'Rotate': 135.0,
-              **dict.fromkeys(_ENHANCE_OPS, 0.99), 'Posterize': 6.0, 'Solarize': 255.0}
+WIDE_SPACE = {
+  'ShearX': 0.99,
+  'ShearY': 0.99,
+  'TranslateX': 32.0,
+  'TranslateY': 32.0,
+  'Rotate': 135.0,
+  **dict.fromkeys(_ENHANCE_OPS, 0.99),
+  'Posterize': 6.0,
+  'Solarize': 255.0,
+}
 
 
 def standard_space(height: int, width: int) -> dict[str, float]:
   """AutoAugment's and RandAugment's maximum strengths; translation up to 150/331 of the side."""
-  return {'ShearX': 0.3, 'ShearY': 0.3, 'TranslateX': 150 / 331 * width, 'TranslateY': 150 / 331 * height,
-          'Rotate': 30.0, **dict.fromkeys(_ENHANCE_OPS, 0.9), 'Posterize': 4.0, 'Solarize': 255.0}
+  return {
+    'ShearX': 0.3,
+    'ShearY': 0.3,
+    'TranslateX': 150 / 331 * width,
+    'TranslateY': 150 / 331 * height,
+    'Rotate': 30.0,
+    **dict.fromkeys(_ENHANCE_OPS, 0.9),
+    'Posterize': 4.0,
+    'Solarize': 255.0,
+  }
 
 
 # The AutoAugment CIFAR-10 policy: 25 sub-policies of two (op, probability, magnitude level 0..9)
 # steps, level None for ops without a magnitude (torchvision's transcription of the paper's table).
 AUTOAUGMENT_CIFAR10 = (
-    (('Invert', 0.1, None), ('Contrast', 0.2, 6)),
-    (('Rotate', 0.7, 2), ('TranslateX', 0.3, 9)),
-    (('Sharpness', 0.8, 1), ('Sharpness', 0.9, 3)),
-    (('ShearY', 0.5, 8), ('TranslateY', 0.7, 9)),
-    (('AutoContrast', 0.5, None), ('Equalize', 0.9, None)),
-    (('ShearY', 0.2, 7), ('Posterize', 0.3, 7)),
-    (('Color', 0.4, 3), ('Brightness', 0.6, 7)),
-    (('Sharpness', 0.3, 9), ('Brightness', 0.7, 9)),
-    (('Equalize', 0.6, None), ('Equalize', 0.5, None)),
-    (('Contrast', 0.6, 7), ('Sharpness', 0.6, 5)),
-    (('Color', 0.7, 7), ('TranslateX', 0.5, 8)),
-    (('Equalize', 0.3, None), ('AutoContrast', 0.4, None)),
-    (('TranslateY', 0.4, 3), ('Sharpness', 0.2, 6)),
-    (('Brightness', 0.9, 6), ('Color', 0.2, 8)),
-    (('Solarize', 0.5, 2), ('Invert', 0.0, None)),
-    (('Equalize', 0.2, None), ('AutoContrast', 0.6, None)),
-    (('Equalize', 0.2, None), ('Equalize', 0.6, None)),
-    (('Color', 0.9, 9), ('Equalize', 0.6, None)),
-    (('AutoContrast', 0.8, None), ('Solarize', 0.2, 8)),
-    (('Brightness', 0.1, 3), ('Color', 0.7, 0)),
-    (('Solarize', 0.4, 5), ('AutoContrast', 0.9, None)),
-    (('TranslateY', 0.9, 9), ('TranslateY', 0.7, 9)),
-    (('AutoContrast', 0.9, None), ('Solarize', 0.8, 3)),
-    (('Equalize', 0.8, None), ('Invert', 0.1, None)),
-    (('TranslateY', 0.7, 9), ('AutoContrast', 0.9, None)),
+  (('Invert', 0.1, None), ('Contrast', 0.2, 6)),
+  (('Rotate', 0.7, 2), ('TranslateX', 0.3, 9)),
+  (('Sharpness', 0.8, 1), ('Sharpness', 0.9, 3)),
+  (('ShearY', 0.5, 8), ('TranslateY', 0.7, 9)),
+  (('AutoContrast', 0.5, None), ('Equalize', 0.9, None)),
+  (('ShearY', 0.2, 7), ('Posterize', 0.3, 7)),
+  (('Color', 0.4, 3), ('Brightness', 0.6, 7)),
+  (('Sharpness', 0.3, 9), ('Brightness', 0.7, 9)),
+  (('Equalize', 0.6, None), ('Equalize', 0.5, None)),
+  (('Contrast', 0.6, 7), ('Sharpness', 0.6, 5)),
+  (('Color', 0.7, 7), ('TranslateX', 0.5, 8)),
+  (('Equalize', 0.3, None), ('AutoContrast', 0.4, None)),
+  (('TranslateY', 0.4, 3), ('Sharpness', 0.2, 6)),
+  (('Brightness', 0.9, 6), ('Color', 0.2, 8)),
+  (('Solarize', 0.5, 2), ('Invert', 0.0, None)),
+  (('Equalize', 0.2, None), ('AutoContrast', 0.6, None)),
+  (('Equalize', 0.2, None), ('Equalize', 0.6, None)),
+  (('Color', 0.9, 9), ('Equalize', 0.6, None)),
+  (('AutoContrast', 0.8, None), ('Solarize', 0.2, 8)),
+  (('Brightness', 0.1, 3), ('Color', 0.7, 0)),
+  (('Solarize', 0.4, 5), ('AutoContrast', 0.9, None)),
+  (('TranslateY', 0.9, 9), ('TranslateY', 0.7, 9)),
+  (('AutoContrast', 0.9, None), ('Solarize', 0.8, 3)),
+  (('Equalize', 0.8, None), ('Invert', 0.1, None)),
+  (('TranslateY', 0.7, 9), ('AutoContrast', 0.9, None)),
 )
 AUTOAUGMENT_LEVELS = 10
 # The ops the policy uses, Identity first: a step that does not fire applies op 0.
@@ -361,12 +380,14 @@ def _policy_table(policy: Sequence, names: Sequence[str]) -> tuple[np.ndarray, n
   return ops, probabilities, levels / (AUTOAUGMENT_LEVELS - 1)
 
 
-def _apply_policy_op(key: jax.Array, image: jax.Array, names: Sequence[str], space: dict[str, float],
-                     op: jax.Array, fraction: Scalar) -> jax.Array:
+def _apply_policy_op(
+  key: jax.Array, image: jax.Array, names: Sequence[str], space: dict[str, float], op: jax.Array, fraction: Scalar
+) -> jax.Array:
   """Applies names[op] at `fraction` of its maximum strength in `space`, signed ops negated at random."""
   if image.dtype != jnp.uint8:
-    raise ValueError('autoaugment, randaugment and trivialaugment work on uint8 pixels: put them before '
-                     'cutout in train_ops.')
+    raise ValueError(
+      'autoaugment, randaugment and trivialaugment work on uint8 pixels: put them before cutout in train_ops.'
+    )
   maximum = jnp.array([space.get(name, 0.0) for name in names])[op]
   signed = jnp.array([POLICY_OPS[name].signed for name in names])[op]
   strength = jnp.where(signed & jax.random.bernoulli(key), -maximum, maximum) * fraction
@@ -427,8 +448,10 @@ def _make_randaugment(aug_config, mean) -> Op:
   del mean
   num_ops, magnitude = aug_config.randaugment_num_ops, aug_config.randaugment_magnitude
   if not 0 <= magnitude <= NUM_LEVELS - 1 or num_ops < 0:
-    raise ValueError(f'randaugment needs randaugment_magnitude in 0..{NUM_LEVELS - 1} and '
-                     f'randaugment_num_ops >= 0, not {magnitude!r} and {num_ops!r}.')
+    raise ValueError(
+      f'randaugment needs randaugment_magnitude in 0..{NUM_LEVELS - 1} and '
+      f'randaugment_num_ops >= 0, not {magnitude!r} and {num_ops!r}.'
+    )
   return functools.partial(_randaugment, num_ops=num_ops, magnitude=magnitude)
 
 
@@ -438,8 +461,13 @@ def _make_trivialaugment(aug_config, mean) -> Op:
 
 
 _OP_MAKERS: dict[str, Callable[..., Op]] = {
-    'crop': _make_crop, 'flip': _make_flip, 'cutout': _make_cutout, 'autoaugment': _make_autoaugment,
-    'randaugment': _make_randaugment, 'trivialaugment': _make_trivialaugment}
+  'crop': _make_crop,
+  'flip': _make_flip,
+  'cutout': _make_cutout,
+  'autoaugment': _make_autoaugment,
+  'randaugment': _make_randaugment,
+  'trivialaugment': _make_trivialaugment,
+}
 OPS = tuple(_OP_MAKERS)
 
 
@@ -452,8 +480,9 @@ def validate_ops(ops: Sequence[str]) -> None:
       raise ValueError(f'Unknown augmentation op {name!r}: valid ops are {", ".join(OPS)}.')
 
 
-def augment_batch(images: jax.Array, key: jax.Array, aug_config, mean: Sequence[float],
-                  std: Sequence[float]) -> jax.Array:
+def augment_batch(
+  images: jax.Array, key: jax.Array, aug_config, mean: Sequence[float], std: Sequence[float]
+) -> jax.Array:
   """uint8 [B, H, W, C] -> float32 normalized, applying `aug_config.train_ops` in order.
 
   Example i draws op number j from fold_in(example_keys(key, B)[i], j): ops are independent of

@@ -11,7 +11,8 @@ import contextlib
 import errno
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -32,23 +33,26 @@ class CheckpointError(UserError):
 def create_manager(workdir: str, keep: int, every_steps: int) -> ocp.CheckpointManager:
   """Async manager under `workdir/checkpoints`; leftovers of interrupted saves are cleaned up."""
   best_metric = lambda metrics: metrics[BEST_METRIC]
-  policy = checkpoint_managers.AnyPreservationPolicy([
+  policy = checkpoint_managers.AnyPreservationPolicy(
+    [
       checkpoint_managers.LatestN(n=keep),
       checkpoint_managers.BestN(get_metric_fn=best_metric, n=1, keep_checkpoints_without_metrics=False),
-  ])
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=every_steps,
-      preservation_policy=policy,
-      best_fn=best_metric,  # Also what makes Orbax write the metrics to disk.
-      best_mode='max',
-      cleanup_tmp_directories=True,
-      enable_async_checkpointing=True,
+    save_interval_steps=every_steps,
+    preservation_policy=policy,
+    best_fn=best_metric,  # Also what makes Orbax write the metrics to disk.
+    best_mode='max',
+    cleanup_tmp_directories=True,
+    enable_async_checkpointing=True,
   )
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+def save(
+  manager: ocp.CheckpointManager, step: int, state: Any, metrics: Mapping[str, float] | None = None, force: bool = False
+) -> bool:
   """Starts an async save of `state` at `step`; `metrics` (Python floats) rank the best checkpoint.
 
   An earlier async save that failed raises here; a full disk becomes a one-line CheckpointError.
@@ -69,14 +73,16 @@ def _disk_errors_explained(manager: ocp.CheckpointManager, step: int | None):
   """Turns 'no space left on device' from Orbax (raised directly or wrapped) into a CheckpointError."""
   try:
     yield
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     if not _is_disk_full(e):
       raise
     manager.reload()
     complete = [s for s in manager.all_steps() if s != step]
     kept = f'the checkpoint of step {max(complete)} is intact' if complete else 'no earlier checkpoint exists'
-    raise CheckpointError(f'no space left on the device while saving a checkpoint in {manager.directory} '
-                          f'({kept}); free some space and rerun the same command to resume') from e
+    raise CheckpointError(
+      f'no space left on the device while saving a checkpoint in {manager.directory} '
+      f'({kept}); free some space and rerun the same command to resume'
+    ) from e
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:
@@ -89,8 +95,11 @@ def _is_disk_full(exc: BaseException | None) -> bool:
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
   """The kept step with the highest eval accuracy, if any checkpoint has one."""
-  ranked = [(metrics[BEST_METRIC], step) for step in manager.all_steps()
-            if (metrics := manager.metrics(step)) and BEST_METRIC in metrics]
+  ranked = [
+    (metrics[BEST_METRIC], step)
+    for step in manager.all_steps()
+    if (metrics := manager.metrics(step)) and BEST_METRIC in metrics
+  ]
   return max(ranked)[1] if ranked else None
 
 
@@ -115,7 +124,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any) -> Any | No
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       return restore(manager, target, step)
-    except Exception as e:  # pylint: disable=broad-except  # Orbax raises many kinds on bad files.
+    except Exception as e:  # Orbax raises many kinds on bad files.
       _set_aside(manager, step, e)
   return None
 
@@ -123,8 +132,13 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any) -> Any | No
 def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception):
   path = os.path.join(str(manager.directory), str(step))
   destination = os.path.join(os.path.dirname(str(manager.directory)), CORRUPT_DIR, str(step))
-  logging.warning('Checkpoint %s cannot be restored (%s: %s); moving it to %s and trying the one before.',
-                  path, type(error).__name__, str(error).splitlines()[0] if str(error) else '', destination)
+  logging.warning(
+    'Checkpoint %s cannot be restored (%s: %s); moving it to %s and trying the one before.',
+    path,
+    type(error).__name__,
+    str(error).splitlines()[0] if str(error) else '',
+    destination,
+  )
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(destination), exist_ok=True)
     shutil.rmtree(destination, ignore_errors=True)

@@ -20,8 +20,13 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
     return
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # Only the CPU backend reads it.
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
-  logging.info('Process %d of %d; %d local of %d devices', jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    'Process %d of %d; %d local of %d devices',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def _in_cluster() -> bool:

@@ -30,7 +30,8 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +39,11 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_flax import augment, checkpoint, config_checks, data, input_pipeline, models, plots, train
-from resnet_flax.data import DataError, ImageData
-from resnet_flax.data import folder
+from resnet_flax.data import DataError, ImageData, folder
 from resnet_flax.errors import ConfigError
 
 ECE_BINS = 15
@@ -50,9 +51,9 @@ TOP_K = 5  # Top-5 accuracy is reported for models with more than 5 classes.
 PROGRESS_EVERY_S = 5.0  # An evaluation logs its progress this often, so short ones stay quiet.
 # View = (mirror left-right, diagonal shift in pixels).
 TTA_VIEWS: dict[str, tuple[tuple[bool, int], ...]] = {
-    'none': ((False, 0),),
-    'flip': ((False, 0), (True, 0)),
-    'flip+translate': tuple((flip, shift) for shift in (0, 1, -1) for flip in (False, True)),
+  'none': ((False, 0),),
+  'flip': ((False, 0), (True, 0)),
+  'flip+translate': tuple((flip, shift) for shift in (0, 1, -1) for flip in (False, True)),
 }
 # run.json keys that spare deriving these facts from the training data.
 RUN_FACTS = ('class_names', 'pixel_mean', 'pixel_std', 'steps_per_epoch')
@@ -92,21 +93,27 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   outputs = forward(restored, split, config.eval_batch_size, config.eval.tta, mesh)
   logging.info('Evaluated %d images in %.1f s', len(split), time.perf_counter() - start)
   report = {
-      'workdir': os.path.abspath(workdir),
-      'checkpoint': config.eval.checkpoint,
-      'checkpoint_step': restored.step,
-      'data': {'source': config.data.source, 'name': config.data.name, 'path': config.data.path,
-               'split': 'test'},
-      **build_report(outputs, split.labels, label_to_model, split.class_names, run.class_names),
-      **tta_report(outputs, split.labels, label_to_model, config.eval.tta),
+    'workdir': os.path.abspath(workdir),
+    'checkpoint': config.eval.checkpoint,
+    'checkpoint_step': restored.step,
+    'data': {'source': config.data.source, 'name': config.data.name, 'path': config.data.path, 'split': 'test'},
+    **build_report(outputs, split.labels, label_to_model, split.class_names, run.class_names),
+    **tta_report(outputs, split.labels, label_to_model, config.eval.tta),
   }
   directory = os.path.join(workdir, 'eval', report_name(config.data))
   if jax.process_index() == 0:
     write_report(report, directory)
     plots.write_training_curves(workdir, run.steps_per_epoch)
   tta = f', TTA ({config.eval.tta}) {report["tta_accuracy"]:.4f}' if 'tta_accuracy' in report else ''
-  logging.info('Step %d: accuracy %.4f%s, loss %.4f on %d images; report in %s', restored.step,
-               report['accuracy'], tta, report['loss'], report['num_examples'], directory)
+  logging.info(
+    'Step %d: accuracy %.4f%s, loss %.4f on %d images; report in %s',
+    restored.step,
+    report['accuracy'],
+    tta,
+    report['loss'],
+    report['num_examples'],
+    directory,
+  )
   return report
 
 
@@ -121,8 +128,10 @@ def load_trained_run(workdir: str, config: ml_collections.ConfigDict) -> Trained
   """
   paths = [os.path.join(workdir, name) for name in ('config.json', 'run.json')]
   if not all(os.path.isfile(path) for path in paths):
-    raise ConfigError(f'{workdir} holds no trained run (config.json and run.json are missing): '
-                      f'train one with --mode=train --workdir={workdir}, or point --workdir at a trained run')
+    raise ConfigError(
+      f'{workdir} holds no trained run (config.json and run.json are missing): '
+      f'train one with --mode=train --workdir={workdir}, or point --workdir at a trained run'
+    )
   config = ml_collections.ConfigDict(config.to_dict())
   with open(paths[0]) as f:
     config.update(json.load(f))
@@ -130,18 +139,24 @@ def load_trained_run(workdir: str, config: ml_collections.ConfigDict) -> Trained
     saved = json.load(f)
   image_shape = tuple(saved['image_shape'])
   if all(key in saved for key in RUN_FACTS):
-    return TrainedRun(config, tuple(saved['class_names']), image_shape, tuple(saved['pixel_mean']),
-                      tuple(saved['pixel_std']), saved['steps_per_epoch'])
-  logging.info('%s lacks %s: deriving them from the training data named in config.json', paths[1],
-               ', '.join(RUN_FACTS))
+    return TrainedRun(
+      config,
+      tuple(saved['class_names']),
+      image_shape,
+      tuple(saved['pixel_mean']),
+      tuple(saved['pixel_std']),
+      saved['steps_per_epoch'],
+    )
+  logging.info('%s lacks %s: deriving them from the training data named in config.json', paths[1], ', '.join(RUN_FACTS))
   train_split = data.load_splits(config.data)['train']
   if len(train_split.class_names) != saved['num_classes']:
-    raise DataError(f'the training data of {workdir} ({config.data.source} {config.data.path!r}) now has '
-                    f'{len(train_split.class_names)} classes but the checkpoints have {saved["num_classes"]}: '
-                    'restore the data the model was trained on')
+    raise DataError(
+      f'the training data of {workdir} ({config.data.source} {config.data.path!r}) now has '
+      f'{len(train_split.class_names)} classes but the checkpoints have {saved["num_classes"]}: '
+      'restore the data the model was trained on'
+    )
   mean, std = augment.channel_stats(train_split.images)
-  return TrainedRun(config, train_split.class_names, image_shape, mean, std,
-                    len(train_split) // config.batch_size)
+  return TrainedRun(config, train_split.class_names, image_shape, mean, std, len(train_split) // config.batch_size)
 
 
 def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
@@ -153,8 +168,10 @@ def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     manager = ocp.CheckpointManager(directory, options=options)
   if manager is None or not manager.all_steps():
-    raise ConfigError(f'{workdir} has no checkpoint to evaluate: train first with --mode=train '
-                      f'--workdir={workdir}, or point --workdir at a trained run')
+    raise ConfigError(
+      f'{workdir} has no checkpoint to evaluate: train first with --mode=train '
+      f'--workdir={workdir}, or point --workdir at a trained run'
+    )
   return manager
 
 
@@ -170,8 +187,10 @@ def choose_step(manager: ocp.CheckpointManager, choice: str) -> int:
       return max(steps)
     return best
   if int(choice) not in steps:
-    raise ConfigError(f'there is no checkpoint of step {choice} in {manager.directory}; it has steps '
-                      f'{sorted(steps)}: choose one of them, best or latest with --config.eval.checkpoint')
+    raise ConfigError(
+      f'there is no checkpoint of step {choice} in {manager.directory}; it has steps '
+      f'{sorted(steps)}: choose one of them, best or latest with --config.eval.checkpoint'
+    )
   return int(choice)
 
 
@@ -185,8 +204,9 @@ def restore(manager: ocp.CheckpointManager, run: TrainedRun, step: int, mesh: Me
   model = train.create_model(config, len(run.class_names))
   tx = train.create_optimizer(config, train.create_learning_rate_fn(config, run.steps_per_epoch))
   abstract = jax.eval_shape(
-      lambda variables: train.create_train_state(model, variables, tx, ema=config.ema_decay > 0),
-      models.init_variables(model, run.image_shape))
+    lambda variables: train.create_train_state(model, variables, tx, ema=config.ema_decay > 0),
+    models.init_variables(model, run.image_shape),
+  )
   replicated = NamedSharding(mesh, P())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
   state = checkpoint.restore(manager, abstract, step)
@@ -206,28 +226,36 @@ def load_test_split(data_config: ml_collections.ConfigDict, run: TrainedRun) -> 
 
 def check_image_shape(shape: Sequence[int], model_shape: Sequence[int], what: str):
   if tuple(shape) != tuple(model_shape):
-    raise DataError(f'{what}: {"x".join(map(str, shape))} (HxWxC) images, but the model was trained on '
-                    f'{"x".join(map(str, model_shape))}: resize them beforehand')
+    raise DataError(
+      f'{what}: {"x".join(map(str, shape))} (HxWxC) images, but the model was trained on '
+      f'{"x".join(map(str, model_shape))}: resize them beforehand'
+    )
 
 
 def model_indices(class_names: Sequence[str], model_class_names: Sequence[str]) -> np.ndarray:
   """Model output index of each of the data's classes, matched by name."""
   unknown = [name for name in class_names if name not in model_class_names]
   if unknown:
-    raise DataError(f'the model does not know the classes {unknown} of the evaluated data; it knows '
-                    f'{list(model_class_names)}: rename or remove those class folders')
+    raise DataError(
+      f'the model does not know the classes {unknown} of the evaluated data; it knows '
+      f'{list(model_class_names)}: rename or remove those class folders'
+    )
   return np.array([list(model_class_names).index(name) for name in class_names], np.int64)
 
 
 def report_name(data_config: ml_collections.ConfigDict) -> str:
   """`<source>-<name or folder>-test-<hash>`: the hash of what selects the data keeps datasets apart."""
-  identity = {'source': data_config.source, 'name': data_config.name,
-              'path': os.path.abspath(os.path.expanduser(data_config.path)) if data_config.path else ''}
+  identity = {
+    'source': data_config.source,
+    'name': data_config.name,
+    'path': os.path.abspath(os.path.expanduser(data_config.path)) if data_config.path else '',
+  }
   if data_config.source == 'synthetic':
     identity.update({k: v for k, v in data_config.items() if k.startswith('synthetic_')})
   digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
   label = {'folder': os.path.basename(os.path.normpath(identity['path'])), 'synthetic': ''}.get(
-      data_config.source, data_config.name)
+    data_config.source, data_config.name
+  )
   safe_label = ''.join(c if c.isalnum() or c in '._-' else '_' for c in label)
   return '-'.join(part for part in (data_config.source, safe_label, 'test', digest) if part)
 
@@ -240,15 +268,15 @@ def view(images: jax.Array, flip: bool, shift: int) -> jax.Array:
   if shift:
     height, width = images.shape[1:3]
     padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
-    images = padded[:, 1 - shift:1 - shift + height, 1 - shift:1 - shift + width]
+    images = padded[:, 1 - shift : 1 - shift + height, 1 - shift : 1 - shift + width]
   return images[:, :, ::-1] if flip else images
 
 
-def forward_views(variables, images: jax.Array, *, model: models.ResNet, mean, std,
-                  views: tuple[tuple[bool, int], ...]) -> dict[str, jax.Array]:
+def forward_views(
+  variables, images: jax.Array, *, model: models.ResNet, mean, std, views: tuple[tuple[bool, int], ...]
+) -> dict[str, jax.Array]:
   """Logits of the plain images and, with several views, the mean softmax over the views."""
-  logits = [model.apply(variables, augment.normalize(view(images, *v), mean, std), train=False)
-            for v in views]
+  logits = [model.apply(variables, augment.normalize(view(images, *v), mean, std), train=False) for v in views]
   outputs = {'logits': logits[0]}
   if len(views) > 1:
     outputs['tta_probabilities'] = jnp.mean(jnp.stack([jax.nn.softmax(l) for l in logits]), axis=0)
@@ -258,11 +286,17 @@ def forward_views(variables, images: jax.Array, *, model: models.ResNet, mean, s
 def forward(restored: Restored, split: ImageData, batch_size: int, tta: str, mesh: Mesh) -> dict[str, np.ndarray]:
   """Per-example outputs of `forward_views` for every example of `split` once, in order, on the host."""
   forward_fn = jax.jit(
-      lambda variables, images: forward_views(variables, images, model=restored.model,
-                                              mean=restored.run.pixel_mean, std=restored.run.pixel_std,
-                                              views=TTA_VIEWS[tta]),
-      in_shardings=(NamedSharding(mesh, P()), input_pipeline.data_sharding(mesh)),
-      out_shardings=NamedSharding(mesh, P()))
+    lambda variables, images: forward_views(
+      variables,
+      images,
+      model=restored.model,
+      mean=restored.run.pixel_mean,
+      std=restored.run.pixel_std,
+      views=TTA_VIEWS[tta],
+    ),
+    in_shardings=(NamedSharding(mesh, P()), input_pipeline.data_sharding(mesh)),
+    out_shardings=NamedSharding(mesh, P()),
+  )
   sharding, local = input_pipeline.data_sharding(mesh), input_pipeline.process_slice(batch_size)
   batches = input_pipeline.padded_batches(split, batch_size)
   collected = []
@@ -282,8 +316,15 @@ def with_progress(items: Iterator, total: int, what: str) -> Iterator:
     if now - last >= PROGRESS_EVERY_S and done < total:
       bar = '#' * (20 * done // total)
       eta = (now - start) / done * (total - done)
-      logging.info('%s [%-20s] %d/%d batches (%.0f%%), ETA %s', what, bar, done, total, 100 * done / total,
-                   time.strftime('%H:%M:%S', time.gmtime(eta)))
+      logging.info(
+        '%s [%-20s] %d/%d batches (%.0f%%), ETA %s',
+        what,
+        bar,
+        done,
+        total,
+        100 * done / total,
+        time.strftime('%H:%M:%S', time.gmtime(eta)),
+      )
       last = now
 
 
@@ -297,13 +338,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, num_bins: int = ECE_BINS) -> float:
   bins = np.minimum((confidences * num_bins).astype(np.int64), num_bins - 1)
-  gaps = [abs(correct[bins == b].mean() - confidences[bins == b].mean()) * np.sum(bins == b)
-          for b in range(num_bins) if np.any(bins == b)]
+  gaps = [
+    abs(correct[bins == b].mean() - confidences[bins == b].mean()) * np.sum(bins == b)
+    for b in range(num_bins)
+    if np.any(bins == b)
+  ]
   return float(np.sum(gaps) / len(confidences))
 
 
-def build_report(outputs: dict[str, np.ndarray], labels: np.ndarray, label_to_model: np.ndarray,
-                 class_names: Sequence[str], model_class_names: Sequence[str]) -> dict[str, Any]:
+def build_report(
+  outputs: dict[str, np.ndarray],
+  labels: np.ndarray,
+  label_to_model: np.ndarray,
+  class_names: Sequence[str],
+  model_class_names: Sequence[str],
+) -> dict[str, Any]:
   """Metrics of the plain predictions; `labels` index `class_names`, logits index the model's classes."""
   logits, targets = outputs['logits'].astype(np.float64), label_to_model[labels]
   log_probabilities = log_softmax(logits)
@@ -313,33 +362,38 @@ def build_report(outputs: dict[str, np.ndarray], labels: np.ndarray, label_to_mo
   column_of = np.argsort(columns)  # Model class -> confusion matrix column.
   matrix = np.zeros((len(class_names), len(model_class_names)), np.int64)
   np.add.at(matrix, (labels, column_of[predictions]), 1)
-  per_class = {name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None)
-               for i, name in enumerate(class_names)}
+  per_class = {
+    name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None) for i, name in enumerate(class_names)
+  }
   report = {
-      'num_examples': len(labels),
-      'accuracy': float(np.trace(matrix) / len(labels)),
-      'loss': float(-np.mean(log_probabilities[np.arange(len(labels)), targets])),
+    'num_examples': len(labels),
+    'accuracy': float(np.trace(matrix) / len(labels)),
+    'loss': float(-np.mean(log_probabilities[np.arange(len(labels)), targets])),
   }
   if len(model_class_names) > TOP_K:
     top = np.argsort(-logits, axis=1, kind='stable')[:, :TOP_K]
     report['top5_accuracy'] = float(np.mean(np.any(top == targets[:, None], axis=1)))
-  report.update({
+  report.update(
+    {
       'expected_calibration_error': expected_calibration_error(probabilities.max(axis=1), predictions == targets),
       'per_class_accuracy': per_class,
       'class_names': list(class_names),
       'predicted_class_names': [model_class_names[j] for j in columns],
       'confusion_matrix': matrix.tolist(),
-  })
+    }
+  )
   return report
 
 
-def tta_report(outputs: dict[str, np.ndarray], labels: np.ndarray, label_to_model: np.ndarray,
-               tta: str) -> dict[str, Any]:
+def tta_report(
+  outputs: dict[str, np.ndarray], labels: np.ndarray, label_to_model: np.ndarray, tta: str
+) -> dict[str, Any]:
   report = {'tta': tta}
   if 'tta_probabilities' in outputs:
     predictions = outputs['tta_probabilities'].argmax(axis=1)
-    report.update({'tta_views': len(TTA_VIEWS[tta]),
-                   'tta_accuracy': float(np.mean(predictions == label_to_model[labels]))})
+    report.update(
+      {'tta_views': len(TTA_VIEWS[tta]), 'tta_accuracy': float(np.mean(predictions == label_to_model[labels]))}
+    )
   return report
 
 
@@ -362,8 +416,9 @@ def report_json(report: dict[str, Any]) -> str:
 # Prediction.
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str],
-            top_k: int) -> tuple[list[dict[str, Any]], int]:
+def predict(
+  config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str], top_k: int
+) -> tuple[list[dict[str, Any]], int]:
   """The top-k classes with probabilities of each image in `paths` (files or folders), and the step."""
   config_checks.validate(config)
   files = image_files(paths)
@@ -380,7 +435,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str
   tta_probabilities = outputs.get('tta_probabilities')
   probabilities = np.exp(log_softmax(outputs['logits'])) if tta_probabilities is None else tta_probabilities
   rows = []
-  for path, p in zip(files, probabilities):
+  for path, p in zip(files, probabilities, strict=True):
     top = np.argsort(-p, kind='stable')[:top_k]
     rows.append({'path': path, 'top_k': [{'class': run.class_names[j], 'probability': float(p[j])} for j in top]})
   return rows, restored.step
@@ -405,8 +460,11 @@ def images_under(directory: str) -> list[str]:
   found = []
   for root, dirs, names in os.walk(directory):
     dirs[:] = [d for d in dirs if not d.startswith('.')]
-    found += [os.path.join(root, name) for name in names
-              if name.lower().endswith(folder.IMAGE_EXTENSIONS) and not name.startswith('.')]
+    found += [
+      os.path.join(root, name)
+      for name in names
+      if name.lower().endswith(folder.IMAGE_EXTENSIONS) and not name.startswith('.')
+    ]
   if not found:
     raise DataError(f'{directory} has no {"/".join(folder.IMAGE_EXTENSIONS)} images: give another folder')
   return sorted(found)
@@ -415,20 +473,26 @@ def images_under(directory: str) -> list[str]:
 def predictions_table(rows: list[dict[str, Any]]) -> str:
   width = max(len('image'), *(len(row['path']) for row in rows))
   header = f'{"image":{width}}  ' + '  '.join(f'{f"top-{i + 1}":19}' for i in range(len(rows[0]['top_k'])))
-  lines = [f'{row["path"]:{width}}  ' + '  '.join(f'{t["class"][:13]:13} {t["probability"]:.3f}'
-                                                    for t in row['top_k']) for row in rows]
+  lines = [
+    f'{row["path"]:{width}}  ' + '  '.join(f'{t["class"][:13]:13} {t["probability"]:.3f}' for t in row['top_k'])
+    for row in rows
+  ]
   return '\n'.join([header.rstrip(), *lines])
 
 
-def run_predict(config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str], top_k: int,
-                output: str | None) -> list[dict[str, Any]]:
+def run_predict(
+  config: ml_collections.ConfigDict, workdir: str, paths: Sequence[str], top_k: int, output: str | None
+) -> list[dict[str, Any]]:
   """`predict`, then the table on stdout and the JSON in `output` (default <workdir>/predictions.json)."""
   rows, step = predict(config, workdir, paths, top_k)
   if jax.process_index() == 0:
     print(predictions_table(rows))
     output = output or os.path.join(workdir, 'predictions.json')
     with open(output, 'w') as f:
-      json.dump({'workdir': os.path.abspath(workdir), 'checkpoint_step': step, 'tta': config.eval.tta,
-                 'predictions': rows}, f, indent=2)
+      json.dump(
+        {'workdir': os.path.abspath(workdir), 'checkpoint_step': step, 'tta': config.eval.tta, 'predictions': rows},
+        f,
+        indent=2,
+      )
     logging.info('Wrote %d predictions to %s', len(rows), output)
   return rows

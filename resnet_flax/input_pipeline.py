@@ -22,12 +22,13 @@ import abc
 import collections
 import functools
 import itertools
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_flax.data import ImageData
 
@@ -121,13 +122,13 @@ class InputPipeline(abc.ABC):
 def padded_batches(split: ImageData, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """Fixed-order batches of `split`, the last one zero-padded, with a 0/1 `mask`."""
   for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
+    images = split.images[start : start + batch_size]
+    labels = split.labels[start : start + batch_size]
     pad = batch_size - len(labels)
     yield {
-        'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
-        'label': np.pad(labels, (0, pad)),
-        'mask': np.pad(np.ones(len(labels), np.float32), (0, pad)),
+      'image': np.pad(images, ((0, pad), (0, 0), (0, 0), (0, 0))),
+      'label': np.pad(labels, (0, pad)),
+      'mask': np.pad(np.ones(len(labels), np.float32), (0, pad)),
     }
 
 
@@ -146,7 +147,7 @@ class TfDataPipeline(InputPipeline):
   def local_indices(self, epoch: int) -> np.ndarray:
     """[steps_per_epoch, local batch] indices of this process's examples in `epoch`."""
     perm = _host_permutation(self.seed, int(epoch), len(self.train))
-    steps = perm[:self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+    steps = perm[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
     return steps[:, process_slice(self.batch_size)]
 
   def _local_dataset(self, start_step: int, stop_step: int):
@@ -164,12 +165,14 @@ class TfDataPipeline(InputPipeline):
     def gather(indices):
       return {'image': tf.gather(images, indices), 'label': tf.gather(labels, indices), 'index': indices}
 
-    return (tf.data.Dataset.range(first_epoch, last_epoch)
-            .flat_map(epoch_indices)
-            .skip(skip)
-            .take(stop_step - start_step)
-            .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
+    return (
+      tf.data.Dataset.range(first_epoch, last_epoch)
+      .flat_map(epoch_indices)
+      .skip(skip)
+      .take(stop_step - start_step)
+      .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      .prefetch(tf.data.AUTOTUNE)
+    )
 
 
 class DevicePipeline(InputPipeline):
@@ -181,8 +184,11 @@ class DevicePipeline(InputPipeline):
     self._images = jax.device_put(train.images, replicated)
     self._labels = jax.device_put(train.labels, replicated)
     self._permutation = jax.jit(epoch_permutation, static_argnums=(2,), out_shardings=replicated)
-    self._gather = jax.jit(functools.partial(_gather_batches, batch_size=batch_size), static_argnums=4,
-                           out_shardings=stacked_data_sharding(mesh))
+    self._gather = jax.jit(
+      functools.partial(_gather_batches, batch_size=batch_size),
+      static_argnums=4,
+      out_shardings=stacked_data_sharding(mesh),
+    )
 
   def train_batches(self, start_step: int, lengths: Sequence[int]) -> Iterator[Batch]:
     perm, perm_epoch, step = None, None, start_step

@@ -42,8 +42,16 @@ def _cutmix(key: jax.Array, images: jax.Array, partners: jax.Array, alpha: float
   return jnp.where(box[:, :, None], partners, images), 1 - box.mean()
 
 
-def mix_batch(images: jax.Array, labels: jax.Array, key: jax.Array, *, num_classes: int, mixup_alpha: float,
-              cutmix_alpha: float, prob: float = 1.0) -> tuple[jax.Array, jax.Array]:
+def mix_batch(
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  num_classes: int,
+  mixup_alpha: float,
+  cutmix_alpha: float,
+  prob: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
   """Float [B, H, W, C] images and int [B] labels -> (mixed images, float32 targets [B, num_classes]).
 
   With both alphas > 0 each batch uses mixup or CutMix with probability 1/2; with one > 0, that one;

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -19,15 +20,18 @@ BATCH_NORM_MOMENTUM = 0.9  # The recipes' value; flax defaults to 0.99.
 BATCH_NORM_EPSILON = 1e-5
 
 
-def dirac(base_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.initializers.Initializer:
-  """`base_init` with its first min(in, out) filters replaced by identities (airbench's dirac init):
-  at the start each convolution passes its input channels through, as if the layer were not there."""
+def dirac(base_init: nn.initializers.Initializer | None = None) -> nn.initializers.Initializer:
+  """`base_init` (default: flax's conv init, LeCun normal) with its first min(in, out) filters replaced by
+  identities (airbench's dirac init): at the start each convolution passes its input channels through."""
+  base_init = base_init or nn.initializers.lecun_normal()
+
   def init(key, shape, dtype=jnp.float32):
     *window, in_channels, out_channels = shape
     passed = min(in_channels, out_channels)
     identity = jnp.zeros((*window, in_channels, passed), dtype)
     identity = identity.at[tuple(w // 2 for w in window) + (jnp.arange(passed), jnp.arange(passed))].set(1)
     return base_init(key, shape, dtype).at[..., :passed].set(identity)
+
   return init
 
 
@@ -36,8 +40,9 @@ def _conv_and_norm(dtype: Any, train: bool, dirac_init: bool = False) -> tuple[M
   conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, padding='SAME')
   if dirac_init:
     conv = functools.partial(conv, kernel_init=dirac())
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
-                           epsilon=BATCH_NORM_EPSILON, dtype=dtype)
+  norm = functools.partial(
+    nn.BatchNorm, use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, dtype=dtype
+  )
   return conv, norm
 
 
@@ -85,10 +90,11 @@ class PatchWhitening(nn.Module):
   @nn.compact
   def __call__(self, x):
     window = (self.patch_size, self.patch_size)
-    filters = 2 * self.patch_size ** 2 * x.shape[-1]
+    filters = 2 * self.patch_size**2 * x.shape[-1]
     kernel = self.param('kernel', nn.initializers.zeros, (*window, x.shape[-1], filters))  # Zero until set.
-    return jax.lax.conv_general_dilated(x, jax.lax.stop_gradient(kernel).astype(self.dtype), (1, 1), 'VALID',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return jax.lax.conv_general_dilated(
+      x, jax.lax.stop_gradient(kernel).astype(self.dtype), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
 
 
 WHITENING = 'whitening'  # The module name of a ResNet's PatchWhitening stem.
@@ -98,8 +104,12 @@ def whitening_kernel(images: jax.Array, patch_size: int = 2, eps: float = 5e-4) 
   """The PatchWhitening kernel [p, p, C, 2 * p * p * C] for normalized float images [N, H, W, C]."""
   channels = images.shape[-1]
   patches = jax.lax.conv_general_dilated_patches(
-      jnp.asarray(images, jnp.float32), (patch_size, patch_size), (1, 1), 'VALID',
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # [N, H', W', C * p * p], channel-major.
+    jnp.asarray(images, jnp.float32),
+    (patch_size, patch_size),
+    (1, 1),
+    'VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+  )  # [N, H', W', C * p * p], channel-major.
   patches = patches.reshape(-1, patches.shape[-1])
   eigenvalues, eigenvectors = jnp.linalg.eigh(patches.T @ patches / patches.shape[0])
   filters = eigenvectors / jnp.sqrt(eigenvalues + eps)  # Columns: one filter each, in (c, h, w) order.
@@ -206,14 +216,23 @@ class ResNet(nn.Module):
     conv, norm = _conv_and_norm(self.dtype, train, self.dirac_init)
     dropout = functools.partial(nn.Dropout, deterministic=not train)
     x = self._stem(x.astype(self.dtype), conv, norm)
-    blocks = [(width, 2 if stage > 0 and block == 0 else 1)
-              for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths))
-              for block in range(num_blocks)]
+    blocks = [
+      (width, 2 if stage > 0 and block == 0 else 1)
+      for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True))
+      for block in range(num_blocks)
+    ]
     for index, (width, strides) in enumerate(blocks):
-      x = self.block_cls(width, conv=conv, norm=norm, dropout=dropout, strides=strides,
-                         se_ratio=self.se_ratio, dropout_rate=self.block_dropout_rate,
-                         drop_path_rate=self.drop_path_rate * (index + 1) / len(blocks),
-                         zero_init_residual=self.zero_init_residual)(x)
+      x = self.block_cls(
+        width,
+        conv=conv,
+        norm=norm,
+        dropout=dropout,
+        strides=strides,
+        se_ratio=self.se_ratio,
+        dropout_rate=self.block_dropout_rate,
+        drop_path_rate=self.drop_path_rate * (index + 1) / len(blocks),
+        zero_init_residual=self.zero_init_residual,
+      )(x)
     if self.block_cls.preactivation:
       x = nn.relu(norm(name='final_norm')(x))
     return _classify(x, self.num_classes, dropout(self.dropout_rate), self.dtype)
@@ -237,8 +256,13 @@ def wide_resnet(depth: int, widen_factor: int) -> functools.partial:
   blocks_per_stage, remainder = divmod(depth - 4, 6)
   if remainder:
     raise ValueError(f'a wide ResNet has depth 6n + 4, not {depth}')
-  return functools.partial(ResNet, stage_sizes=(blocks_per_stage,) * 3, block_cls=PreActBlock,
-                           widths=tuple(width * widen_factor for width in (16, 32, 64)), stem_width=16)
+  return functools.partial(
+    ResNet,
+    stage_sizes=(blocks_per_stage,) * 3,
+    block_cls=PreActBlock,
+    widths=tuple(width * widen_factor for width in (16, 32, 64)),
+    stem_width=16,
+  )
 
 
 class DenseBlock(nn.Module):
@@ -300,40 +324,47 @@ class DenseNet(nn.Module):
 
 
 PRESETS: dict[str, functools.partial] = {
-    'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
-                                  widths=(32, 64, 128, 256)),
-    'resnet26': functools.partial(ResNet, stage_sizes=(3, 3, 3, 3), block_cls=ResNetBlock,
-                                  widths=(32, 64, 128, 256)),
-    'resnet34': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock,
-                                  widths=(40, 80, 144, 176)),
-    'resnet50': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock,
-                                  widths=(24, 48, 96, 192)),
-    'resnet18_imagenet_stem': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
-                                                widths=(64, 128, 256, 512), stem='imagenet'),
-    'se_resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock,
-                                     widths=(32, 64, 128, 256), se_ratio=0.25),
-    'preact_resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=PreActBlock,
-                                         widths=(32, 64, 128, 256)),
-    # The wide ResNets' counts in the literature: WRN-16-4 2.7M and WRN-40-2 2.2M (Zagoruyko &
-    # Komodakis 2016), WRN-28-2 1.5M (Oliver et al. 2018), WRN-22-4 4.3M.
-    'wrn16_4': wide_resnet(16, 4),
-    'wrn22_4': wide_resnet(22, 4),
-    'wrn28_2': wide_resnet(28, 2),
-    'wrn40_2': wide_resnet(40, 2),
-    'se_wrn16_4': functools.partial(wide_resnet(16, 4), se_ratio=0.25),
-    # Huang et al. 2017 report 0.8M for DenseNet-BC (L=100, k=12); their larger ones exceed 5M.
-    'densenet_bc100_k12': functools.partial(DenseNet, depth=100, growth_rate=12),
-    # Not in the paper: its depth with twice the growth rate, wider for accelerators.
-    'densenet_bc100_k24': functools.partial(DenseNet, depth=100, growth_rate=24),
-    # A tiny net for smoke tests and quick CPU runs.
-    'resnet_tiny': functools.partial(ResNet, stage_sizes=(1, 1, 1), block_cls=ResNetBlock,
-                                     widths=(16, 32, 64)),
+  'resnet18': functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock, widths=(32, 64, 128, 256)),
+  'resnet26': functools.partial(ResNet, stage_sizes=(3, 3, 3, 3), block_cls=ResNetBlock, widths=(32, 64, 128, 256)),
+  'resnet34': functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=ResNetBlock, widths=(40, 80, 144, 176)),
+  'resnet50': functools.partial(
+    ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckResNetBlock, widths=(24, 48, 96, 192)
+  ),
+  'resnet18_imagenet_stem': functools.partial(
+    ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock, widths=(64, 128, 256, 512), stem='imagenet'
+  ),
+  'se_resnet18': functools.partial(
+    ResNet, stage_sizes=(2, 2, 2, 2), block_cls=ResNetBlock, widths=(32, 64, 128, 256), se_ratio=0.25
+  ),
+  'preact_resnet18': functools.partial(
+    ResNet, stage_sizes=(2, 2, 2, 2), block_cls=PreActBlock, widths=(32, 64, 128, 256)
+  ),
+  # The wide ResNets' counts in the literature: WRN-16-4 2.7M and WRN-40-2 2.2M (Zagoruyko &
+  # Komodakis 2016), WRN-28-2 1.5M (Oliver et al. 2018), WRN-22-4 4.3M.
+  'wrn16_4': wide_resnet(16, 4),
+  'wrn22_4': wide_resnet(22, 4),
+  'wrn28_2': wide_resnet(28, 2),
+  'wrn40_2': wide_resnet(40, 2),
+  'se_wrn16_4': functools.partial(wide_resnet(16, 4), se_ratio=0.25),
+  # Huang et al. 2017 report 0.8M for DenseNet-BC (L=100, k=12); their larger ones exceed 5M.
+  'densenet_bc100_k12': functools.partial(DenseNet, depth=100, growth_rate=12),
+  # Not in the paper: its depth with twice the growth rate, wider for accelerators.
+  'densenet_bc100_k24': functools.partial(DenseNet, depth=100, growth_rate=24),
+  # A tiny net for smoke tests and quick CPU runs.
+  'resnet_tiny': functools.partial(ResNet, stage_sizes=(1, 1, 1), block_cls=ResNetBlock, widths=(16, 32, 64)),
 }
 
 # Options off by default (0, False or '': the preset's own) everywhere; an architecture without one
 # still accepts it off.
-SWITCHABLE_OPTIONS = ('dropout_rate', 'block_dropout_rate', 'se_ratio', 'zero_init_residual',
-                      'drop_path_rate', 'dirac_init', 'stem')
+SWITCHABLE_OPTIONS = (
+  'dropout_rate',
+  'block_dropout_rate',
+  'se_ratio',
+  'zero_init_residual',
+  'drop_path_rate',
+  'dirac_init',
+  'stem',
+)
 STEMS = ('cifar', 'whiten', 'imagenet')
 
 
@@ -351,8 +382,9 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   fields = {field.name for field in dataclasses.fields(preset.func)}
   unsupported = sorted(set(options).intersection(SWITCHABLE_OPTIONS) - fields)
   if unsupported:
-    raise ValueError(f'model.name {name!r} ({preset.func.__name__}) has no option {", ".join(unsupported)}; '
-                     "leave it at 0/False/''")
+    raise ValueError(
+      f"model.name {name!r} ({preset.func.__name__}) has no option {', '.join(unsupported)}; leave it at 0/False/''"
+    )
   return preset(num_classes=num_classes, **options)
 
 

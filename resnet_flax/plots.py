@@ -25,8 +25,9 @@ def plot_confusion_matrix(report: dict[str, Any], title: str, path: str):
   axes.set_yticks(range(rows), report['class_names'], fontsize=font_size)
   if max(rows, cols) <= 30:
     for (i, j), count in np.ndenumerate(matrix):
-      axes.text(j, i, str(count), ha='center', va='center', fontsize=7,
-                color='white' if fractions[i, j] > 0.5 else 'black')
+      axes.text(
+        j, i, str(count), ha='center', va='center', fontsize=7, color='white' if fractions[i, j] > 0.5 else 'black'
+      )
   axes.set_xlabel('predicted class')
   axes.set_ylabel('true class')
   axes.set_title(f'{title}\naccuracy {report["accuracy"]:.2%} of {report["num_examples"]:,} images')
@@ -53,18 +54,26 @@ def plot_per_class(report: dict[str, Any], title: str, path: str):
 def write_training_curves(workdir: str, steps_per_epoch: int) -> str | None:
   """`<workdir>/training_curves.png`: loss, accuracy and learning rate against epochs, from TensorBoard."""
   scalars = writers.read_scalars(workdir)
-  panels = {'loss': ('train_loss', 'eval_loss'), 'accuracy': ('train_accuracy', 'eval_accuracy'),
-            'learning rate': ('train_learning_rate',)}
+  panels = {
+    'loss': ('train_loss', 'eval_loss'),
+    'accuracy': ('train_accuracy', 'eval_accuracy'),
+    'learning rate': ('train_learning_rate',),
+  }
   if not any(tag in scalars for tags in panels.values() for tag in tags):
     logging.info('No training scalars in %s: no training_curves.png', workdir)
     return None
   figure = Figure(figsize=(15, 4), layout='constrained')
-  for axes, (name, tags) in zip(figure.subplots(1, 3), panels.items()):
+  for axes, (name, tags) in zip(figure.subplots(1, 3), panels.items(), strict=True):
     for tag in tags:
       if tag in scalars:
-        steps, values = zip(*scalars[tag])
-        axes.plot(np.array(steps) / steps_per_epoch, values, label=tag.replace('_', ' '),
-                  marker='o' if tag.startswith('eval') else None, markersize=3)
+        steps, values = zip(*scalars[tag], strict=True)
+        axes.plot(
+          np.array(steps) / steps_per_epoch,
+          values,
+          label=tag.replace('_', ' '),
+          marker='o' if tag.startswith('eval') else None,
+          markersize=3,
+        )
     axes.set_xlabel('epoch')
     axes.set_title(name)
     axes.grid(alpha=0.3)

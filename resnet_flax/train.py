@@ -6,14 +6,14 @@ batch, so BN is synchronised across devices for free. Everything random is a pur
 of (seed, step, example index), so a resumed run is bit-identical to an uninterrupted one.
 """
 
-
 import dataclasses
 import functools
 import json
 import os
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -23,10 +23,21 @@ import optax
 from absl import logging
 from clu import metrics, parameter_overview
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from resnet_flax import (augment, checkpoint, config_checks, data, input_pipeline, mixing, models, preemption,
-                         plots, writers)
+from resnet_flax import (
+  augment,
+  checkpoint,
+  config_checks,
+  data,
+  input_pipeline,
+  mixing,
+  models,
+  plots,
+  preemption,
+  writers,
+)
 from resnet_flax.errors import BudgetError, ConfigError, NonFiniteError
 
 WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
@@ -62,9 +73,16 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.ResNet:
   return models.create_model(
-      config.model.name, num_classes, dtype=compute_dtype(config), dropout_rate=config.model.dropout_rate,
-      se_ratio=config.model.se_ratio, zero_init_residual=config.model.zero_init_residual,
-      drop_path_rate=config.model.drop_path_rate, dirac_init=config.model.dirac_init, stem=config.model.stem)
+    config.model.name,
+    num_classes,
+    dtype=compute_dtype(config),
+    dropout_rate=config.model.dropout_rate,
+    se_ratio=config.model.se_ratio,
+    zero_init_residual=config.model.zero_init_residual,
+    drop_path_rate=config.model.drop_path_rate,
+    dirac_init=config.model.dirac_init,
+    stem=config.model.stem,
+  )
 
 
 def set_patch_whitening(variables, images, mean, std, num_images: int = WHITENING_IMAGES):
@@ -81,8 +99,10 @@ def check_param_budget(params, max_params: int) -> int:
   """Logs the parameter overview; raises BudgetError over budget. Returns the count."""
   count = models.count_params(params)
   if count > max_params:
-    raise BudgetError(f'the model has {count:,} trainable parameters, over the budget of {max_params:,}; '
-                      f'raise it with --config.model.max_params={count} or choose a smaller model.name')
+    raise BudgetError(
+      f'the model has {count:,} trainable parameters, over the budget of {max_params:,}; '
+      f'raise it with --config.model.max_params={count} or choose a smaller model.name'
+    )
   return count
 
 
@@ -115,21 +135,26 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn: optax.
   """
   optim = config.optim
   bias_lr = lambda step: optim.bn_bias_lr_multiplier * learning_rate_fn(step)
-  return optax.multi_transform({
+  return optax.multi_transform(
+    {
       'other': _base_optimizer(optim, learning_rate_fn),
       'bn_scale': optax.set_to_zero() if optim.bn_scale_frozen else _base_optimizer(optim, learning_rate_fn),
       'bn_bias': _base_optimizer(optim, bias_lr),
       'frozen': optax.set_to_zero(),
-  }, param_labels)
+    },
+    param_labels,
+  )
 
 
 def param_labels(params):
   """'frozen' for a whitening stem, 'bn_scale' / 'bn_bias' for BatchNorm parameters, 'other' for the rest."""
+
   def label(path, _):
     if path[0] == models.WHITENING:
       return 'frozen'
     is_norm = any('norm' in part.lower() for part in path[:-1])
     return f'bn_{path[-1]}' if is_norm and path[-1] in ('scale', 'bias') else 'other'
+
   return flax.traverse_util.path_aware_map(label, params)
 
 
@@ -145,17 +170,22 @@ def _base_optimizer(optim: ml_collections.ConfigDict, learning_rate_fn: optax.Sc
   if optim.name == 'adam':
     return optax.chain(decay, optax.adam(learning_rate_fn, optim.b1, optim.b2))
   if optim.decoupled_weight_decay:
-    return optax.chain(optax.trace(decay=optim.momentum, nesterov=optim.nesterov), decay,
-                       optax.scale_by_learning_rate(learning_rate_fn))
+    return optax.chain(
+      optax.trace(decay=optim.momentum, nesterov=optim.nesterov), decay, optax.scale_by_learning_rate(learning_rate_fn)
+    )
   return optax.chain(decay, optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov))
 
 
 def create_train_state(model: models.ResNet, variables, tx, ema: bool = False) -> TrainState:
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'], tx=tx,
-                           nonfinite_steps=jnp.zeros((), jnp.int32),
-                           first_nonfinite_step=jnp.full((), -1, jnp.int32),
-                           ema=jax.tree.map(jnp.copy, dict(variables)) if ema else None)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=tx,
+    nonfinite_steps=jnp.zeros((), jnp.int32),
+    first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    ema=jax.tree.map(jnp.copy, dict(variables)) if ema else None,
+  )
 
 
 def update_ema(ema, params, batch_stats, decay: float):
@@ -182,8 +212,17 @@ def cross_entropy(logits, targets, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), optax.smooth_labels(targets, label_smoothing))
 
 
-def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict, learning_rate_fn,
-               mean, std, num_classes: int, steps_per_epoch: int):
+def train_step(
+  state: TrainState,
+  batch,
+  *,
+  config: ml_collections.ConfigDict,
+  learning_rate_fn,
+  mean,
+  std,
+  num_classes: int,
+  steps_per_epoch: int,
+):
   """One step on a uint8 batch; augmentation, forward, backward and update in one program."""
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
@@ -193,14 +232,20 @@ def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict, l
   images = augment.augment_batch(images, augment_key, config.augment, mean, std)
   targets = jax.nn.one_hot(batch['label'], num_classes)
   if config.augment.mixup_alpha or config.augment.cutmix_alpha:
-    images, targets = mixing.mix_batch(images, batch['label'], mix_key, num_classes=num_classes,
-                                       mixup_alpha=config.augment.mixup_alpha,
-                                       cutmix_alpha=config.augment.cutmix_alpha)
+    images, targets = mixing.mix_batch(
+      images,
+      batch['label'],
+      mix_key,
+      num_classes=num_classes,
+      mixup_alpha=config.augment.mixup_alpha,
+      cutmix_alpha=config.augment.cutmix_alpha,
+    )
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    logits, updates = state.apply_fn(variables, images, train=True, mutable=['batch_stats'],
-                                     rngs={'dropout': dropout_key})
+    logits, updates = state.apply_fn(
+      variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key}
+    )
     loss = cross_entropy(logits, targets, config.optim.label_smoothing).mean()
     return loss, (logits, updates['batch_stats'])
 
@@ -213,7 +258,8 @@ def train_step(state: TrainState, batch, *, config: ml_collections.ConfigDict, l
     new_state = new_state.replace(ema=update_ema(state.ema, new_state.params, batch_stats, config.ema_decay))
   new_state = skip_if_nonfinite(state, new_state, loss, grads)
   step_metrics = TrainMetrics.single_from_model_output(
-      loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step))
+    loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step)
+  )
   return new_state, step_metrics
 
 
@@ -245,16 +291,16 @@ def skip_if_nonfinite(old: TrainState, new: TrainState, loss, grads) -> TrainSta
   finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
   kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   first = jnp.where(~finite & (old.first_nonfinite_step < 0), old.step + 1, old.first_nonfinite_step)
-  return kept.replace(step=new.step, nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32),
-                      first_nonfinite_step=first)
+  return kept.replace(
+    step=new.step, nonfinite_steps=old.nonfinite_steps + (~finite).astype(jnp.int32), first_nonfinite_step=first
+  )
 
 
 def eval_step(state: TrainState, batch, *, mean, std, num_classes: int):
   images = augment.normalize(batch['image'], mean, std)
   logits = state.apply_fn(state.eval_variables(), images, train=False)
   loss = cross_entropy(logits, jax.nn.one_hot(batch['label'], num_classes))
-  return EvalMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch['label'],
-                                              mask=batch["mask"])
+  return EvalMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch['label'], mask=batch['mask'])
 
 
 def evaluate(eval_fn: Callable, state: TrainState, batches) -> dict[str, float]:
@@ -276,12 +322,24 @@ def jit_steps(config, mesh: Mesh, learning_rate_fn, mean, std, num_classes: int,
   takes stacked batches (`train_steps`); the eval step takes one batch."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   train_fn = jax.jit(
-      functools.partial(train_steps, config=config, learning_rate_fn=learning_rate_fn, mean=mean, std=std,
-                        num_classes=num_classes, steps_per_epoch=steps_per_epoch),
-      in_shardings=(replicated, input_pipeline.stacked_data_sharding(mesh)),
-      out_shardings=(replicated, replicated), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes),
-                    in_shardings=(replicated, sharded), out_shardings=replicated)
+    functools.partial(
+      train_steps,
+      config=config,
+      learning_rate_fn=learning_rate_fn,
+      mean=mean,
+      std=std,
+      num_classes=num_classes,
+      steps_per_epoch=steps_per_epoch,
+    ),
+    in_shardings=(replicated, input_pipeline.stacked_data_sharding(mesh)),
+    out_shardings=(replicated, replicated),
+    donate_argnums=0,
+  )
+  eval_fn = jax.jit(
+    functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes),
+    in_shardings=(replicated, sharded),
+    out_shardings=replicated,
+  )
   return train_fn, eval_fn
 
 
@@ -300,21 +358,29 @@ class Progress:
 
   def log(self, step: int, scalars: dict[str, float]):
     eta = (self.total_steps - step) / max(scalars['steps_per_sec'], 1e-9)
-    logging.info('step %d/%d (%.0f%%) loss %.4f accuracy %.4f lr %.4g | %.1f steps/s, %.0f images/s | ETA %s',
-                 step, self.total_steps, 100 * step / self.total_steps, scalars['loss'], scalars['accuracy'],
-                 scalars['learning_rate'], scalars['steps_per_sec'], scalars['images_per_sec'],
-                 time.strftime('%H:%M:%S', time.gmtime(eta)))
+    logging.info(
+      'step %d/%d (%.0f%%) loss %.4f accuracy %.4f lr %.4g | %.1f steps/s, %.0f images/s | ETA %s',
+      step,
+      self.total_steps,
+      100 * step / self.total_steps,
+      scalars['loss'],
+      scalars['accuracy'],
+      scalars['learning_rate'],
+      scalars['steps_per_sec'],
+      scalars['images_per_sec'],
+      time.strftime('%H:%M:%S', time.gmtime(eta)),
+    )
 
 
 def run_fingerprint(config: ml_collections.ConfigDict, train: data.ImageData) -> dict[str, Any]:
   """What a checkpoint must agree with to be resumed: the model and the data's shape."""
   return {
-      'model.name': config.model.name,
-      'model.se_ratio': config.model.se_ratio,
-      'model.stem': config.model.stem,
-      'image_shape': list(train.images.shape[1:]),
-      'num_classes': len(train.class_names),
-      'class_names': list(train.class_names),
+    'model.name': config.model.name,
+    'model.se_ratio': config.model.se_ratio,
+    'model.stem': config.model.stem,
+    'image_shape': list(train.images.shape[1:]),
+    'num_classes': len(train.class_names),
+    'class_names': list(train.class_names),
   }
 
 
@@ -327,8 +393,10 @@ def check_resumable(workdir: str, fingerprint: dict[str, Any]):
     saved = json.load(f)
   changed = [f'{k}: {saved.get(k)} -> {v}' for k, v in fingerprint.items() if saved.get(k) != v]
   if changed:
-    raise ConfigError(f'workdir {workdir} holds checkpoints of another model or data shape '
-                      f'({"; ".join(changed)}); use a new --workdir or restore those values')
+    raise ConfigError(
+      f'workdir {workdir} holds checkpoints of another model or data shape '
+      f'({"; ".join(changed)}); use a new --workdir or restore those values'
+    )
 
 
 def save_run_files(workdir: str, config: ml_collections.ConfigDict, fingerprint: dict[str, Any]):
@@ -373,14 +441,23 @@ class TrainLoop:
     unlogged_metrics, eval_metrics = [], {}
     steps_per_epoch = self.pipeline.steps_per_epoch
     lengths = input_pipeline.call_lengths(
-        start_step, self.total_steps, config.steps_per_call,
-        (config.log_every_steps, self.eval_every_steps, config.checkpoint_every_steps, steps_per_epoch))
-    logging.info('Training steps %d..%d (%d per epoch) in %d calls of at most %d steps', start_step + 1,
-                 self.total_steps, steps_per_epoch, len(lengths), config.steps_per_call)
+      start_step,
+      self.total_steps,
+      config.steps_per_call,
+      (config.log_every_steps, self.eval_every_steps, config.checkpoint_every_steps, steps_per_epoch),
+    )
+    logging.info(
+      'Training steps %d..%d (%d per epoch) in %d calls of at most %d steps',
+      start_step + 1,
+      self.total_steps,
+      steps_per_epoch,
+      len(lengths),
+      config.steps_per_call,
+    )
     with preemption.StopRequest() as stop:
       batches = self.pipeline.train_batches(start_step, lengths)
       step = start_step
-      for length, batch in zip(lengths, batches):
+      for length, batch in zip(lengths, batches, strict=True):
         state, call_metrics = self.train_fn(state, batch)
         step += length
         unlogged_metrics.append(call_metrics)
@@ -398,11 +475,11 @@ class TrainLoop:
         force_save = is_last or is_eval_step or stopping
         if force_save or self.manager.should_save(step):
           self._check_finite(state)
-          checkpoint.save(self.manager, step, state, metrics=eval_metrics if is_eval_step else None,
-                          force=force_save)
+          checkpoint.save(self.manager, step, state, metrics=eval_metrics if is_eval_step else None, force=force_save)
         if stopping:
-          logging.warning('Stopped by %s at step %d with a checkpoint; rerun the same command to resume.',
-                          stop.signal_name, step)
+          logging.warning(
+            'Stopped by %s at step %d with a checkpoint; rerun the same command to resume.', stop.signal_name, step
+          )
           break
     return eval_metrics
 
@@ -421,8 +498,9 @@ class TrainLoop:
     latest = self.manager.latest_step()
     kept = f'the checkpoint of step {latest} is intact' if latest is not None else 'no checkpoint was saved'
     raise NonFiniteError(
-        f'the loss became non-finite at step {int(state.first_nonfinite_step)} ({kept}); lower '
-        '--config.optim.learning_rate, or pass --config.skip_nonfinite_updates=True to skip such steps')
+      f'the loss became non-finite at step {int(state.first_nonfinite_step)} ({kept}); lower '
+      '--config.optim.learning_rate, or pass --config.skip_nonfinite_updates=True to skip such steps'
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -435,8 +513,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_classes = len(train_split.class_names)
   steps_per_epoch = len(train_split) // config.batch_size
   if steps_per_epoch == 0:
-    raise ConfigError(f'batch_size={config.batch_size} is larger than the {len(train_split)} training images; '
-                      'lower --config.batch_size')
+    raise ConfigError(
+      f'batch_size={config.batch_size} is larger than the {len(train_split)} training images; lower --config.batch_size'
+    )
   total_steps = max(1, round(config.num_epochs * steps_per_epoch))
   eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
@@ -446,8 +525,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   variables = set_patch_whitening(variables, train_split.images, mean, std)
   parameter_overview.log_parameter_overview(variables['params'])
   num_params = check_param_budget(variables['params'], config.model.max_params)
-  logging.info('%s: %s trainable parameters (budget %s)', config.model.name, f'{num_params:,}',
-               f'{config.model.max_params:,}')
+  logging.info(
+    '%s: %s trainable parameters (budget %s)', config.model.name, f'{num_params:,}', f'{config.model.max_params:,}'
+  )
 
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   mesh = create_mesh()
@@ -469,14 +549,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, total_steps)
       return {}
     # What evaluation needs besides the fingerprint, so it works after the training data is gone.
-    save_run_files(workdir, config, {**fingerprint, 'pixel_mean': list(mean), 'pixel_std': list(std),
-                                     'steps_per_epoch': steps_per_epoch})
+    save_run_files(
+      workdir,
+      config,
+      {**fingerprint, 'pixel_mean': list(mean), 'pixel_std': list(std), 'steps_per_epoch': steps_per_epoch},
+    )
     if start_step == 0:
       writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
 
     train_fn, eval_fn = jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps_per_epoch)
-    pipeline = input_pipeline.create_pipeline(config.data.pipeline, train_split, config.batch_size,
-                                              config.seed, mesh)
+    pipeline = input_pipeline.create_pipeline(config.data.pipeline, train_split, config.batch_size, config.seed, mesh)
     evaluate_fn = lambda s: evaluate(eval_fn, s, pipeline.eval_batches(test_split, config.eval_batch_size))
     loop = TrainLoop(config, pipeline, train_fn, evaluate_fn, manager, writer, total_steps, eval_every_steps)
     eval_metrics = loop.run(state, start_step)

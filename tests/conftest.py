@@ -34,10 +34,21 @@ def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple
 
   `process` = (port, num_processes, process_id) starts one process of a multi-process job.
   """
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3', 'PYTHONUNBUFFERED': '1'}
-  command = [sys.executable, 'main.py', f'--workdir={workdir}', '--config=configs/smoke.py',
-             f'--compilation_cache_dir={COMPILATION_CACHE}', *args]
+  env = {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+    'TF_CPP_MIN_LOG_LEVEL': '3',
+    'PYTHONUNBUFFERED': '1',
+  }
+  command = [
+    sys.executable,
+    'main.py',
+    f'--workdir={workdir}',
+    '--config=configs/smoke.py',
+    f'--compilation_cache_dir={COMPILATION_CACHE}',
+    *args,
+  ]
   if process:
     port, count, index = process
     command += [f'--coordinator_address=localhost:{port}', f'--num_processes={count}', f'--process_id={index}']

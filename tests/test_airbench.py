@@ -98,8 +98,10 @@ def test_alternating_flip_shows_each_image_both_ways_every_two_epochs():
   images = np.zeros((num, 1, 2, 1), np.uint8)
   images[:, 0, 1] = 1  # Mirrored, the 1 moves to column 0.
   indices = jnp.arange(num)
-  flipped = [np.asarray(augment.alternating_flip(images, indices, jnp.array(epoch), seed=3))[:, 0, 0, 0] == 1
-             for epoch in range(4)]
+  flipped = [
+    np.asarray(augment.alternating_flip(images, indices, jnp.array(epoch), seed=3))[:, 0, 0, 0] == 1
+    for epoch in range(4)
+  ]
   assert abs(flipped[0].mean() - 0.5) < 5 * np.sqrt(0.25 / num)
   np.testing.assert_array_equal(flipped[1], ~flipped[0])
   np.testing.assert_array_equal(flipped[2], flipped[0])

@@ -59,8 +59,7 @@ def test_normalize_maps_0_and_255_to_the_expected_extremes():
   out = augment.normalize(jnp.asarray(images), mean, std)
   assert out.dtype == jnp.float32 and out.shape == images.shape
   np.testing.assert_allclose(out[..., 0, :], np.broadcast_to(-np.array(mean) / std, (2, 5, 4, 3)), rtol=1e-6)
-  np.testing.assert_allclose(out[..., 1, :], np.broadcast_to((1 - np.array(mean)) / std, (2, 5, 4, 3)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(out[..., 1, :], np.broadcast_to((1 - np.array(mean)) / std, (2, 5, 4, 3)), rtol=1e-6)
 
 
 def test_augment_batch_shapes_dtypes_and_ranges():
@@ -87,7 +86,7 @@ def test_crop_is_the_padded_slice_at_offsets_covering_0_to_2_padding(pad_mode):
   span = range(2 * padding + 1)
   offsets = []
   for crop in crops:
-    matches = [(y, x) for y in span for x in span if np.array_equal(crop, padded[y:y + SIDE, x:x + SIDE])]
+    matches = [(y, x) for y in span for x in span if np.array_equal(crop, padded[y : y + SIDE, x : x + SIDE])]
     assert len(matches) == 1, f'crop is not a slice of the {pad_mode}-padded image'
     offsets.append(matches[0])
   assert set(offsets) == {(y, x) for y in span for x in span}
@@ -184,8 +183,9 @@ def test_augment_batch_under_jit_matches_eager():
   images = np.random.default_rng(4).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
   jitted = jax.jit(lambda x, key: augment.augment_batch(x, key, config, mean, std))
   key = jax.random.key(5)
-  np.testing.assert_allclose(jitted(images, key), augment.augment_batch(images, key, config, mean, std),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    jitted(images, key), augment.augment_batch(images, key, config, mean, std), rtol=1e-6, atol=1e-6
+  )
 
 
 def test_unknown_op_is_a_one_line_value_error():
@@ -195,8 +195,7 @@ def test_unknown_op_is_a_one_line_value_error():
   with pytest.raises(ValueError, match='tuple'):
     augment.validate_ops('crop')
   with pytest.raises(ValueError, match="'blur'"):
-    augment.augment_batch(np.zeros((1, 4, 4, 3), np.uint8), jax.random.key(0), _config(('blur',)),
-                          ZERO_MEAN, UNIT_STD)
+    augment.augment_batch(np.zeros((1, 4, 4, 3), np.uint8), jax.random.key(0), _config(('blur',)), ZERO_MEAN, UNIT_STD)
   augment.validate_ops(augment.OPS)
   augment.validate_ops(())
 
@@ -211,8 +210,14 @@ def test_channel_stats_equals_numpy():
 
 
 def _run_python(code: str, **env) -> str:
-  result = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env})
+  result = subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu', **env},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -234,7 +239,8 @@ def test_augment_works_where_tensorflow_cannot_be_imported():
 
 
 def test_sharded_batch_gives_the_same_result_as_one_device():
-  out = _run_python("""
+  out = _run_python(
+    """
       import jax, numpy as np
       from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
       from configs import default
@@ -247,5 +253,7 @@ def test_sharded_batch_gives_the_same_result_as_one_device():
       sharded = fn(jax.device_put(images, NamedSharding(mesh, P('data'))), jax.random.key(1))
       single = fn(jax.device_put(images, jax.devices()[0]), jax.random.key(1))
       print(len(sharded.sharding.device_set), np.array_equal(np.asarray(sharded), np.asarray(single)))
-      """, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+      """,
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  )
   assert out.strip() == '4 True'

@@ -30,9 +30,12 @@ def _fixtures() -> list[np.ndarray]:
   gradient = np.add.outer(np.arange(SIDE), np.arange(SIDE))[..., None] * np.array([4, 2, 1]) % 256
   few_values = rng.choice(np.array([10, 200], np.uint8), (SIDE, SIDE, 3))
   few_values[..., 2] = 77
-  return [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8),
-          rng.integers(60, 121, (SIDE, SIDE, 3), dtype=np.uint8),
-          gradient.astype(np.uint8), few_values]
+  return [
+    rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8),
+    rng.integers(60, 121, (SIDE, SIDE, 3), dtype=np.uint8),
+    gradient.astype(np.uint8),
+    few_values,
+  ]
 
 
 FIXTURES = _fixtures()
@@ -51,10 +54,10 @@ def _pil_affine(image: np.ndarray, coefficients) -> np.ndarray:
 
 
 ENHANCERS = {
-    'brightness': (augment.brightness, ImageEnhance.Brightness),
-    'color': (augment.color, ImageEnhance.Color),
-    'contrast': (augment.contrast, ImageEnhance.Contrast),
-    'sharpness': (augment.sharpness, ImageEnhance.Sharpness),
+  'brightness': (augment.brightness, ImageEnhance.Brightness),
+  'color': (augment.color, ImageEnhance.Color),
+  'contrast': (augment.contrast, ImageEnhance.Contrast),
+  'sharpness': (augment.sharpness, ImageEnhance.Sharpness),
 }
 
 
@@ -68,10 +71,13 @@ def test_enhance_ops_equal_pil_exactly(name):
       assert _differences(jitted(image, factor), reference).max() == 0, (name, factor)
 
 
-@pytest.mark.parametrize('name, ours, pil_op', [
+@pytest.mark.parametrize(
+  'name, ours, pil_op',
+  [
     ('invert', augment.invert, ImageOps.invert),
     ('equalize', augment.equalize, ImageOps.equalize),
-])
+  ],
+)
 def test_unary_ops_equal_pil_exactly(name, ours, pil_op):
   for image in FIXTURES:
     assert _differences(jax.jit(ours)(image), pil_op(Image.fromarray(image))).max() == 0, name
@@ -99,8 +105,9 @@ def _shifted(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
   """The image moved down by `rows` and right by `cols`, FILL where nothing came in."""
   height, width, _ = image.shape
   out = np.full_like(image, FILL)
-  out[max(rows, 0):height + min(rows, 0), max(cols, 0):width + min(cols, 0)] = (
-      image[max(-rows, 0):height - max(rows, 0), max(-cols, 0):width - max(cols, 0)])
+  out[max(rows, 0) : height + min(rows, 0), max(cols, 0) : width + min(cols, 0)] = image[
+    max(-rows, 0) : height - max(rows, 0), max(-cols, 0) : width - max(cols, 0)
+  ]
   return out
 
 
@@ -135,9 +142,11 @@ def test_rotate_quarter_and_half_turns_are_exact_and_counter_clockwise():
 
 def test_geometric_ops_agree_with_pil():
   pil_rotate = lambda image, degrees: np.asarray(Image.fromarray(image).rotate(degrees, fillcolor=(FILL,) * 3))
-  cases = [(augment.rotate, pil_rotate, d) for d in (30, -12.5, 77)] + [
-      (augment.shear_x, lambda image, m: _pil_affine(image, (1, m, 0, 0, 1, 0)), m) for m in (0.3, -0.99)] + [
-      (augment.shear_y, lambda image, m: _pil_affine(image, (1, 0, 0, m, 1, 0)), m) for m in (0.3, -0.99)]
+  cases = (
+    [(augment.rotate, pil_rotate, d) for d in (30, -12.5, 77)]
+    + [(augment.shear_x, lambda image, m: _pil_affine(image, (1, m, 0, 0, 1, 0)), m) for m in (0.3, -0.99)]
+    + [(augment.shear_y, lambda image, m: _pil_affine(image, (1, 0, 0, m, 1, 0)), m) for m in (0.3, -0.99)]
+  )
   for ours, reference, parameter in cases:
     for image in FIXTURES[:3]:
       mismatched = np.any(_differences(ours(image, parameter), reference(image, parameter)) > 0, axis=-1)

@@ -14,36 +14,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # script: paths into its JSON 'results' that must be there.
 EXPECTED_RESULTS = {
-    'throughput': [
-        ('resnet_tiny', 'jax', 'step_images_per_sec', 'median'),
-        ('resnet_tiny', 'jax', 'pipeline_images_per_sec', 'median'),
-        ('resnet_tiny', 'jax', 'scanned_pipeline_images_per_sec', 'median'),
-        ('resnet_tiny', 'jax', 'peak_bytes'),
-        ('resnet_tiny', 'jax', 'peak_bytes_with_dataset'),
-        ('resnet_tiny', 'pipeline_over_step'),
-        ('resnet_tiny', 'scanned_pipeline_over_step'),
-        ('resnet_tiny', 'torch'),  # None where torch is not installed.
-    ],
-    'loop_overhead': [
-        ('bare_step_images_per_sec', 'median'),
-        ('loop_images_per_sec', 'median'),
-        ('loop_over_bare',),
-    ],
-    'data_throughput': [
-        ('tfdata_images_per_sec_one_core', 'median'),
-        ('augment_over_step', 'median'),
-    ],
-    'augment_cost': [
-        ('crop+flip', 'step_seconds', 'median'),
-        ('trivialaugment+cutout+mixup/cutmix', 'slowdown_vs_crop_flip'),  # --tiny: only these two.
-    ],
-    'time_to_accuracy': [
-        ('runs', 0, 'train_s'),
-        ('summary', 'train_s', 'mean'),
-        ('summary', 'compile_s', 'mean'),
-        ('summary', 'accuracy', 'mean'),
-        ('summary', 'accuracy', 'std'),
-    ],
+  'throughput': [
+    ('resnet_tiny', 'jax', 'step_images_per_sec', 'median'),
+    ('resnet_tiny', 'jax', 'pipeline_images_per_sec', 'median'),
+    ('resnet_tiny', 'jax', 'scanned_pipeline_images_per_sec', 'median'),
+    ('resnet_tiny', 'jax', 'peak_bytes'),
+    ('resnet_tiny', 'jax', 'peak_bytes_with_dataset'),
+    ('resnet_tiny', 'pipeline_over_step'),
+    ('resnet_tiny', 'scanned_pipeline_over_step'),
+    ('resnet_tiny', 'torch'),  # None where torch is not installed.
+  ],
+  'loop_overhead': [
+    ('bare_step_images_per_sec', 'median'),
+    ('loop_images_per_sec', 'median'),
+    ('loop_over_bare',),
+  ],
+  'data_throughput': [
+    ('tfdata_images_per_sec_one_core', 'median'),
+    ('augment_over_step', 'median'),
+  ],
+  'augment_cost': [
+    ('crop+flip', 'step_seconds', 'median'),
+    ('trivialaugment+cutout+mixup/cutmix', 'slowdown_vs_crop_flip'),  # --tiny: only these two.
+  ],
+  'time_to_accuracy': [
+    ('runs', 0, 'train_s'),
+    ('summary', 'train_s', 'mean'),
+    ('summary', 'compile_s', 'mean'),
+    ('summary', 'accuracy', 'mean'),
+    ('summary', 'accuracy', 'std'),
+  ],
 }
 
 
@@ -51,8 +51,14 @@ EXPECTED_RESULTS = {
 @pytest.mark.parametrize('script', EXPECTED_RESULTS)
 def test_benchmark_runs_tiny_and_writes_results(script, tmp_path):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
-  run = subprocess.run([sys.executable, f'benchmarks/{script}.py', '--tiny', f'--output_dir={tmp_path}'], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
+  run = subprocess.run(
+    [sys.executable, f'benchmarks/{script}.py', '--tiny', f'--output_dir={tmp_path}'],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert run.returncode == 0, run.stdout + run.stderr
   assert 'results: ' in run.stdout
   [path] = tmp_path.glob(f'{script}_cpu_*_tiny.json')

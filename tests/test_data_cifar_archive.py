@@ -17,10 +17,10 @@ PER_BATCH, TEST_SIZE = 7, 5
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]
 
 
-class Python2Pickler(pickle._Pickler):  # pylint: disable=protected-access
+class Python2Pickler(pickle._Pickler):
   """Writes what Python 2's cPickle wrote: every str and bytes as a py2 `str` (BINSTRING), numpy 1 names."""
 
-  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+  dispatch = dict(pickle._Pickler.dispatch)
 
   def save_py2_str(self, obj):
     data = obj.encode('latin1') if isinstance(obj, str) else obj
@@ -62,26 +62,50 @@ def make_split(rng, n: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 def write_cifar10_python(directory: Path, rng) -> dict:
   directory.mkdir(parents=True)
   class_names = tuple(f'class{i}' for i in range(10))
-  write_pickle(directory / 'batches.meta', {b'label_names': [n.encode() for n in class_names],
-                                            b'num_cases_per_batch': PER_BATCH, b'num_vis': 3072})
+  write_pickle(
+    directory / 'batches.meta',
+    {b'label_names': [n.encode() for n in class_names], b'num_cases_per_batch': PER_BATCH, b'num_vis': 3072},
+  )
   batches = [make_split(rng, PER_BATCH, 10) for _ in range(5)] + [make_split(rng, TEST_SIZE, 10)]
-  for name, (images, labels) in zip([f'data_batch_{i}' for i in range(1, 6)] + ['test_batch'], batches):
-    write_pickle(directory / name, {b'batch_label': f'{name} of 5'.encode(), b'labels': labels.tolist(),
-                                    b'data': planar_rows(images),
-                                    b'filenames': [f'{i}.png'.encode() for i in range(len(labels))]})
-  return {'class_names': class_names, 'train': [np.concatenate(a) for a in zip(*batches[:5])], 'test': batches[5]}
+  for name, (images, labels) in zip([f'data_batch_{i}' for i in range(1, 6)] + ['test_batch'], batches, strict=True):
+    write_pickle(
+      directory / name,
+      {
+        b'batch_label': f'{name} of 5'.encode(),
+        b'labels': labels.tolist(),
+        b'data': planar_rows(images),
+        b'filenames': [f'{i}.png'.encode() for i in range(len(labels))],
+      },
+    )
+  return {
+    'class_names': class_names,
+    'train': [np.concatenate(a) for a in zip(*batches[:5], strict=True)],
+    'test': batches[5],
+  }
 
 
 def write_cifar100_python(directory: Path, rng) -> dict:
   directory.mkdir(parents=True)
   class_names = tuple(f'fine{i:02d}' for i in range(100))
-  write_pickle(directory / 'meta', {b'fine_label_names': [n.encode() for n in class_names],
-                                    b'coarse_label_names': [f'coarse{i}'.encode() for i in range(20)]})
+  write_pickle(
+    directory / 'meta',
+    {
+      b'fine_label_names': [n.encode() for n in class_names],
+      b'coarse_label_names': [f'coarse{i}'.encode() for i in range(20)],
+    },
+  )
   splits = {'train': make_split(rng, 11, 100), 'test': make_split(rng, TEST_SIZE, 100)}
   for name, (images, labels) in splits.items():
-    write_pickle(directory / name, {b'batch_label': name.encode(), b'fine_labels': labels.tolist(),
-                                    b'coarse_labels': (labels // 5).tolist(), b'data': planar_rows(images),
-                                    b'filenames': [f'{i}.png'.encode() for i in range(len(labels))]})
+    write_pickle(
+      directory / name,
+      {
+        b'batch_label': name.encode(),
+        b'fine_labels': labels.tolist(),
+        b'coarse_labels': (labels // 5).tolist(),
+        b'data': planar_rows(images),
+        b'filenames': [f'{i}.png'.encode() for i in range(len(labels))],
+      },
+    )
   return {'class_names': class_names, **splits}
 
 
@@ -90,17 +114,23 @@ def write_cifar10_binary(directory: Path, rng) -> dict:
   class_names = tuple(f'class{i}' for i in range(10))
   (directory / 'batches.meta.txt').write_text('\n'.join(class_names) + '\n\n')  # As official: blank line last.
   batches = [make_split(rng, PER_BATCH, 10) for _ in range(5)] + [make_split(rng, TEST_SIZE, 10)]
-  for name, (images, labels) in zip([f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin'], batches):
+  for name, (images, labels) in zip(
+    [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin'], batches, strict=True
+  ):
     records = np.concatenate([labels.astype(np.uint8)[:, None], planar_rows(images)], axis=1)
     (directory / name).write_bytes(records.tobytes())
-  return {'class_names': class_names, 'train': [np.concatenate(a) for a in zip(*batches[:5])], 'test': batches[5]}
+  return {
+    'class_names': class_names,
+    'train': [np.concatenate(a) for a in zip(*batches[:5], strict=True)],
+    'test': batches[5],
+  }
 
 
 # Official extracted-directory name, official archive name, writer, data.name.
 FORMATS = {
-    'cifar10_python': ('cifar-10-batches-py', 'cifar-10-python.tar.gz', write_cifar10_python, 'cifar10'),
-    'cifar100_python': ('cifar-100-python', 'cifar-100-python.tar.gz', write_cifar100_python, 'cifar100'),
-    'cifar10_binary': ('cifar-10-batches-bin', 'cifar-10-binary.tar.gz', write_cifar10_binary, 'cifar10'),
+  'cifar10_python': ('cifar-10-batches-py', 'cifar-10-python.tar.gz', write_cifar10_python, 'cifar10'),
+  'cifar100_python': ('cifar-100-python', 'cifar-100-python.tar.gz', write_cifar100_python, 'cifar100'),
+  'cifar10_binary': ('cifar-10-batches-bin', 'cifar-10-binary.tar.gz', write_cifar10_binary, 'cifar10'),
 }
 
 
@@ -155,8 +185,11 @@ def test_pickles_are_python2_style_and_load_with_both_encodings(tmp_path):
 
 def test_wrong_data_name_says_which_to_set(tmp_path):
   path, _ = make_archive(tmp_path, 'cifar100_python', 'tar.gz')
-  with pytest.raises(DataError, match=r'holds the CIFAR-100 python version but data.name=.cifar10.: '
-                                      r'set --config.data.name=cifar100$'):
+  with pytest.raises(
+    DataError,
+    match=r'holds the CIFAR-100 python version but data.name=.cifar10.: '
+    r'set --config.data.name=cifar100$',
+  ):
     cifar_archive.load(data_config(path, 'cifar10'))
 
 
@@ -176,9 +209,12 @@ def test_a_parent_holding_two_copies_asks_for_one(tmp_path):
 
 def test_an_unrecognised_directory_lists_the_accepted_layouts(tmp_path):
   (tmp_path / 'notes.txt').write_text('not CIFAR')
-  with pytest.raises(DataError, match='holds no CIFAR archive: expected cifar-10-python.tar.gz, cifar-10-batches-py/, '
-                                      r'cifar-100-python.tar.gz, cifar-100-python/, cifar-10-binary.tar.gz or '
-                                      r'cifar-10-batches-bin/ \(or a directory holding one of them\)$'):
+  with pytest.raises(
+    DataError,
+    match='holds no CIFAR archive: expected cifar-10-python.tar.gz, cifar-10-batches-py/, '
+    r'cifar-100-python.tar.gz, cifar-100-python/, cifar-10-binary.tar.gz or '
+    r'cifar-10-batches-bin/ \(or a directory holding one of them\)$',
+  ):
     cifar_archive.load(data_config(tmp_path))
 
 

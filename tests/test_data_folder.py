@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from configs import default
 from resnet_flax.data import DataError, folder
@@ -35,9 +35,12 @@ def random_pixels(rng, size=(8, 8)) -> np.ndarray:
 def make_folder(root: Path, classes: dict[str, dict[str, int]], seed: int = 0) -> dict[str, np.ndarray]:
   """Writes `classes[split][class]` random 8x8 PNGs per class; returns their pixels by path."""
   rng = np.random.default_rng(seed)
-  return {str(path): write_image(path, random_pixels(rng))
-          for split, counts in classes.items() for name, count in counts.items()
-          for path in [root / split / name / f'{i:03d}.png' for i in range(count)]}
+  return {
+    str(path): write_image(path, random_pixels(rng))
+    for split, counts in classes.items()
+    for name, count in counts.items()
+    for path in [root / split / name / f'{i:03d}.png' for i in range(count)]
+  }
 
 
 @pytest.fixture
@@ -62,8 +65,12 @@ def decode_calls(monkeypatch) -> list[int]:
 
 def expected_split(root: Path, split: str, pixels: dict[str, np.ndarray], class_names) -> tuple:
   """Images and labels in class-then-file-name order, built without the code under test."""
-  paths = [str(root / split / name / file) for name in class_names if (root / split / name).is_dir()
-           for file in sorted(os.listdir(root / split / name))]
+  paths = [
+    str(root / split / name / file)
+    for name in class_names
+    if (root / split / name).is_dir()
+    for file in sorted(os.listdir(root / split / name))
+  ]
   return np.stack([pixels[p] for p in paths]), np.array([class_names.index(Path(p).parent.name) for p in paths])
 
 
@@ -105,20 +112,31 @@ def truncate(path: Path):
   path.write_bytes(path.read_bytes()[:60])
 
 
-@pytest.mark.parametrize('break_folder, message', [
+@pytest.mark.parametrize(
+  'break_folder, message',
+  [
     (lambda root: os.rename(root / 'test', root / 'val'), '{root}/test does not exist'),
     (empty_the_test_split, '{root}/test has no class subdirectories'),
     (lambda root: (root / 'train' / 'empty').mkdir(), '{root}/train/empty has no .jpg/.jpeg/.png images'),
-    (lambda root: write_image(root / 'test' / 'wasp' / 'a.png', np.zeros((8, 8, 3), np.uint8)),
-     "{root}/test has classes ['wasp'] that {root}/train lacks"),
-    (lambda root: write_image(root / 'train' / 'moth' / 'big.png', np.zeros((30, 40, 3), np.uint8)),
-     '{root}/train/moth/big.png is 40x30 pixels but {root}/train/ant/000.png is 8x8'),
-    (lambda root: write_image(root / 'test' / 'ant' / 'wide.png', np.zeros((8, 9, 3), np.uint8)),
-     '{root}/test/ant/wide.png is 9x8 pixels but {root}/train/ant/000.png is 8x8'),
-    (lambda root: (root / 'train' / 'ant' / 'broken.jpg').write_bytes(b'\xff\xd8 not really a JPEG'),
-     'cannot decode {root}/train/ant/broken.jpg'),
+    (
+      lambda root: write_image(root / 'test' / 'wasp' / 'a.png', np.zeros((8, 8, 3), np.uint8)),
+      "{root}/test has classes ['wasp'] that {root}/train lacks",
+    ),
+    (
+      lambda root: write_image(root / 'train' / 'moth' / 'big.png', np.zeros((30, 40, 3), np.uint8)),
+      '{root}/train/moth/big.png is 40x30 pixels but {root}/train/ant/000.png is 8x8',
+    ),
+    (
+      lambda root: write_image(root / 'test' / 'ant' / 'wide.png', np.zeros((8, 9, 3), np.uint8)),
+      '{root}/test/ant/wide.png is 9x8 pixels but {root}/train/ant/000.png is 8x8',
+    ),
+    (
+      lambda root: (root / 'train' / 'ant' / 'broken.jpg').write_bytes(b'\xff\xd8 not really a JPEG'),
+      'cannot decode {root}/train/ant/broken.jpg',
+    ),
     (lambda root: truncate(root / 'test' / 'moth' / '001.png'), 'cannot decode {root}/test/moth/001.png'),
-])
+  ],
+)
 def test_errors_name_the_problem_in_one_line(small_folder, break_folder, message):
   root, _ = small_folder
   break_folder(root)

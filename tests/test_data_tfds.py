@@ -23,20 +23,20 @@ def data_config(path, name='cifar10'):
 
 def tiny_examples(n: int, seed: int) -> list[dict]:
   rng = np.random.default_rng(seed)
-  return [{'image': rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), 'label': i % len(TINY_CLASSES)}
-          for i in range(n)]
+  return [{'image': rng.integers(0, 256, (4, 5, 3), dtype=np.uint8), 'label': i % len(TINY_CLASSES)} for i in range(n)]
 
 
 def prepare_tiny_dataset(data_dir: Path, splits: dict[str, list[dict]]):
   """Writes a prepared tfds dataset 'tiny_images' into `data_dir`, as `download_and_prepare` would."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   class TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version('1.0.0')
 
     def _info(self):
-      features = tfds.features.FeaturesDict({'image': tfds.features.Image(shape=(4, 5, 3)),
-                                             'label': tfds.features.ClassLabel(names=TINY_CLASSES)})
+      features = tfds.features.FeaturesDict(
+        {'image': tfds.features.Image(shape=(4, 5, 3)), 'label': tfds.features.ClassLabel(names=TINY_CLASSES)}
+      )
       return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
@@ -46,11 +46,13 @@ def prepare_tiny_dataset(data_dir: Path, splits: dict[str, list[dict]]):
       yield from enumerate(examples)
 
   TinyImages(data_dir=data_dir).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+  )
 
 
-@pytest.mark.parametrize('name, archive', [('cifar10', 'cifar-10-python.tar.gz'),
-                                           ('cifar100', 'cifar-100-python.tar.gz')])
+@pytest.mark.parametrize(
+  'name, archive', [('cifar10', 'cifar-10-python.tar.gz'), ('cifar100', 'cifar-100-python.tar.gz')]
+)
 def test_an_empty_data_dir_fails_fast_naming_the_offline_options(tmp_path, name, archive):
   start = time.perf_counter()
   with pytest.raises(DataError) as error:
@@ -89,8 +91,10 @@ def test_a_dataset_without_a_test_split_is_a_data_error(tmp_path):
 
 
 def test_only_loading_from_tfds_imports_tensorflow():
-  code = ('import sys\n'
-          'from resnet_flax.data import cifar_archive, folder, synthetic, tfds_source\n'
-          "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))")
+  code = (
+    'import sys\n'
+    'from resnet_flax.data import cifar_archive, folder, synthetic, tfds_source\n'
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')))"
+  )
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
   assert out.strip() == '[]'

@@ -25,7 +25,11 @@ from resnet_flax.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12
 TEST_SIZE = 200
-SMOKE_ARGS = ['--config=configs/smoke.py', '--config.num_epochs=1', f'--config.data.synthetic_num_classes={NUM_CLASSES}']
+SMOKE_ARGS = [
+  '--config=configs/smoke.py',
+  '--config.num_epochs=1',
+  f'--config.data.synthetic_num_classes={NUM_CLASSES}',
+]
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
@@ -44,10 +48,21 @@ def folder_config(root: Path):
 
 
 def run_main(workdir, *args, devices: int = 1):
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-         'JAX_PLATFORMS': 'cpu', 'TF_CPP_MIN_LOG_LEVEL': '3'}
-  process = subprocess.run([sys.executable, 'main.py', f'--workdir={workdir}', *SMOKE_ARGS, *args], cwd=ROOT,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+  env = {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+    'TF_CPP_MIN_LOG_LEVEL': '3',
+  }
+  process = subprocess.run(
+    [sys.executable, 'main.py', f'--workdir={workdir}', *SMOKE_ARGS, *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=300,
+  )
   return process.returncode, process.stdout
 
 
@@ -91,7 +106,7 @@ def write_png(path: Path, image: np.ndarray):
 
 def image_folder(root: Path, split, classes, unknown_classes=()) -> Path:
   """`root/{train,test}/<class>/`: the test images of `classes`, one train image per class."""
-  for i, (image, label) in enumerate(zip(split.images, split.labels)):
+  for i, (image, label) in enumerate(zip(split.images, split.labels, strict=True)):
     if split.class_names[label] in classes:
       write_png(root / 'test' / split.class_names[label] / f'{i:04d}.png', image)
   for name in unknown_classes:
@@ -130,22 +145,28 @@ def test_four_devices_give_the_report_of_one(workdir, report):
   assert json.loads((report_dir(workdir, smoke_config()) / 'report.json').read_text()) == report
 
 
-@pytest.mark.parametrize('classes', [
+@pytest.mark.parametrize(
+  'classes',
+  [
     [f'class_{i}' for i in range(NUM_CLASSES)],  # The folder sorts them: class_0, class_1, class_10, ...
     ['class_10', 'class_3', 'class_7'],
-])
+  ],
+)
 def test_folder_classes_are_matched_by_name(workdir, report, test_split, tmp_path, classes):
   config = folder_config(image_folder(tmp_path / 'images', test_split, classes))
   folder_report = evaluate.evaluate_checkpoint(config, str(workdir))
-  assert folder_report['class_names'] == sorted(classes) != report['class_names'][:len(classes)]
-  assert folder_report['predicted_class_names'][:len(classes)] == sorted(classes)
+  assert folder_report['class_names'] == sorted(classes) != report['class_names'][: len(classes)]
+  assert folder_report['predicted_class_names'][: len(classes)] == sorted(classes)
   assert folder_report['per_class_accuracy'] == {name: report['per_class_accuracy'][name] for name in sorted(classes)}
   matrix, original = np.array(folder_report['confusion_matrix']), np.array(report['confusion_matrix'])
   columns = [report['predicted_class_names'].index(name) for name in folder_report['predicted_class_names']]
   for i, name in enumerate(folder_report['class_names']):
     np.testing.assert_array_equal(matrix[i], original[report['class_names'].index(name), columns])
-  assert folder_report['num_examples'] == matrix.sum() == np.isin(
-      np.array(test_split.class_names)[test_split.labels], classes).sum()
+  assert (
+    folder_report['num_examples']
+    == matrix.sum()
+    == np.isin(np.array(test_split.class_names)[test_split.labels], classes).sum()
+  )
   assert folder_report['accuracy'] == np.trace(matrix) / matrix.sum()
   assert report_dir(workdir, config) != report_dir(workdir, smoke_config())
 
@@ -160,8 +181,9 @@ def test_no_checkpoint_is_one_clear_line(tmp_path):
   returncode, output = run_main(tmp_path, '--mode=evaluate')
   assert returncode != 0
   assert output.strip().splitlines()[-1] == (
-      f'error: {tmp_path} has no checkpoint to evaluate: train first with --mode=train --workdir={tmp_path}, '
-      'or point --workdir at a trained run')
+    f'error: {tmp_path} has no checkpoint to evaluate: train first with --mode=train --workdir={tmp_path}, '
+    'or point --workdir at a trained run'
+  )
 
 
 def test_tta_averages_the_softmax_of_the_views(workdir, restored, test_split):
@@ -170,8 +192,9 @@ def test_tta_averages_the_softmax_of_the_views(workdir, restored, test_split):
   mirrored = data.ImageData(test_split.images[:, :, ::-1], test_split.labels, test_split.class_names)
   mirrored_logits = evaluate.forward(restored_run, mirrored, 64, 'none', mesh)['logits']
   expected = (np.exp(evaluate.log_softmax(plain)) + np.exp(evaluate.log_softmax(mirrored_logits))) / 2
-  np.testing.assert_allclose(evaluate.forward(restored_run, test_split, 64, 'flip', mesh)['tta_probabilities'],
-                             expected, atol=1e-6)
+  np.testing.assert_allclose(
+    evaluate.forward(restored_run, test_split, 64, 'flip', mesh)['tta_probabilities'], expected, atol=1e-6
+  )
   report = evaluate.evaluate_checkpoint(smoke_config(tta='flip'), str(workdir))
   assert report['tta'] == 'flip' and report['tta_views'] == 2
   assert report['tta_accuracy'] == np.mean(expected.argmax(axis=1) == test_split.labels)
@@ -185,8 +208,7 @@ def test_translated_views_move_the_image_one_pixel_each_way():
   assert len(set(evaluate.TTA_VIEWS['flip+translate'])) == 6
 
 
-def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, restored, test_split, tmp_path,
-                                                                     capsys):
+def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, restored, test_split, tmp_path, capsys):
   restored_run, mesh = restored
   for i in range(5):
     write_png(tmp_path / 'images' / f'{i}.png', test_split.images[i])
@@ -194,7 +216,7 @@ def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, r
   rows = evaluate.run_predict(smoke_config(), str(workdir), [str(tmp_path / 'images')], 3, str(output))
   logits = evaluate.forward(restored_run, test_split, 64, 'none', mesh)['logits'][:5]
   assert [row['path'] for row in rows] == [str(tmp_path / 'images' / f'{i}.png') for i in range(5)]
-  for row, example_logits in zip(rows, logits):
+  for row, example_logits in zip(rows, logits, strict=True):
     probabilities = [t['probability'] for t in row['top_k']]
     assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
     assert sum(probabilities) <= 1 + 1e-6
@@ -211,7 +233,7 @@ def test_predict_names_an_image_of_another_size(workdir, tmp_path):
 
 
 def test_training_curves_are_drawn_from_tensorboard(workdir, report, tmp_path):
-  assert is_png(workdir / "training_curves.png")  # Written at the end of training and by evaluation.
+  assert is_png(workdir / 'training_curves.png')  # Written at the end of training and by evaluation.
   (workdir / 'training_curves.png').unlink()
   assert plots.write_training_curves(str(workdir), 8) == str(workdir / 'training_curves.png')
   assert is_png(workdir / 'training_curves.png')
@@ -225,8 +247,12 @@ def test_run_json_facts_spare_the_training_data_and_old_config_files_work(workdi
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval', '*.png'))
   run = evaluate.load_trained_run(str(workdir), smoke_config())
   saved = json.loads((copy / 'run.json').read_text())
-  saved.update(class_names=list(run.class_names), pixel_mean=list(run.pixel_mean), pixel_std=list(run.pixel_std),
-               steps_per_epoch=run.steps_per_epoch)
+  saved.update(
+    class_names=list(run.class_names),
+    pixel_mean=list(run.pixel_mean),
+    pixel_std=list(run.pixel_std),
+    steps_per_epoch=run.steps_per_epoch,
+  )
   (copy / 'run.json').write_text(json.dumps(saved))
   config = json.loads((copy / 'config.json').read_text())
   config['data'].update(source='folder', path=str(tmp_path / 'gone'))
@@ -272,5 +298,6 @@ def test_report_names_keep_datasets_apart(tmp_path):
     assert evaluate.report_name(config.data) == evaluate.report_name(folder_config(tmp_path / parent / 'pets').data)
     names.add(evaluate.report_name(config.data))
   names.add(evaluate.report_name(smoke_config().data))
-  assert len(names) == 3 and all(name.startswith('folder-pets-test-') for name in names - {
-      evaluate.report_name(smoke_config().data)})
+  assert len(names) == 3 and all(
+    name.startswith('folder-pets-test-') for name in names - {evaluate.report_name(smoke_config().data)}
+  )

@@ -11,10 +11,17 @@ from resnet_flax import config_checks, train
 from resnet_flax.data import DataError, folder
 from resnet_flax.errors import UserError
 
-VALUES = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-                   st.booleans(), st.none(), st.tuples(st.text(max_size=6)))
-SETTINGS = hypothesis.settings(max_examples=60, deadline=None,
-                               suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+VALUES = st.one_of(
+  st.integers(-(10**6), 10**6),
+  st.floats(allow_nan=True, allow_infinity=True),
+  st.text(max_size=8),
+  st.booleans(),
+  st.none(),
+  st.tuples(st.text(max_size=6)),
+)
+SETTINGS = hypothesis.settings(
+  max_examples=60, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture]
+)
 
 
 def with_value(field: str, value):

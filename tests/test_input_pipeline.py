@@ -38,7 +38,7 @@ def example_ids(batch_list):
 def test_both_pipelines_give_the_same_batches(split):
   tfdata, device = batches('tfdata', split, 0, 20), batches('device', split, 0, 20)
   assert len(tfdata) == len(device) == 20
-  for a, b in zip(tfdata, device):
+  for a, b in zip(tfdata, device, strict=True):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
     np.testing.assert_array_equal(a['index'], b['index'])
@@ -50,11 +50,10 @@ def test_batches_follow_the_epoch_permutation(split):
   ids = example_ids(batches('device', split, 0, 12))
   for epoch in (0, 1):
     perm = np.asarray(input_pipeline.epoch_permutation(3, epoch, NUM_EXAMPLES))
-    epoch_ids = sum(ids[epoch * 6:(epoch + 1) * 6], [])
-    assert epoch_ids == perm[:6 * BATCH].tolist()
+    epoch_ids = sum(ids[epoch * 6 : (epoch + 1) * 6], [])
+    assert epoch_ids == perm[: 6 * BATCH].tolist()
   assert sorted(sum(ids[:6], [])) != sorted(sum(ids[6:], []))  # Each epoch leaves out other examples.
-  np.testing.assert_array_equal(batches('device', split, 0, 1)[0]['label'],
-                                split.labels[ids[0]])
+  np.testing.assert_array_equal(batches('device', split, 0, 1)[0]['label'], split.labels[ids[0]])
 
 
 @pytest.mark.parametrize('name', ['tfdata', 'device'])
@@ -104,7 +103,7 @@ def test_eval_batches_hold_every_example_once_with_a_mask(split):
 
 
 def test_device_pipeline_and_augmentation_run_without_tensorflow():
-  code = '''
+  code = """
 import sys
 sys.modules['tensorflow'] = None  # Any import of TensorFlow now fails.
 import functools, jax, numpy as np
@@ -119,6 +118,6 @@ augment_fn = functools.partial(augment.augment_batch, aug_config=default.get_con
 out = jax.jit(augment_fn)(batch['image'][0], jax.random.key(0))
 assert out.shape == (16, 8, 8, 3) and out.dtype == np.float32
 print('ok')
-'''
+"""
   result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
   assert result.stdout.strip() == 'ok', result.stderr

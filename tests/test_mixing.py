@@ -113,8 +113,9 @@ def test_both_alphas_choose_mixup_or_cutmix_half_the_time():
 def test_no_mixing_when_both_alphas_are_zero_or_prob_is_zero():
   images, labels = _labelled_batch()
   for alphas, prob in (((0.0, 0.0), 1.0), ((1.0, 1.0), 0.0)):
-    mixed, targets = _mix(images, labels, 0, num_classes=BATCH, mixup_alpha=alphas[0], cutmix_alpha=alphas[1],
-                          prob=prob)
+    mixed, targets = _mix(
+      images, labels, 0, num_classes=BATCH, mixup_alpha=alphas[0], cutmix_alpha=alphas[1], prob=prob
+    )
     np.testing.assert_array_equal(mixed, images)
     np.testing.assert_array_equal(targets, np.eye(BATCH, dtype=np.float32))
 

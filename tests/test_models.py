@@ -17,18 +17,17 @@ BUDGET = 5_000_000
 # WRN-40-2 2.2 (Zagoruyko & Komodakis 2016), WRN-28-2 1.5 (Oliver et al. 2018), WRN-22-4 4.3 (as commonly
 # quoted), DenseNet-BC L=100 k=12 0.8 (Huang et al. 2017).
 NEW_PRESET_COUNTS = {
-    'se_resnet18': 2_885_850,
-    'preact_resnet18': 2_796_714,
-    'wrn16_4': 2_748_890,
-    'wrn22_4': 4_298_970,
-    'wrn28_2': 1_467_610,
-    'wrn40_2': 2_243_546,
-    'se_wrn16_4': 2_836_026,
-    'densenet_bc100_k12': 769_162,
-    'densenet_bc100_k24': 3_020_506,
+  'se_resnet18': 2_885_850,
+  'preact_resnet18': 2_796_714,
+  'wrn16_4': 2_748_890,
+  'wrn22_4': 4_298_970,
+  'wrn28_2': 1_467_610,
+  'wrn40_2': 2_243_546,
+  'se_wrn16_4': 2_836_026,
+  'densenet_bc100_k12': 769_162,
+  'densenet_bc100_k24': 3_020_506,
 }
-PUBLISHED_MILLIONS = {'wrn16_4': 2.7, 'wrn22_4': 4.3, 'wrn28_2': 1.5, 'wrn40_2': 2.2,
-                      'densenet_bc100_k12': 0.8}
+PUBLISHED_MILLIONS = {'wrn16_4': 2.7, 'wrn22_4': 4.3, 'wrn28_2': 1.5, 'wrn40_2': 2.2, 'densenet_bc100_k12': 0.8}
 TRAIN_PY_KWARGS = dict(dtype=jnp.float32, dropout_rate=0.0, se_ratio=0.0, zero_init_residual=False)
 
 param_count = functools.cache(models.preset_param_count)
@@ -66,8 +65,9 @@ def _apply(model, variables, x, train=False, capture=False, seed=0):
 def _abstract_intermediates(model, image_shape):
   """Every module's output shape for one image (nothing is computed)."""
   apply = functools.partial(model.apply, train=False, capture_intermediates=True, mutable=['intermediates'])
-  return jax.eval_shape(apply, models.init_variables(model, image_shape),
-                        jnp.zeros((1, *image_shape)))[1]['intermediates']
+  return jax.eval_shape(apply, models.init_variables(model, image_shape), jnp.zeros((1, *image_shape)))[1][
+    'intermediates'
+  ]
 
 
 @functools.cache
@@ -77,8 +77,7 @@ def _tiny_variables():
 
 
 def _small_preact_resnet(**kwargs) -> models.ResNet:
-  return models.ResNet(stage_sizes=(1, 1), block_cls=models.PreActBlock, widths=(8, 16), num_classes=10,
-                       **kwargs)
+  return models.ResNet(stage_sizes=(1, 1), block_cls=models.PreActBlock, widths=(8, 16), num_classes=10, **kwargs)
 
 
 @pytest.mark.parametrize('name, expected', [('resnet18', 2_797_610), ('resnet34', 4_348_082)])
@@ -106,8 +105,7 @@ def test_imagenet_stem_preset_exceeds_the_budget():
 
 
 def test_cli_prints_every_preset_with_thousands_separators():
-  out = subprocess.run([sys.executable, '-m', 'resnet_flax.models'], capture_output=True, text=True,
-                       check=True).stdout
+  out = subprocess.run([sys.executable, '-m', 'resnet_flax.models'], capture_output=True, text=True, check=True).stdout
   lines = dict(line.split() for line in out.strip().splitlines())
   assert set(lines) == set(models.PRESETS)
   assert lines['resnet18'] == '2,797,610' and lines['resnet34'] == '4,348,082'
@@ -169,19 +167,20 @@ def test_preactivation_block_normalises_its_input_and_adds_a_conv_output():
   out = state['intermediates']
   block_in, block = out['stem_conv']['__call__'][0], out['PreActBlock_0']
   # The stem is a bare conv; the block's first op is BN of its input (a fresh BN's running stats: 0, 1).
-  np.testing.assert_allclose(block['BatchNorm_0']['__call__'][0],
-                             block_in / np.sqrt(1 + models.BATCH_NORM_EPSILON), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    block['BatchNorm_0']['__call__'][0], block_in / np.sqrt(1 + models.BATCH_NORM_EPSILON), rtol=1e-5, atol=1e-6
+  )
   # An identity shortcut: what the block adds to its input is its last conv's output.
-  np.testing.assert_allclose(block['__call__'][0] - block_in, block['Conv_1']['__call__'][0],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(block['__call__'][0] - block_in, block['Conv_1']['__call__'][0], rtol=1e-5, atol=1e-5)
   # A final BN-ReLU precedes the pooling and the classifier.
   features = jnp.mean(jax.nn.relu(out['final_norm']['__call__'][0]), axis=(1, 2))
   dense = variables['params']['Dense_0']
   np.testing.assert_allclose(logits, features @ dense['kernel'] + dense['bias'], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('name, depth, k', [('wrn16_4', 16, 4), ('wrn22_4', 22, 4), ('wrn28_2', 28, 2),
-                                            ('wrn40_2', 40, 2)])
+@pytest.mark.parametrize(
+  'name, depth, k', [('wrn16_4', 16, 4), ('wrn22_4', 22, 4), ('wrn28_2', 28, 2), ('wrn40_2', 40, 2)]
+)
 def test_wide_resnet_has_d_minus_4_over_6_blocks_per_stage_of_widths_16k_32k_64k(name, depth, k):
   params = models.init_variables(models.create_model(name, 10), (32, 32, 3))['params']
   n = (depth - 4) // 6
@@ -251,8 +250,7 @@ def test_drop_path_rate_grows_linearly_to_the_last_block(name):
 
 @pytest.mark.parametrize('block_cls', [models.ResNetBlock, models.PreActBlock])
 def test_stochastic_depth_makes_a_block_the_identity_for_the_examples_it_drops(block_cls):
-  model = models.ResNet(stage_sizes=(2,), block_cls=block_cls, widths=(8,), num_classes=10,
-                        drop_path_rate=0.9)
+  model = models.ResNet(stage_sizes=(2,), block_cls=block_cls, widths=(8,), num_classes=10, drop_path_rate=0.9)
   x = _images(32, 8)
   out = _apply(model, _init(model, (8, 8, 3)), x, train=True, capture=True)[1]['intermediates']
   name = block_cls.__name__
@@ -263,9 +261,11 @@ def test_stochastic_depth_makes_a_block_the_identity_for_the_examples_it_drops(b
 
 def _loss_and_grads(model, variables, x):
   def loss(params, batch_stats):
-    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                            mutable=['batch_stats'], rngs={'dropout': _key()})
-    return jnp.mean(logits ** 2), logits
+    logits, _ = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats'], rngs={'dropout': _key()}
+    )
+    return jnp.mean(logits**2), logits
+
   return jax.value_and_grad(loss, has_aux=True)(variables['params'], variables['batch_stats'])
 
 
@@ -279,15 +279,18 @@ def _assert_float32_logits_params_and_grads(variables, logits, grads):
 def test_every_new_preset_traces_forward_and_backward_in_bfloat16(name):
   model = models.create_model(name, 10, **{**TRAIN_PY_KWARGS, 'dtype': jnp.bfloat16})
   variables = models.init_variables(model, (32, 32, 3))
-  (_, logits), grads = jax.eval_shape(functools.partial(_loss_and_grads, model), variables,
-                                      jnp.zeros((2, 32, 32, 3)))
+  (_, logits), grads = jax.eval_shape(functools.partial(_loss_and_grads, model), variables, jnp.zeros((2, 32, 32, 3)))
   _assert_float32_logits_params_and_grads(variables, logits, grads)
 
 
-@pytest.mark.parametrize('model', [
+@pytest.mark.parametrize(
+  'model',
+  [
     _small_preact_resnet(se_ratio=0.25, block_dropout_rate=0.3, drop_path_rate=0.2, dtype=jnp.bfloat16),
     models.DenseNet(depth=10, growth_rate=4, num_classes=10, dtype=jnp.bfloat16),
-], ids=['preact', 'densenet'])
+  ],
+  ids=['preact', 'densenet'],
+)
 def test_small_new_architectures_train_in_bfloat16_with_finite_gradients(model):
   variables = _init(model)
   (loss, logits), grads = _compile(functools.partial(_loss_and_grads, model))(variables, _images(2))

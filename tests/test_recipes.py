@@ -37,7 +37,7 @@ def test_ema_equals_its_closed_form():
   for value in values:
     ema = train.update_ema(ema, {'w': value}, {'m': 2 * value}, decay)
   n = len(values)
-  closed = lambda start, xs: decay**n * start + sum((1 - decay) * decay**(n - 1 - t) * x for t, x in enumerate(xs))
+  closed = lambda start, xs: decay**n * start + sum((1 - decay) * decay ** (n - 1 - t) * x for t, x in enumerate(xs))
   np.testing.assert_allclose(ema['params']['w'], closed(0.0, values), rtol=1e-6)
   np.testing.assert_allclose(ema['batch_stats']['m'], closed(1.0, [2 * v for v in values]), rtol=1e-6)
 
@@ -56,8 +56,9 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
 
 
 def test_step_schedule_multiplies_by_gamma_at_the_given_epochs():
-  fn = train.create_learning_rate_fn(config_with(schedule='step', step_epochs=(4.0, 7.0), step_gamma=0.1),
-                                     steps_per_epoch=10)
+  fn = train.create_learning_rate_fn(
+    config_with(schedule='step', step_epochs=(4.0, 7.0), step_gamma=0.1), steps_per_epoch=10
+  )
   assert np.isclose(fn(10), 0.5) and np.isclose(fn(39), 0.5)
   assert np.isclose(fn(40), 0.05) and np.isclose(fn(69), 0.05) and np.isclose(fn(70), 0.005)
 
@@ -67,12 +68,16 @@ def test_onecycle_schedule_decays_linearly_to_zero():
   assert np.isclose(fn(10), 0.5) and np.isclose(fn(55), 0.25) and np.isclose(fn(100), 0.0)
 
 
-PARAMS = {'Conv_0': {'kernel': jnp.ones((2, 2))}, 'BatchNorm_0': {'scale': jnp.ones(2), 'bias': jnp.ones(2)},
-          'Dense_0': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}}
+PARAMS = {
+  'Conv_0': {'kernel': jnp.ones((2, 2))},
+  'BatchNorm_0': {'scale': jnp.ones(2), 'bias': jnp.ones(2)},
+  'Dense_0': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)},
+}
 
 
-@pytest.mark.parametrize('name, decoupled', [('sgd', False), ('sgd', True), ('sam', False), ('adam', False),
-                                             ('adamw', False)])
+@pytest.mark.parametrize(
+  'name, decoupled', [('sgd', False), ('sgd', True), ('sam', False), ('adam', False), ('adamw', False)]
+)
 def test_weight_decay_shrinks_kernels_only(name, decoupled):
   config = config_with(name=name, weight_decay=0.1, decoupled_weight_decay=decoupled)
   tx = train.create_optimizer(config, lambda step: 0.1)
@@ -88,8 +93,9 @@ def test_decoupled_sgd_weight_decay_stays_out_of_the_momentum():
   grads = jax.tree.map(jnp.zeros_like, PARAMS)
   kernel_after_two_steps = {}
   for decoupled in (False, True):
-    tx = train.create_optimizer(config_with(weight_decay=0.1, decoupled_weight_decay=decoupled, nesterov=False),
-                                lambda step: 1.0)
+    tx = train.create_optimizer(
+      config_with(weight_decay=0.1, decoupled_weight_decay=decoupled, nesterov=False), lambda step: 1.0
+    )
     params, state = PARAMS, tx.init(PARAMS)
     for _ in range(2):
       updates, state = tx.update(grads, state, params)
@@ -108,8 +114,9 @@ def test_label_smoothing_spreads_the_target():
   np.testing.assert_allclose(train.cross_entropy(logits, one_hot, 0.3), [expected], rtol=1e-6)
 
 
-@pytest.mark.parametrize('override', [{'optim.name': 'sam'}, {'optim.name': 'adamw', 'optim.learning_rate': 3e-3},
-                                      {'ema_decay': 0.9}])
+@pytest.mark.parametrize(
+  'override', [{'optim.name': 'sam'}, {'optim.name': 'adamw', 'optim.learning_rate': 3e-3}, {'ema_decay': 0.9}]
+)
 def test_smoke_trains_with_the_option(tmp_path, override):
   config = smoke.get_config()
   config.num_epochs = 1.0

@@ -12,8 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
 from conftest import SMOKE_TOTAL_STEPS, finished_steps, load_checkpoint, run_main, run_smoke
+
 from resnet_flax import preemption, writers
 
 
@@ -90,16 +90,24 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_p
   before = load_checkpoint(tmp_path, 16)
   returncode, output = run_main(tmp_path, '--config.num_epochs=4', '--config.optim.learning_rate=1e30')
   assert returncode == 1
-  assert output.strip().splitlines()[-1].startswith(
-      'error: the loss became non-finite at step 18 (the checkpoint of step 16 is intact)')
+  assert (
+    output.strip()
+    .splitlines()[-1]
+    .startswith('error: the loss became non-finite at step 18 (the checkpoint of step 16 is intact)')
+  )
   assert finished_steps(tmp_path) == [15, 16]
   jax.tree.map(np.testing.assert_array_equal, load_checkpoint(tmp_path, 16)['params'], before['params'])
 
 
 def test_skip_nonfinite_updates_counts_them_and_keeps_training(tmp_path):
   assert run_main(tmp_path)[0] == 0
-  returncode, output = run_main(tmp_path, '--config.num_epochs=3', '--config.optim.learning_rate=1e30',
-                                '--config.skip_nonfinite_updates=True', '--config.log_every_steps=1')
+  returncode, output = run_main(
+    tmp_path,
+    '--config.num_epochs=3',
+    '--config.optim.learning_rate=1e30',
+    '--config.skip_nonfinite_updates=True',
+    '--config.log_every_steps=1',
+  )
   assert returncode == 0, output
   skipped = dict(writers.read_scalars(str(tmp_path))['train_nonfinite_steps'])
   assert skipped[24] >= 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(load_checkpoint(tmp_path, 24)))
@@ -119,8 +127,9 @@ def tiny_disk(tmp_path):
   mount_point = tmp_path / 'tiny_disk'
   mount_point.mkdir()
   # 1 MiB: room for the smoke model's first checkpoint (~0.6 MiB), not for a second.
-  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount_point)],
-                    capture_output=True).returncode:
+  if subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount_point)], capture_output=True
+  ).returncode:
     pytest.skip('cannot mount a small tmpfs here (needs root) to fill a disk')
   yield mount_point
   subprocess.run(['umount', str(mount_point)], check=True)
@@ -138,8 +147,10 @@ def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpo
 
 
 def run_two_processes(workdir, port: int, *args) -> list[subprocess.Popen]:
-  return [run_main(workdir, '--config.log_every_steps=1', *args, devices=2, wait=False, process=(port, 2, i))
-          for i in range(2)]
+  return [
+    run_main(workdir, '--config.log_every_steps=1', *args, devices=2, wait=False, process=(port, 2, i))
+    for i in range(2)
+  ]
 
 
 def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):

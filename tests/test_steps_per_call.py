@@ -5,8 +5,8 @@ import functools
 import jax
 import numpy as np
 import pytest
-
 from conftest import finished_steps, load_checkpoint
+
 from configs import smoke
 from resnet_flax import models, train, writers
 from resnet_flax.errors import ConfigError
@@ -33,27 +33,42 @@ def test_scanned_steps_equal_the_steps_one_by_one():
   config = tiny_smoke_config()
   model = train.create_model(config, NUM_CLASSES)
   learning_rate_fn = train.create_learning_rate_fn(config, STEPS_PER_EPOCH)
-  state = train.create_train_state(model, models.init_variables(model, (SIZE, SIZE, 3), jax.random.key(0)),
-                                   train.create_optimizer(config, learning_rate_fn))
+  state = train.create_train_state(
+    model,
+    models.init_variables(model, (SIZE, SIZE, 3), jax.random.key(0)),
+    train.create_optimizer(config, learning_rate_fn),
+  )
   rng = np.random.default_rng(0)
-  batches = {'image': rng.integers(0, 256, (STEPS, BATCH, SIZE, SIZE, 3), dtype=np.uint8),
-             'label': rng.integers(0, NUM_CLASSES, (STEPS, BATCH)).astype(np.int32),
-             'index': np.tile(np.arange(BATCH, dtype=np.int32), (STEPS, 1))}
-  train_fn = jax.jit(functools.partial(train.train_steps, config=config, learning_rate_fn=learning_rate_fn,
-                                       mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=NUM_CLASSES,
-                                       steps_per_epoch=STEPS_PER_EPOCH))
+  batches = {
+    'image': rng.integers(0, 256, (STEPS, BATCH, SIZE, SIZE, 3), dtype=np.uint8),
+    'label': rng.integers(0, NUM_CLASSES, (STEPS, BATCH)).astype(np.int32),
+    'index': np.tile(np.arange(BATCH, dtype=np.int32), (STEPS, 1)),
+  }
+  train_fn = jax.jit(
+    functools.partial(
+      train.train_steps,
+      config=config,
+      learning_rate_fn=learning_rate_fn,
+      mean=(0.5,) * 3,
+      std=(0.25,) * 3,
+      num_classes=NUM_CLASSES,
+      steps_per_epoch=STEPS_PER_EPOCH,
+    )
+  )
 
   one_by_one, step_metrics = state, []
   for i in range(STEPS):
-    one_by_one, metrics = train_fn(one_by_one, jax.tree.map(lambda x: x[i:i + 1], batches))
+    one_by_one, metrics = train_fn(one_by_one, jax.tree.map(lambda x, i=i: x[i : i + 1], batches))
     step_metrics.append(metrics)
   scanned, scanned_metrics = train_fn(state, batches)
 
   assert int(scanned.step) == int(one_by_one.step) == STEPS
   # The same arithmetic, compiled as a loop body: equal to the last bits or nearly.
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
-               (scanned.params, scanned.batch_stats, scanned.opt_state),
-               (one_by_one.params, one_by_one.batch_stats, one_by_one.opt_state))
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+    (scanned.params, scanned.batch_stats, scanned.opt_state),
+    (one_by_one.params, one_by_one.batch_stats, one_by_one.opt_state),
+  )
   merged = functools.reduce(lambda a, b: a.merge(b), step_metrics).compute()
   for name, value in scanned_metrics.compute().items():
     np.testing.assert_allclose(value, merged[name], rtol=1e-6)
@@ -79,8 +94,11 @@ def test_the_loop_logs_evaluates_and_saves_at_the_same_steps(runs):
   assert [step for step, _ in one['train_loss']] == [6, 12, 16]
   assert finished_steps(runs[4]) == finished_steps(runs[1])
   last = finished_steps(runs[1])[-1]
-  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
-               load_checkpoint(runs[4], last)['params'], load_checkpoint(runs[1], last)['params'])
+  jax.tree.map(
+    functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5),
+    load_checkpoint(runs[4], last)['params'],
+    load_checkpoint(runs[1], last)['params'],
+  )
 
 
 def test_steps_per_call_must_be_positive(tmp_path):

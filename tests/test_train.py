@@ -4,12 +4,12 @@ import json
 import signal
 import time
 
+import conftest
 import jax
 import numpy as np
 import pytest
-
-import conftest
 from conftest import finished_steps, load_checkpoint
+
 from configs import smoke
 from resnet_flax import train, writers
 from resnet_flax.errors import ConfigError
@@ -27,8 +27,7 @@ def test_straight_run_checkpoints_evaluates_and_finishes(straight_run):
 
 def test_tensorboard_holds_train_and_eval_scalars(straight_run):
   scalars = writers.read_scalars(str(straight_run))
-  for tag in ('train_loss', 'train_accuracy', 'train_learning_rate', 'steps_per_sec', 'eval_loss',
-              'eval_accuracy'):
+  for tag in ('train_loss', 'train_accuracy', 'train_learning_rate', 'steps_per_sec', 'eval_loss', 'eval_accuracy'):
     assert tag in scalars, sorted(scalars)
   assert [step for step, _ in scalars['train_loss']] == list(range(1, TOTAL_STEPS + 1))
   assert [step for step, _ in scalars['eval_accuracy']] == list(range(8, TOTAL_STEPS + 1, 8))
@@ -84,12 +83,15 @@ def test_over_budget_model_exits_nonzero_with_one_line(tmp_path):
   assert not finished_steps(tmp_path)
 
 
-@pytest.mark.parametrize('override, message', [
+@pytest.mark.parametrize(
+  'override, message',
+  [
     ('--config.optim.learnin_rate=0.1', "unknown config field 'learnin_rate'; did you mean 'learning_rate'?"),
     ('--config.batch_size=0', '--config.batch_size=0 is invalid: must be > 0'),
     ('--config.optim.learning_rate=fast', "could not convert string to float: 'fast'"),
     ('--config.data.pipeline=gpu', "--config.data.pipeline='gpu' is invalid: choose one of device, tfdata"),
-])
+  ],
+)
 def test_bad_config_is_one_clear_line(tmp_path, override, message):
   returncode, output = run_main(tmp_path, override)
   lines = [l for l in output.strip().splitlines() if not l.startswith(('W', 'I'))]
@@ -98,11 +100,20 @@ def test_bad_config_is_one_clear_line(tmp_path, override, message):
   assert not finished_steps(tmp_path)
 
 
-@pytest.mark.parametrize('source, message', [
-    ('def get_config(:\n', 'the --config file failed to load: SyntaxError: invalid syntax ({path}, line 1); fix the file'),
-    ('def get_config():\n  return 1 / 0\n', 'the --config file failed to load: ZeroDivisionError: division by zero ({path}, line 2)'),
+@pytest.mark.parametrize(
+  'source, message',
+  [
+    (
+      'def get_config(:\n',
+      'the --config file failed to load: SyntaxError: invalid syntax ({path}, line 1); fix the file',
+    ),
+    (
+      'def get_config():\n  return 1 / 0\n',
+      'the --config file failed to load: ZeroDivisionError: division by zero ({path}, line 2)',
+    ),
     (None, "cannot load the --config file: [Errno 2] No such file or directory: '{path}'"),
-])
+  ],
+)
 def test_a_config_file_that_does_not_load_is_one_clear_line(tmp_path, source, message):
   path = tmp_path / 'my_config.py'
   if source is not None:

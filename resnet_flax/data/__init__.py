@@ -38,10 +38,10 @@ class ImageData:
 
 
 SOURCES = {
-    'synthetic': 'resnet_flax.data.synthetic',
-    'folder': 'resnet_flax.data.folder',
-    'cifar_archive': 'resnet_flax.data.cifar_archive',
-    'tfds': 'resnet_flax.data.tfds_source',
+  'synthetic': 'resnet_flax.data.synthetic',
+  'folder': 'resnet_flax.data.folder',
+  'cifar_archive': 'resnet_flax.data.cifar_archive',
+  'tfds': 'resnet_flax.data.tfds_source',
 }
 
 

@@ -20,10 +20,11 @@ import dataclasses
 import functools
 import io
 import pickle
-from pathlib import Path
 import posixpath
 import tarfile
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -41,9 +42,13 @@ def _pixels(rows: np.ndarray) -> np.ndarray:
 class _ArrayUnpickler(pickle.Unpickler):
   """Unpickles dicts, lists, bytes and numpy arrays only (what a CIFAR batch holds)."""
 
-  ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-             ('numpy', 'ndarray'), ('numpy', 'dtype'),
-             ('_codecs', 'encode')}  # Python 3's protocol-2 spelling of bytes.
+  ALLOWED = {
+    ('numpy.core.multiarray', '_reconstruct'),
+    ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy', 'ndarray'),
+    ('numpy', 'dtype'),
+    ('_codecs', 'encode'),
+  }  # Python 3's protocol-2 spelling of bytes.
 
   def find_class(self, module: str, name: str) -> Any:
     if (module, name) not in self.ALLOWED:
@@ -70,15 +75,17 @@ def _read_pickled_batch(content: bytes, file_name: str, label_key: str) -> tuple
 
 
 def _read_pickled_names(content: bytes, file_name: str, names_key: str) -> tuple[str, ...]:
-  names, = _unpickle(content, file_name, (names_key,))
+  (names,) = _unpickle(content, file_name, (names_key,))
   return tuple(name.decode() if isinstance(name, bytes) else name for name in names)
 
 
 def _read_binary_batch(content: bytes, file_name: str) -> tuple[np.ndarray, np.ndarray]:
   """Records of 1 label byte then 3072 pixel bytes."""
   if len(content) % (1 + IMAGE_BYTES):
-    raise DataError(f'{file_name} is {len(content)} bytes, not a whole number of {1 + IMAGE_BYTES}-byte '
-                    'records: download the archive again')
+    raise DataError(
+      f'{file_name} is {len(content)} bytes, not a whole number of {1 + IMAGE_BYTES}-byte '
+      'records: download the archive again'
+    )
   records = np.frombuffer(content, np.uint8).reshape(-1, 1 + IMAGE_BYTES)
   return _pixels(records[:, 1:]), records[:, 0].astype(np.int32)
 
@@ -107,22 +114,47 @@ class Layout:
 
 _CIFAR10_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
 LAYOUTS = (
-    Layout('CIFAR-10 python version', 'cifar10', 'batches.meta', _CIFAR10_BATCHES, 'test_batch',
-           functools.partial(_read_pickled_batch, label_key='labels'),
-           functools.partial(_read_pickled_names, names_key='label_names')),
-    Layout('CIFAR-100 python version', 'cifar100', 'meta', ('train',), 'test',
-           functools.partial(_read_pickled_batch, label_key='fine_labels'),
-           functools.partial(_read_pickled_names, names_key='fine_label_names')),
-    Layout('CIFAR-10 binary version', 'cifar10', 'batches.meta.txt', tuple(f'{b}.bin' for b in _CIFAR10_BATCHES),
-           'test_batch.bin', _read_binary_batch, _read_text_names),
+  Layout(
+    'CIFAR-10 python version',
+    'cifar10',
+    'batches.meta',
+    _CIFAR10_BATCHES,
+    'test_batch',
+    functools.partial(_read_pickled_batch, label_key='labels'),
+    functools.partial(_read_pickled_names, names_key='label_names'),
+  ),
+  Layout(
+    'CIFAR-100 python version',
+    'cifar100',
+    'meta',
+    ('train',),
+    'test',
+    functools.partial(_read_pickled_batch, label_key='fine_labels'),
+    functools.partial(_read_pickled_names, names_key='fine_label_names'),
+  ),
+  Layout(
+    'CIFAR-10 binary version',
+    'cifar10',
+    'batches.meta.txt',
+    tuple(f'{b}.bin' for b in _CIFAR10_BATCHES),
+    'test_batch.bin',
+    _read_binary_batch,
+    _read_text_names,
+  ),
 )
 # The official downloads and the directories they unpack to, with the data.name each holds.
 OFFICIAL_NAMES = {
-    'cifar-10-batches-py': 'cifar10', 'cifar-100-python': 'cifar100', 'cifar-10-batches-bin': 'cifar10',
-    'cifar-10-python.tar.gz': 'cifar10', 'cifar-100-python.tar.gz': 'cifar100', 'cifar-10-binary.tar.gz': 'cifar10',
+  'cifar-10-batches-py': 'cifar10',
+  'cifar-100-python': 'cifar100',
+  'cifar-10-batches-bin': 'cifar10',
+  'cifar-10-python.tar.gz': 'cifar10',
+  'cifar-100-python.tar.gz': 'cifar100',
+  'cifar-10-binary.tar.gz': 'cifar10',
 }
-_ACCEPTED = ('expected cifar-10-python.tar.gz, cifar-10-batches-py/, cifar-100-python.tar.gz, cifar-100-python/, '
-             'cifar-10-binary.tar.gz or cifar-10-batches-bin/ (or a directory holding one of them)')
+_ACCEPTED = (
+  'expected cifar-10-python.tar.gz, cifar-10-batches-py/, cifar-100-python.tar.gz, cifar-100-python/, '
+  'cifar-10-binary.tar.gz or cifar-10-batches-bin/ (or a directory holding one of them)'
+)
 
 
 def load(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
@@ -130,12 +162,15 @@ def load(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
   files = _read_files(path, {name for layout in LAYOUTS for name in layout.files})
   layout = detect(files, path)
   if layout.dataset != data_config.name:
-    raise DataError(f'{path} holds the {layout.description} but data.name={data_config.name!r}: '
-                    f'set --config.data.name={layout.dataset}')
+    raise DataError(
+      f'{path} holds the {layout.description} but data.name={data_config.name!r}: '
+      f'set --config.data.name={layout.dataset}'
+    )
   class_names = layout.read_names(files[layout.names_file], layout.names_file)
   batches = [layout.read_batch(files[name], name) for name in layout.train_files]
-  train = ImageData(np.concatenate([images for images, _ in batches]),
-                    np.concatenate([labels for _, labels in batches]), class_names)
+  train = ImageData(
+    np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches]), class_names
+  )
   test = ImageData(*layout.read_batch(files[layout.test_file], layout.test_file), class_names)
   return {'train': train, 'test': test}
 
@@ -152,8 +187,10 @@ def locate(path: str, name: str) -> Path:
   found = [location / official for official in OFFICIAL_NAMES if (location / official).exists()]
   candidates = [p for p in found if OFFICIAL_NAMES[p.name] == name] or found
   if len(candidates) > 1:
-    raise DataError(f'{location} holds several CIFAR archives ({", ".join(p.name for p in candidates)}): '
-                    'point --config.data.path at one of them')
+    raise DataError(
+      f'{location} holds several CIFAR archives ({", ".join(p.name for p in candidates)}): '
+      'point --config.data.path at one of them'
+    )
   if not candidates:
     raise DataError(f'{location} holds no CIFAR archive: {_ACCEPTED}')
   return candidates[0]
@@ -165,8 +202,11 @@ def _read_files(path: Path, wanted: set[str]) -> dict[str, bytes]:
     return {name: (path / name).read_bytes() for name in wanted if (path / name).is_file()}
   try:
     with tarfile.open(path) as archive:
-      return {posixpath.basename(member.name): archive.extractfile(member).read() for member in archive
-              if member.isfile() and posixpath.basename(member.name) in wanted}
+      return {
+        posixpath.basename(member.name): archive.extractfile(member).read()
+        for member in archive
+        if member.isfile() and posixpath.basename(member.name) in wanted
+      }
   except tarfile.ReadError as e:  # Its message lists every compression tried, one per line.
     raise DataError(f'{path} is not a tar archive, or a damaged one: {_ACCEPTED}') from e
   except (tarfile.TarError, OSError, EOFError) as e:  # A bad gzip stream raises OSError or EOFError.
@@ -180,6 +220,7 @@ def detect(files: dict[str, bytes], path: Path) -> Layout:
     raise DataError(f'{path} is not a CIFAR archive: {_ACCEPTED}')
   missing = [name for name in layout.files if name not in files]
   if missing:
-    raise DataError(f'{path} looks like the {layout.description} but lacks {", ".join(missing)}: '
-                    'download the archive again')
+    raise DataError(
+      f'{path} looks like the {layout.description} but lacks {", ".join(missing)}: download the archive again'
+    )
   return layout

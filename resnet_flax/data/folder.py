@@ -32,15 +32,15 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-from pathlib import Path
 import struct
 import tempfile
 import time
 import zipfile
+from pathlib import Path
 
-from absl import logging
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from resnet_flax.data import DataError, ImageData
@@ -67,8 +67,10 @@ def load(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
   train = list_split(root, 'train')
   test = list_split(root, 'test', train.class_names)
   reference_image = train.paths[0]  # Both splits must have this image's size.
-  return {'train': _load_split(train, reference_image, cache_dirs),
-          'test': _load_split(test, reference_image, cache_dirs)}
+  return {
+    'train': _load_split(train, reference_image, cache_dirs),
+    'test': _load_split(test, reference_image, cache_dirs),
+  }
 
 
 def _check_root(path: str) -> Path:
@@ -85,15 +87,15 @@ def list_split(root: Path, split: str, class_names: tuple[str, ...] | None = Non
   directory = root / split
   if not directory.is_dir():
     raise DataError(f'{directory} does not exist: an image folder needs {_LAYOUT.replace("<root>", str(root))}')
-  found = sorted(entry.name for entry in os.scandir(directory)
-                 if entry.is_dir() and not entry.name.startswith('.'))
+  found = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith('.'))
   if not found:
     raise DataError(f'{directory} has no class subdirectories: put its images in {directory}/<class>/')
   class_names = class_names or tuple(found)
   unknown = sorted(set(found) - set(class_names))
   if unknown:
-    raise DataError(f'{directory} has classes {unknown} that {root / "train"} lacks: '
-                    'add them to train or remove them from test')
+    raise DataError(
+      f'{directory} has classes {unknown} that {root / "train"} lacks: add them to train or remove them from test'
+    )
   paths, labels, key = [], [], hashlib.sha256(f'{CACHE_FORMAT_VERSION}\n{class_names}\n'.encode())
   for label, name in enumerate(class_names):
     if name not in found:
@@ -107,9 +109,14 @@ def list_split(root: Path, split: str, class_names: tuple[str, ...] | None = Non
 
 
 def _image_entries(class_dir: Path) -> list[os.DirEntry]:
-  entries = sorted((entry for entry in os.scandir(class_dir)
-                    if entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith('.')
-                    and entry.is_file()), key=lambda entry: entry.name)
+  entries = sorted(
+    (
+      entry
+      for entry in os.scandir(class_dir)
+      if entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith('.') and entry.is_file()
+    ),
+    key=lambda entry: entry.name,
+  )
   if not entries:
     raise DataError(f'{class_dir} has no {"/".join(IMAGE_EXTENSIONS)} images: add some or remove the directory')
   return entries
@@ -126,8 +133,13 @@ def _load_split(listing: SplitListing, reference_image: str, cache_dirs: list[Pa
   data = ImageData(decode_images(listing.paths, reference_image), listing.labels, listing.class_names)
   seconds = time.perf_counter() - start
   cache_path = write_cache(data, cache_dirs, name)
-  logging.info('decoded %d images from %s in %.1f s; cached at %s', len(data), listing.directory, seconds,
-               cache_path or 'nowhere (no writable cache directory)')
+  logging.info(
+    'decoded %d images from %s in %.1f s; cached at %s',
+    len(data),
+    listing.directory,
+    seconds,
+    cache_path or 'nowhere (no writable cache directory)',
+  )
   return data
 
 
@@ -138,8 +150,10 @@ def decode_images(paths: list[str], reference_image: str) -> np.ndarray:
   for i, path in enumerate(paths):
     image = _decode(path)
     if image.shape != images.shape[1:]:
-      raise DataError(f'{path} is {image.shape[1]}x{image.shape[0]} pixels but {reference_image} is '
-                      f'{width}x{height}: all images must have one size; resize the folder beforehand')
+      raise DataError(
+        f'{path} is {image.shape[1]}x{image.shape[0]} pixels but {reference_image} is '
+        f'{width}x{height}: all images must have one size; resize the folder beforehand'
+      )
     images[i] = image
   return images
 
@@ -202,8 +216,11 @@ def write_cache(data: ImageData, cache_dirs: list[Path], name: str) -> Path | No
       return _write_atomically(data, cache_dir / name)
     except OSError as e:
       logging.info('cannot cache in %s (%s)', cache_dir, e)
-  logging.warning('no writable cache directory among %s: the images will be decoded again next time; '
-                  'set --config.data.cache_dir to a writable directory', [str(d) for d in cache_dirs])
+  logging.warning(
+    'no writable cache directory among %s: the images will be decoded again next time; '
+    'set --config.data.cache_dir to a writable directory',
+    [str(d) for d in cache_dirs],
+  )
   return None
 
 

@@ -9,8 +9,9 @@ import numpy as np
 from resnet_flax.data import ImageData
 
 
-def _make_split(num_images: int, num_classes: int, size: int, rng: np.random.Generator,
-                prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _make_split(
+  num_images: int, num_classes: int, size: int, rng: np.random.Generator, prototypes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
   labels = rng.integers(0, num_classes, num_images).astype(np.int32)
   noise = rng.normal(0.0, 40.0, (num_images, size, size, 3))
   images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)

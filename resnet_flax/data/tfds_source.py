@@ -18,11 +18,11 @@ SPLITS = ('train', 'test')
 
 
 def load(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.utils import gcs_utils
 
   # Never look for metadata on GCS: tfds 4.9.10 defaults to this, older releases tried (and hung offline).
-  gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+  gcs_utils._is_gcs_disabled = True
   name, data_dir = data_config.name, data_config.path or None
   tried = f'tried tfds.builder({name!r}, data_dir={data_dir!r}), which never downloads'
   try:
@@ -30,8 +30,7 @@ def load(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataError(f'tfds has no dataset {name!r} ({tried}): {_offline_options(name)}') from e
   if not builder.is_prepared():
-    raise DataError(f'tfds dataset {name!r} is not prepared in {builder.data_dir} ({tried}): '
-                    f'{_offline_options(name)}')
+    raise DataError(f'tfds dataset {name!r} is not prepared in {builder.data_dir} ({tried}): {_offline_options(name)}')
   _check_features(builder.info, name)
   class_names = tuple(builder.info.features['label'].names)
   return {split: _read_split(tfds, builder, split, class_names) for split in SPLITS}
@@ -39,23 +38,31 @@ def load(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
 
 def _offline_options(name: str) -> str:
   archive = 'cifar-100-python.tar.gz' if name == 'cifar100' else 'cifar-10-python.tar.gz'
-  return ('use a prepared tfds data_dir (--config.data.path=<data_dir>), or the official archive '
-          f'(--config.data.source=cifar_archive --config.data.path=<{archive}>)')
+  return (
+    'use a prepared tfds data_dir (--config.data.path=<data_dir>), or the official archive '
+    f'(--config.data.source=cifar_archive --config.data.path=<{archive}>)'
+  )
 
 
 def _check_features(info: Any, name: str):
   """This source needs 'image' and 'label' features, images of one size, and both splits."""
   missing = [f for f in ('image', 'label') if f not in info.features]
   if missing:
-    raise DataError(f'tfds dataset {name!r} has no {" or ".join(missing)} feature (it has '
-                    f'{sorted(info.features)}): use an image-classification dataset')
+    raise DataError(
+      f'tfds dataset {name!r} has no {" or ".join(missing)} feature (it has '
+      f'{sorted(info.features)}): use an image-classification dataset'
+    )
   if None in info.features['image'].shape:
-    raise DataError(f'tfds dataset {name!r} has images of varying size {info.features["image"].shape}: '
-                    'this source needs one size; resize them into an image folder (--config.data.source=folder)')
+    raise DataError(
+      f'tfds dataset {name!r} has images of varying size {info.features["image"].shape}: '
+      'this source needs one size; resize them into an image folder (--config.data.source=folder)'
+    )
   missing = [split for split in SPLITS if split not in info.splits]
   if missing:
-    raise DataError(f'tfds dataset {name!r} has no {" or ".join(missing)} split (it has {sorted(info.splits)}): '
-                    'use a dataset with train and test splits')
+    raise DataError(
+      f'tfds dataset {name!r} has no {" or ".join(missing)} split (it has {sorted(info.splits)}): '
+      'use a dataset with train and test splits'
+    )
 
 
 def _read_split(tfds: Any, builder: Any, split: str, class_names: tuple[str, ...]) -> ImageData:
