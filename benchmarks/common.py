@@ -29,8 +29,9 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import augment, input_pipeline, models, train
+from resnet_flax import augment, distributed, input_pipeline, models, optim, train
 from resnet_flax.data import ImageData
+from resnet_flax.workdir import Steps
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch')
@@ -128,18 +129,17 @@ class JaxTrainer:
 def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> JaxTrainer:
   """The same calls, in the same order, as `train.train_and_evaluate`."""
   num_classes = len(split.class_names)
-  steps_per_epoch = len(split) // config.batch_size
-  model = train.create_model(config, num_classes)
+  steps = Steps.of(config, len(split))
+  model = models.create_model_from_config(config, num_classes)
   mean, std = augment.channel_stats(split.images)
-  variables = models.init_variables(model, split.images.shape[1:], jax.random.key(config.seed))
-  variables = train.set_patch_whitening(variables, split.images, mean, std)
-  learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch)
-  mesh = train.create_mesh()
-  tx = train.create_optimizer(config, learning_rate_fn)
+  variables = train.initial_variables(config, model, split, mean, std)
+  learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps)
+  mesh = distributed.create_mesh()
+  tx = optim.create_optimizer(config.optim, learning_rate_fn)
   state = jax.device_put(
     train.create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P())
   )
-  train_fn, _ = train.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps_per_epoch)
+  train_fn, _ = train.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch)
   return JaxTrainer(config, mesh, train_fn, state, mean, std)
 
 

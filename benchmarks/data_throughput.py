@@ -23,7 +23,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import augment, input_pipeline, train  # noqa: E402
+from resnet_flax import augment, distributed, input_pipeline  # noqa: E402
 from resnet_flax.data import ImageData  # noqa: E402
 
 flags.DEFINE_string('model', 'resnet18', 'Model preset of the train step.')
@@ -48,7 +48,7 @@ def pin_to_one_core():
 
 
 def tfdata_images_per_sec(split: ImageData) -> float:
-  pipeline = input_pipeline.create_pipeline('tfdata', split, FLAGS.batch_size, 0, train.create_mesh())
+  pipeline = input_pipeline.create_pipeline('tfdata', split, FLAGS.batch_size, 0, distributed.create_mesh())
   batches = pipeline.train_batches(0, [1] * (FLAGS.steps + PIPELINE_WARMUP))
   for _ in range(PIPELINE_WARMUP):
     jax.block_until_ready(next(batches))
@@ -66,8 +66,11 @@ def augment_and_step_seconds(split: ImageData) -> tuple[list[float], list[float]
   config.batch_size = FLAGS.batch_size
   trainer = common.create_jax_trainer(config, split)
   batch = trainer.device_batch(split)
+  context = {'indices': batch['index'][0], 'epoch': 0, 'seed': config.seed}
   augment_fn = jax.jit(
-    lambda images, key: augment.augment_batch(images, key, config.augment, trainer.pixel_mean, trainer.pixel_std)
+    lambda images, key: augment.augment_batch(
+      images, key, config.augment, trainer.pixel_mean, trainer.pixel_std, **context
+    )
   )
   images = batch['image'][0]
   augment_calls = lambda n: jax.block_until_ready([augment_fn(images, jax.random.key(0)) for _ in range(n)])

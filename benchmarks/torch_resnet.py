@@ -98,7 +98,7 @@ def create_model(name: str, num_classes: int = 10) -> ResNet:
 def create_optimizer(
   model: nn.Module, learning_rate: float, momentum: float, nesterov: bool, weight_decay: float
 ) -> torch.optim.SGD:
-  """SGD with weight decay on conv and dense kernels only (not BatchNorm, not biases), as train.kernel_mask."""
+  """SGD with weight decay on conv and dense kernels only (not BatchNorm, not biases), as optim.kernel_mask."""
   kernels = [p for p in model.parameters() if p.ndim > 1]
   others = [p for p in model.parameters() if p.ndim <= 1]
   groups = [{'params': kernels, 'weight_decay': weight_decay}, {'params': others, 'weight_decay': 0.0}]

@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.max_params = 5_000_000  # Training refuses a model with more trainable parameters.
   config.model.dtype = 'float32'  # Compute dtype: float32 | bfloat16 (parameters stay float32).
   config.model.dropout_rate = 0.0  # Dropout before the classifier.
+  config.model.block_dropout_rate = 0.0  # ResNets: dropout inside each block, before its last conv (WRN: 0.3).
   config.model.zero_init_residual = False  # Zero-init each block's last BatchNorm scale.
   config.model.se_ratio = 0.0  # Squeeze-excitation reduction (e.g. 0.25); 0 turns SE off.
   config.model.drop_path_rate = 0.0  # Stochastic depth: drop rate of the last block (linear in depth).
@@ -35,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_num_classes = 10  # Synthetic source: number of classes.
 
   config.augment = ml_collections.ConfigDict()
-  config.augment.train_ops = ('crop', 'flip')  # In order: crop|flip|cutout|autoaugment|randaugment|trivialaugment.
+  config.augment.train_ops = ('crop', 'flip')  # In order; 'op' or 'op(arg=value)', ops of resnet_flax.augment.OPS.
   config.augment.crop_padding = 4  # Pixels of padding before the random crop.
   config.augment.pad_mode = 'reflect'  # reflect | constant (zeros).
   config.augment.alternating_flip = (
@@ -46,19 +47,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.randaugment_magnitude = 9  # RandAugment: strength M, 0..30 as torchvision (timm's 0..10 x 3).
   config.augment.mixup_alpha = 0.0  # Mixup: lambda ~ Beta(alpha, alpha) per batch; 0 turns it off.
   config.augment.cutmix_alpha = 0.0  # CutMix: lambda ~ Beta(alpha, alpha) per batch; 0 off; both on: 50/50.
+  config.augment.mix_prob = 1.0  # Mixup/CutMix: the chance that a batch is mixed at all.
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.name = 'sgd'  # sgd | sam (SGD at the sharpness-aware gradient) | adam | adamw.
+  config.optim.name = (
+    'sgd'  # resnet_flax.optim.OPTIMIZERS: sgd | sam (SGD at the sharpness-aware gradient) | adam | adamw.
+  )
   config.optim.learning_rate = 0.1  # Peak learning rate, reached after the warmup.
-  config.optim.momentum = 0.9  # SGD momentum.
-  config.optim.nesterov = True  # Nesterov momentum.
+  config.optim.momentum = 0.9  # SGD, SAM: momentum.
+  config.optim.nesterov = True  # SGD, SAM: Nesterov momentum.
   config.optim.weight_decay = 5e-4  # On conv and dense kernels only (not BN, not biases).
-  config.optim.decoupled_weight_decay = False  # SGD: decay the weights outside the momentum (AdamW always does).
+  config.optim.decoupled_weight_decay = False  # SGD, SAM: decay the weights outside the momentum (AdamW always does).
   config.optim.b1 = 0.9  # Adam/AdamW: first-moment decay.
   config.optim.b2 = 0.999  # Adam/AdamW: second-moment decay.
   config.optim.sam_rho = 0.05  # SAM: radius of the ascent step.
   config.optim.sam_adaptive = False  # SAM: adaptive (ASAM) ascent, scaled by |w|.
-  config.optim.schedule = 'cosine'  # After the warmup: cosine | onecycle (linear to 0) | step.
+  config.optim.schedule = (
+    'cosine'  # resnet_flax.optim.SCHEDULES, after the warmup: cosine | onecycle (linear to 0) | step.
+  )
   config.optim.step_epochs = (100.0, 150.0)  # schedule=step: epochs at which the rate is multiplied ...
   config.optim.step_gamma = 0.1  # ... by this factor.
   config.optim.warmup_epochs = 2.0  # Linear warmup from 0 to the peak.

@@ -1,54 +1,60 @@
-"""On-device training augmentation: pure JAX, one key per example, run inside the jitted step.
+"""On-device training augmentation: registered per-example ops, pure JAX, run inside the jitted step.
+
+`train_ops` lists the ops in order, each written 'name' or 'name(arg=value, ...)' with literal values:
+  crop(padding, pad_mode)  pad (reflect, or constant black) and take a random crop of the original size;
+  flip                     mirror left-right with probability 1/2;
+  alternating_flip         airbench's flip: each training example one way in even epochs, the other
+                           way in odd ones (`augment.alternating_flip=True` runs it before train_ops);
+  cutout(size)             fill a square with the dataset mean colour; `normalize` maps that colour to
+                           exactly 0, which is the standard Cutout of the normalized image (DeVries &
+                           Taylor, 2017);
+  autoaugment, randaugment(num_ops, magnitude), trivialaugment
+                           the policies of `policies` (AutoAugment CIFAR-10, RandAugment on
+                           torchvision's 0..30 magnitude scale, TrivialAugment Wide).
+An argument left out comes from its config field (crop_padding, pad_mode, cutout_size,
+randaugment_num_ops, randaugment_magnitude), so 'crop' means what it always did. A new op is one
+function decorated with `register_op`; `check_ops` validates a config without tracing anything.
 
 Every random choice is a function of (step key, example index, op position), so a resumed run
 augments exactly like an uninterrupted one, and the batch may be sharded along a mesh axis of type
 Auto (Explicit axes reject the unsharded keys): the work is one `vmap` over examples, with static
-shapes and no data-dependent branches.
+shapes and no data-dependent branches. Positions count only the ops that draw from the step key: an
+op registered with `uses_key=False` (alternating_flip draws from the seed and the example index)
+leaves the draws of the others unchanged.
 
-Ops are defined on pixel values, so their order in `train_ops` means what it says:
-  crop            pad (reflect, or constant black) and take a random crop of the original size;
-  flip            mirror left-right with probability 1/2;
-  cutout          fill a square with the dataset mean colour; `normalize` maps that colour to exactly 0,
-                  which is the standard Cutout of the normalized image (DeVries & Taylor, 2017);
-  autoaugment     the AutoAugment CIFAR-10 policy (Cubuk et al., 2019): one of 25 sub-policies, each
-                  two (op, probability, magnitude 0..9) steps;
-  randaugment     RandAugment (Cubuk et al., 2020): `randaugment_num_ops` ops drawn uniformly with
-                  replacement, all at `randaugment_magnitude` on torchvision's 0..30 scale;
-  trivialaugment  TrivialAugment Wide (Muller & Hutter, 2021): one op drawn uniformly, at a strength
-                  drawn uniformly from 31 levels over the wide ranges.
 Crop and flip move uint8 pixels (a quarter of the bytes of float32); the first cutout turns the
 image into float32 pixel values, and `normalize` runs last, on the whole batch. The three policies
 need uint8 pixels, so they come before cutout (as in the AutoAugment paper: policy, then Cutout).
-
-The policies share one table of image ops, `POLICY_OPS`, with PIL's semantics (ImageOps and
-ImageEnhance, as torchvision applies them to PIL images) and torchvision's magnitude ranges, so a
-recipe tuned with torchvision means the same here. Geometric ops resample with nearest neighbour
-(torchvision's default) and fill with grey 128 (the AutoAugment code's fill). All ops are written
-here rather than taken from dm_pix: its colour ops follow tf.image (per-channel contrast mean,
-additive brightness, HSV saturation, solarize of [0, 1] floats), not PIL, and its affine_transform
-is 20-30 times slower than `_affine` (see there).
-
-Each example draws its own op, so the op index is traced: under `vmap`, `lax.switch` evaluates every
-op of the policy and selects one per example. On 2 busy, shared CPU cores, 512 CIFAR images take
-about 2 ms for crop + flip and 50-120 ms more per policy op applied (TrivialAugment: one,
-RandAugment: N, AutoAugment: two), Equalize's histogram, Sharpness and the five resamplings being
-most of it.
+benchmarks/augment_cost.py measures what each op adds to a train step.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import functools
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PAD_MODES = ('reflect', 'constant')
+from resnet_flax import policies
 
-# A per-example op: (key, image [H, W, C]) -> image [H, W, C].
-Op = Callable[[jax.Array, jax.Array], jax.Array]
+PAD_MODES = ('reflect', 'constant')
+# Test-time augmentation (`eval.tta`): the (flip, shift) views of `view` whose softmax is averaged.
+TTA_VIEWS: dict[str, tuple[tuple[bool, int], ...]] = {
+  'none': ((False, 0),),
+  'flip': ((False, 0), (True, 0)),
+  'flip+translate': tuple((flip, shift) for shift in (0, 1, -1) for flip in (False, True)),
+}
+ALTERNATING_FLIP_STREAM = 2**32 - 1  # fold_in data of the flips' key; steps (the other fold_ins) stay below.
+
+# What is wrong with an argument's value, or None: `register_op`'s checks.
+Check = Callable[[Any], str | None]
+OpFn = TypeVar('OpFn', bound=Callable[..., jax.Array])
 
 
 def _mean_colour(mean: Sequence[float]) -> jax.Array:
@@ -64,8 +70,8 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
 def channel_stats(images: np.ndarray, chunk_size: int = 256) -> tuple[tuple[float, ...], tuple[float, ...]]:
   """Per-channel mean and (population) std of uint8 [N, ..., C] images, scaled to [0, 1].
 
-  A histogram of the 256 pixel values per channel, filled `chunk_size` images at a time: exact,
-  little memory, and about 0.25 s for the 50000 CIFAR training images.
+  A histogram of the 256 pixel values per channel, filled `chunk_size` images at a time: exact, and
+  little memory however many images there are.
   """
   channels = images.shape[-1]
   counts = np.zeros((channels, 256), np.int64)
@@ -85,39 +91,235 @@ def example_keys(key: jax.Array, batch_size: int) -> jax.Array:
   return jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(batch_size))
 
 
-def _crop(key: jax.Array, image: jax.Array, *, padding: int, pad_mode: str) -> jax.Array:
+def view(images: jax.Array, flip: bool, shift: int) -> jax.Array:
+  """uint8 [B, H, W, C] mirrored and/or moved `shift` pixels down and right (reflect padding)."""
+  if shift:
+    height, width = images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+    images = padded[:, 1 - shift : 1 - shift + height, 1 - shift : 1 - shift + width]
+  return images[:, :, ::-1] if flip else images
+
+
+# The registry of train ops.
+
+
+class OpContext(NamedTuple):
+  """What an op may use besides its key and image."""
+
+  index: jax.Array  # The example's index in the training split (traced int).
+  epoch: jax.Array | int  # The epoch of the step (traced int).
+  seed: int  # config.seed.
+  mean: Sequence[float]  # The dataset mean per channel in [0, 1], as `normalize` takes it.
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """A registered op: `fn(key, image, context, **arguments)`, and where its arguments come from."""
+
+  fn: Callable[..., jax.Array]
+  arguments: tuple[str, ...]  # fn's parameters after `context`.
+  defaults: Mapping[str, Any]  # fn's parameter defaults.
+  fields: Mapping[str, str]  # argument -> the augment config field it defaults to.
+  checks: Mapping[str, Check]
+  uses_key: bool
+
+
+OPS: dict[str, Op] = {}
+
+
+def register_op(
+  name: str,
+  *,
+  uses_key: bool = True,
+  fields: Mapping[str, str] | None = None,
+  checks: Mapping[str, Check] | None = None,
+) -> Callable[[OpFn], OpFn]:
+  """Decorator: registers `fn(key, image, context, **arguments) -> image` as the train op `name`.
+
+  `fn` runs per example under `vmap`: `image` is [H, W, C] pixel values (uint8 until an op makes them
+  float), `context` an OpContext, `key` the example's own key for this op, or None if not
+  `uses_key`. Its arguments are its parameters after `context`; each takes its value from the op
+  string ('name(arg=value)'), else from the augment config field `fields[arg]`, else from its
+  default. `checks[arg](value)` says what is wrong with a value, or returns None.
+  """
+  fields, checks = dict(fields or {}), dict(checks or {})
+
+  def register(fn: OpFn) -> OpFn:
+    parameters = list(inspect.signature(fn).parameters.values())
+    arguments = tuple(p.name for p in parameters[3:])
+    if name in OPS or not name.isidentifier():
+      raise ValueError(f'Cannot register op {name!r}: {"taken" if name in OPS else "not an identifier"}.')
+    if len(parameters) < 3:
+      raise TypeError(f'Op {name!r} must take (key, image, context, **arguments).')
+    if not set(fields) | set(checks) <= set(arguments):
+      raise ValueError(f'Op {name!r}: fields and checks name arguments other than {", ".join(arguments)}.')
+    defaults = {p.name: p.default for p in parameters[3:] if p.default is not inspect.Parameter.empty}
+    OPS[name] = Op(fn, arguments, defaults, fields, checks, uses_key)
+    return fn
+
+  return register
+
+
+def _parse(text: str) -> tuple[str, dict[str, Any]]:
+  """'name' or 'name(arg=value, ...)', values Python literals -> (name, {arg: value}); nothing evaluated."""
+  try:
+    node = ast.parse(text.strip(), mode='eval').body
+    if isinstance(node, ast.Name):
+      return node.id, {}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+      names = [keyword.arg for keyword in node.keywords]
+      if all(names) and len(set(names)) == len(names):  # Neither **mapping nor an argument given twice.
+        return node.func.id, {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords}
+  except (SyntaxError, ValueError, TypeError):
+    pass
+  raise ValueError(f"Malformed augmentation op {text!r}: write 'name' or 'name(arg=value, ...)' with literal values.")
+
+
+class _Step(NamedTuple):
+  name: str
+  op: Op
+  arguments: dict[str, Any]
+
+
+def _resolve(text: str, aug_config) -> _Step:
+  """The op of one train_ops entry and its checked arguments."""
+  name, given = _parse(text)
+  if name not in OPS:
+    raise ValueError(f'Unknown augmentation op {name!r}: registered ops are {", ".join(OPS)}.')
+  op = OPS[name]
+  for argument in given:
+    if argument not in op.arguments:
+      raise ValueError(
+        f'Op {name!r} has no argument {argument!r}: its arguments are {", ".join(op.arguments) or "none"}.'
+      )
+  arguments = {}
+  for argument in op.arguments:
+    field = op.fields.get(argument)
+    if argument in given:
+      value, source = given[argument], ''
+    elif field is not None and field in aug_config:
+      value, source = aug_config[field], f' (from augment.{field})'
+    elif argument in op.defaults:
+      value, source = op.defaults[argument], ' (its default)'
+    else:
+      raise ValueError(f'Op {name!r} needs a value for {argument!r}: write {name}({argument}=...).')
+    problem = op.checks[argument](value) if argument in op.checks else None
+    if problem:
+      raise ValueError(f'Op {name!r}: {argument}={value!r}{source} {problem}.')
+    arguments[argument] = value
+  return _Step(name, op, arguments)
+
+
+def _steps(aug_config) -> list[_Step]:
+  """The ops augment_batch runs, in order: alternating_flip first if the config's field asks for it."""
+  ops = aug_config.train_ops
+  if isinstance(ops, str):
+    raise ValueError(f'train_ops must be a tuple of ops, not the string {ops!r}: write ({ops!r},).')
+  if not isinstance(ops, (tuple, list)) or not all(isinstance(op, str) for op in ops):
+    raise ValueError(f"train_ops must be a tuple of op strings such as ('crop', 'cutout(size=16)'), not {ops!r}.")
+  ops = ('alternating_flip', *ops) if aug_config.get('alternating_flip', False) else tuple(ops)
+  steps = [_resolve(op, aug_config) for op in ops]
+  names = [step.name for step in steps]
+  if 'alternating_flip' in names and 'flip' in names:
+    raise ValueError("alternating_flip replaces the 'flip' op: keep only one of them.")
+  if names.count('alternating_flip') > 1:
+    raise ValueError('alternating_flip twice (augment.alternating_flip=True also adds it): the flips cancel out.')
+  return steps
+
+
+def check_ops(aug_config) -> None:
+  """Raises a one-line ValueError naming the first bad op or argument, and what it could be."""
+  _steps(aug_config)
+
+
+def augment_batch(
+  images: jax.Array,
+  key: jax.Array,
+  aug_config,
+  mean: Sequence[float],
+  std: Sequence[float],
+  *,
+  indices: jax.Array,
+  epoch: jax.Array | int,
+  seed: int,
+) -> jax.Array:
+  """uint8 [B, H, W, C] -> float32 normalized, applying `aug_config.train_ops` in order (after
+  alternating_flip if the config's `alternating_flip` field is True).
+
+  `indices` [B] are the examples' indices in the training split, `epoch` the step's epoch. Example i
+  draws the key-using op number j from fold_in(example_keys(key, B)[i], j): ops are independent of
+  each other, and appending an op leaves the draws of the earlier ones unchanged.
+  """
+  steps = _steps(aug_config)
+
+  def augment_one(example_key: jax.Array, image: jax.Array, index: jax.Array) -> jax.Array:
+    context = OpContext(index, epoch, seed, mean)
+    position = 0
+    for step in steps:
+      op_key = None
+      if step.op.uses_key:  # Ops that draw from elsewhere take no position: the others' draws stay put.
+        op_key, position = jax.random.fold_in(example_key, position), position + 1
+      image = step.op.fn(op_key, image, context, **step.arguments)
+    return image
+
+  augmented = jax.vmap(augment_one)(example_keys(key, images.shape[0]), images, indices)
+  return normalize(augmented, mean, std)
+
+
+# The ops.
+
+
+def _non_negative_int(value: Any) -> str | None:
+  return None if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 'must be an integer >= 0'
+
+
+def _one_of(options: Sequence[Any]) -> Check:
+  return lambda value: None if value in options else f'must be one of {", ".join(map(str, options))}'
+
+
+def _level(value: Any) -> str | None:
+  in_range = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= policies.NUM_LEVELS - 1
+  return None if in_range else f'must be a number in 0..{policies.NUM_LEVELS - 1}'
+
+
+@register_op(
+  'crop',
+  fields={'padding': 'crop_padding', 'pad_mode': 'pad_mode'},
+  checks={'padding': _non_negative_int, 'pad_mode': _one_of(PAD_MODES)},
+)
+def _crop(key: jax.Array, image: jax.Array, context: OpContext, padding: int, pad_mode: str) -> jax.Array:
   """Pads by `padding` on each side, then crops H x W at offsets uniform over [0, 2 * padding]."""
   padded = jnp.pad(image, ((padding, padding), (padding, padding), (0, 0)), mode=pad_mode)
   top, left = jax.random.randint(key, (2,), 0, 2 * padding + 1)
   return jax.lax.dynamic_slice(padded, (top, left, 0), image.shape)
 
 
-def _flip(key: jax.Array, image: jax.Array) -> jax.Array:
+@register_op('flip')
+def _flip(key: jax.Array, image: jax.Array, context: OpContext) -> jax.Array:
   """Mirrors left-right with probability 1/2, branch-free.
 
   It chooses the column order rather than selecting between two images: after a crop, XLA fuses
-  this gather with the crop's, which takes about a third off crop + flip on CPU.
+  this gather with the crop's, which makes crop + flip cheaper on CPU.
   """
   columns = jnp.arange(image.shape[1])
   return image[:, jnp.where(jax.random.bernoulli(key), columns[::-1], columns)]
 
 
-ALTERNATING_FLIP_STREAM = 2**32 - 1  # fold_in data of the flips' key; steps (the other fold_ins) stay below.
-
-
-def alternating_flip(images: jax.Array, indices: jax.Array, epoch: jax.Array, seed: int) -> jax.Array:
+@register_op('alternating_flip', uses_key=False)
+def _alternating_flip(key: None, image: jax.Array, context: OpContext) -> jax.Array:
   """airbench's alternating flip: training example `i` is mirrored in even epochs with probability 1/2,
   a fixed draw from (seed, i), and the other way in odd epochs. Every pair of epochs shows each image
   both ways, where independent flips repeat an orientation half of the time.
   """
-  key = jax.random.fold_in(jax.random.key(seed), ALTERNATING_FLIP_STREAM)
-  in_even_epochs = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i)))(indices)
-  mirrored = in_even_epochs ^ (epoch % 2 == 1)
-  return jnp.where(mirrored[:, None, None, None], images[:, :, ::-1], images)
+  flips_key = jax.random.fold_in(jax.random.key(context.seed), ALTERNATING_FLIP_STREAM)
+  in_even_epochs = jax.random.bernoulli(jax.random.fold_in(flips_key, context.index))
+  return jnp.where(in_even_epochs ^ (context.epoch % 2 == 1), image[:, ::-1], image)
 
 
-def _cutout(key: jax.Array, image: jax.Array, *, size: int, fill: jax.Array) -> jax.Array:
-  """Fills a size x size square, centred uniformly over the image and clipped at its borders.
+@register_op('cutout', fields={'size': 'cutout_size'}, checks={'size': _non_negative_int})
+def _cutout(key: jax.Array, image: jax.Array, context: OpContext, size: int) -> jax.Array:
+  """Fills a size x size square with the mean colour, centred uniformly over the image and clipped at
+  its borders.
 
   Rows [cy - size//2, cy - size//2 + size) and likewise for columns, so the side is exactly `size`
   away from the borders, odd sizes included. Returns float32 pixel values.
@@ -127,374 +329,23 @@ def _cutout(key: jax.Array, image: jax.Array, *, size: int, fill: jax.Array) -> 
   top, left = centre_y - size // 2, centre_x - size // 2
   rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
   inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
-  return jnp.where(inside[..., None], fill, image.astype(jnp.float32))
+  return jnp.where(inside[..., None], _mean_colour(context.mean), image.astype(jnp.float32))
 
 
-# Image ops of the policies: one uint8 [H, W, C] image in, one out, PIL's arithmetic.
-
-FILL = 128  # Grey for the pixels that geometric ops bring in from outside the image.
-Scalar = float | jax.Array  # A Python number or a traced 0-d array.
-
-
-def _affine(image: jax.Array, a: Scalar, b: Scalar, c: Scalar, d: Scalar, e: Scalar, f: Scalar) -> jax.Array:
-  """PIL's `image.transform(size, AFFINE, (a, b, c, d, e, f), NEAREST, fillcolor=FILL)`.
-
-  Output pixel (column x, row y) takes the input pixel that contains the point (a x' + b y' + c,
-  d x' + e y' + f), x' = x + 1/2 and y' = y + 1/2 being the pixel's centre, or FILL outside the image.
-  Written by hand: dm_pix.affine_transform(order=0) resamples through map_coordinates over all three
-  axes, 20-30 times slower on CPU (44-73 ms against 2.3 ms per 512 CIFAR images), and its bilinear
-  path 500 times.
-  """
-  height, width, _ = image.shape
-  y, x = jnp.mgrid[0:height, 0:width].astype(jnp.float32) + 0.5
-  source_x = jnp.floor(a * x + b * y + c).astype(jnp.int32)
-  source_y = jnp.floor(d * x + e * y + f).astype(jnp.int32)
-  inside = (source_x >= 0) & (source_x < width) & (source_y >= 0) & (source_y < height)
-  pixels = image[jnp.clip(source_y, 0, height - 1), jnp.clip(source_x, 0, width - 1)]
-  return jnp.where(inside[..., None], pixels, FILL).astype(image.dtype)
+@register_op('autoaugment')
+def _autoaugment(key: jax.Array, image: jax.Array, context: OpContext) -> jax.Array:
+  return policies.autoaugment(key, image)
 
 
-def rotate(image: jax.Array, degrees: Scalar) -> jax.Array:
-  """PIL's `image.rotate(degrees)`: counter-clockwise about the image centre."""
-  height, width, _ = image.shape
-  cos, sin = jnp.cos(jnp.deg2rad(degrees)), jnp.sin(jnp.deg2rad(degrees))
-  centre_x, centre_y = width / 2, height / 2
-  return _affine(
-    image, cos, -sin, centre_x - cos * centre_x + sin * centre_y, sin, cos, centre_y - sin * centre_x - cos * centre_y
-  )
-
-
-def shear_x(image: jax.Array, factor: Scalar) -> jax.Array:
-  """Row y moves left by factor * y (PIL coordinates): the AutoAugment code's (1, factor, 0, 0, 1, 0)."""
-  return _affine(image, 1, factor, 0, 0, 1, 0)
-
-
-def shear_y(image: jax.Array, factor: Scalar) -> jax.Array:
-  return _affine(image, 1, 0, 0, factor, 1, 0)
-
-
-def translate_x(image: jax.Array, pixels: Scalar) -> jax.Array:
-  """Moves the content right by `pixels` (whole pixels: the policies truncate, as torchvision)."""
-  return _affine(image, 1, 0, -pixels, 0, 1, 0)
-
-
-def translate_y(image: jax.Array, pixels: Scalar) -> jax.Array:
-  return _affine(image, 1, 0, 0, 0, 1, -pixels)
-
-
-def _blend(degenerate: jax.Array, image: jax.Array, factor: Scalar) -> jax.Array:
-  """PIL's `Image.blend(degenerate, image, factor)`, the core of ImageEnhance: float32, truncated."""
-  degenerate = degenerate.astype(jnp.float32)
-  return jnp.clip(degenerate + factor * (image - degenerate), 0, 255).astype(jnp.uint8)
-
-
-def _grayscale(image: jax.Array) -> jax.Array:
-  """PIL's `convert('L')`, exact: ITU-R 601 luma in 16-bit fixed point, rounded. [H, W, 1] int32."""
-  red, green, blue = jnp.moveaxis(image.astype(jnp.int32), -1, 0)
-  return ((red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16)[..., None]
-
-
-def brightness(image: jax.Array, factor: Scalar) -> jax.Array:
-  """ImageEnhance.Brightness: blends with black."""
-  return _blend(jnp.zeros_like(image), image, factor)
-
-
-def color(image: jax.Array, factor: Scalar) -> jax.Array:
-  """ImageEnhance.Color: blends with the grey version (0 gives grey, 1 the image)."""
-  return _blend(_grayscale(image), image, factor)
-
-
-def contrast(image: jax.Array, factor: Scalar) -> jax.Array:
-  """ImageEnhance.Contrast: blends with the mean grey level, rounded (one value, not one per channel)."""
-  grey = _grayscale(image)
-  mean = jnp.floor(jnp.sum(grey) / grey.size + 0.5)
-  return _blend(jnp.full_like(grey, mean), image, factor)
-
-
-def _smooth(image: jax.Array) -> jax.Array:
-  """PIL's ImageFilter.SMOOTH (3x3 kernel 1 1 1 / 1 5 1 / 1 1 1, over 13, rounded); the border is kept."""
-  pixels = image.astype(jnp.float32)
-  rows = pixels[:-2] + pixels[1:-1] + pixels[2:]
-  total = rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:] + 4 * pixels[1:-1, 1:-1]
-  return jnp.asarray(image).at[1:-1, 1:-1].set(jnp.round(total / 13).astype(jnp.uint8))
-
-
-def sharpness(image: jax.Array, factor: Scalar) -> jax.Array:
-  """ImageEnhance.Sharpness: blends with the smoothed image (0 blurs, 2 sharpens)."""
-  return _blend(_smooth(image), image, factor)
-
-
-def posterize(image: jax.Array, bits: Scalar) -> jax.Array:
-  """ImageOps.posterize: keeps the `bits` high bits of each value."""
-  shift = jnp.asarray(8 - bits, jnp.uint8)
-  return (image >> shift) << shift
-
-
-def solarize(image: jax.Array, threshold: Scalar) -> jax.Array:
-  """ImageOps.solarize: inverts the values >= threshold."""
-  return jnp.where(image < threshold, image, 255 - image)
-
-
-def invert(image: jax.Array) -> jax.Array:
-  return 255 - image
-
-
-def _auto_contrast_channel(channel: jax.Array) -> jax.Array:
-  """floor(255 (x - lo) / (hi - lo)); PIL computes it in float64, which a few values miss by one."""
-  low, high = jnp.min(channel).astype(jnp.int32), jnp.max(channel).astype(jnp.int32)
-  stretched = (channel - low) * 255 // jnp.maximum(high - low, 1)
-  return jnp.where(high > low, stretched, channel).astype(jnp.uint8)
-
-
-def _equalize_channel(channel: jax.Array) -> jax.Array:
-  """PIL's lookup table: (step // 2 + pixels below the value) // step, step = (n - n_max) // 255.
-
-  n_max counts the pixels of the highest value present; step = 0 (few pixels, or one value) leaves
-  the channel as it is. The histogram is a scatter-add: the costliest op on CPU (one-hot counting
-  and sorting were 10 and 5 times slower), where XLA runs scatters serially.
-  """
-  histogram = jnp.zeros(256, jnp.int32).at[channel.ravel()].add(1)
-  step = (channel.size - histogram[jnp.max(channel)]) // 255
-  below = jnp.cumsum(histogram) - histogram
-  lut = jnp.minimum((step // 2 + below) // jnp.maximum(step, 1), 255)
-  return jnp.where(step > 0, lut[channel], channel).astype(jnp.uint8)
-
-
-def _per_channel(channel_op: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
-  return jax.vmap(channel_op, in_axes=-1, out_axes=-1)
-
-
-auto_contrast = _per_channel(_auto_contrast_channel)  # ImageOps.autocontrast: each channel to 0..255.
-equalize = _per_channel(_equalize_channel)  # ImageOps.equalize: each channel's histogram flattened.
-
-
-class PolicyOp(NamedTuple):
-  """An op as the policies call it: `apply(image, strength)`, strength 0 the weakest setting.
-
-  torchvision's conventions: the enhance ops take 1 + strength, Posterize removes `strength` bits
-  (rounded), Solarize's threshold is 255 - strength (so strength 0 still inverts 255), translations
-  truncate to whole pixels. Policies negate the strength of `signed` ops with probability 1/2.
-  """
-
-  apply: Callable[[jax.Array, jax.Array], jax.Array]
-  signed: bool
-
-
-def _enhance(enhance_op: Callable[[jax.Array, jax.Array], jax.Array]) -> PolicyOp:
-  return PolicyOp(lambda image, strength: enhance_op(image, 1 + strength), True)
-
-
-def _unary(image_op: Callable[[jax.Array], jax.Array]) -> PolicyOp:
-  return PolicyOp(lambda image, strength: image_op(image), False)
-
-
-POLICY_OPS: dict[str, PolicyOp] = {
-  'Identity': _unary(lambda image: image),
-  'ShearX': PolicyOp(shear_x, True),
-  'ShearY': PolicyOp(shear_y, True),
-  'TranslateX': PolicyOp(lambda image, pixels: translate_x(image, jnp.trunc(pixels)), True),
-  'TranslateY': PolicyOp(lambda image, pixels: translate_y(image, jnp.trunc(pixels)), True),
-  'Rotate': PolicyOp(rotate, True),
-  'Brightness': _enhance(brightness),
-  'Color': _enhance(color),
-  'Contrast': _enhance(contrast),
-  'Sharpness': _enhance(sharpness),
-  'Posterize': PolicyOp(lambda image, bits_removed: posterize(image, 8 - jnp.round(bits_removed)), False),
-  'Solarize': PolicyOp(lambda image, strength: solarize(image, 255 - strength), False),
-  'AutoContrast': _unary(auto_contrast),
-  'Equalize': _unary(equalize),
-  'Invert': _unary(invert),
-}
-_ENHANCE_OPS = ('Brightness', 'Color', 'Contrast', 'Sharpness')
-
-# RandAugment's and TrivialAugment's ops, in torchvision's order (no Invert).
-RAND_OPS = tuple(name for name in POLICY_OPS if name != 'Invert')
-NUM_LEVELS = 31  # RandAugment's and TrivialAugment's magnitude scale: levels 0..30, as torchvision.
-
-# TrivialAugment Wide's maximum strengths (translation in pixels, whatever the image size).
-WIDE_SPACE = {
-  'ShearX': 0.99,
-  'ShearY': 0.99,
-  'TranslateX': 32.0,
-  'TranslateY': 32.0,
-  'Rotate': 135.0,
-  **dict.fromkeys(_ENHANCE_OPS, 0.99),
-  'Posterize': 6.0,
-  'Solarize': 255.0,
-}
-
-
-def standard_space(height: int, width: int) -> dict[str, float]:
-  """AutoAugment's and RandAugment's maximum strengths; translation up to 150/331 of the side."""
-  return {
-    'ShearX': 0.3,
-    'ShearY': 0.3,
-    'TranslateX': 150 / 331 * width,
-    'TranslateY': 150 / 331 * height,
-    'Rotate': 30.0,
-    **dict.fromkeys(_ENHANCE_OPS, 0.9),
-    'Posterize': 4.0,
-    'Solarize': 255.0,
-  }
-
-
-# The AutoAugment CIFAR-10 policy: 25 sub-policies of two (op, probability, magnitude level 0..9)
-# steps, level None for ops without a magnitude (torchvision's transcription of the paper's table).
-AUTOAUGMENT_CIFAR10 = (
-  (('Invert', 0.1, None), ('Contrast', 0.2, 6)),
-  (('Rotate', 0.7, 2), ('TranslateX', 0.3, 9)),
-  (('Sharpness', 0.8, 1), ('Sharpness', 0.9, 3)),
-  (('ShearY', 0.5, 8), ('TranslateY', 0.7, 9)),
-  (('AutoContrast', 0.5, None), ('Equalize', 0.9, None)),
-  (('ShearY', 0.2, 7), ('Posterize', 0.3, 7)),
-  (('Color', 0.4, 3), ('Brightness', 0.6, 7)),
-  (('Sharpness', 0.3, 9), ('Brightness', 0.7, 9)),
-  (('Equalize', 0.6, None), ('Equalize', 0.5, None)),
-  (('Contrast', 0.6, 7), ('Sharpness', 0.6, 5)),
-  (('Color', 0.7, 7), ('TranslateX', 0.5, 8)),
-  (('Equalize', 0.3, None), ('AutoContrast', 0.4, None)),
-  (('TranslateY', 0.4, 3), ('Sharpness', 0.2, 6)),
-  (('Brightness', 0.9, 6), ('Color', 0.2, 8)),
-  (('Solarize', 0.5, 2), ('Invert', 0.0, None)),
-  (('Equalize', 0.2, None), ('AutoContrast', 0.6, None)),
-  (('Equalize', 0.2, None), ('Equalize', 0.6, None)),
-  (('Color', 0.9, 9), ('Equalize', 0.6, None)),
-  (('AutoContrast', 0.8, None), ('Solarize', 0.2, 8)),
-  (('Brightness', 0.1, 3), ('Color', 0.7, 0)),
-  (('Solarize', 0.4, 5), ('AutoContrast', 0.9, None)),
-  (('TranslateY', 0.9, 9), ('TranslateY', 0.7, 9)),
-  (('AutoContrast', 0.9, None), ('Solarize', 0.8, 3)),
-  (('Equalize', 0.8, None), ('Invert', 0.1, None)),
-  (('TranslateY', 0.7, 9), ('AutoContrast', 0.9, None)),
+@register_op(
+  'randaugment',
+  fields={'num_ops': 'randaugment_num_ops', 'magnitude': 'randaugment_magnitude'},
+  checks={'num_ops': _non_negative_int, 'magnitude': _level},
 )
-AUTOAUGMENT_LEVELS = 10
-# The ops the policy uses, Identity first: a step that does not fire applies op 0.
-AUTOAUGMENT_OPS = ('Identity',) + tuple(sorted({name for sub in AUTOAUGMENT_CIFAR10 for name, _, _ in sub}))
+def _randaugment(key: jax.Array, image: jax.Array, context: OpContext, num_ops: int, magnitude: float) -> jax.Array:
+  return policies.randaugment(key, image, num_ops=num_ops, magnitude=magnitude)
 
 
-def _policy_table(policy: Sequence, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(op index into names, probability, magnitude as a fraction of the maximum), each [sub-policies, 2]."""
-  ops = np.array([[names.index(name) for name, _, _ in sub] for sub in policy], np.int32)
-  probabilities = np.array([[p for _, p, _ in sub] for sub in policy], np.float32)
-  levels = np.array([[level or 0 for _, _, level in sub] for sub in policy], np.float32)
-  return ops, probabilities, levels / (AUTOAUGMENT_LEVELS - 1)
-
-
-def _apply_policy_op(
-  key: jax.Array, image: jax.Array, names: Sequence[str], space: dict[str, float], op: jax.Array, fraction: Scalar
-) -> jax.Array:
-  """Applies names[op] at `fraction` of its maximum strength in `space`, signed ops negated at random."""
-  if image.dtype != jnp.uint8:
-    raise ValueError(
-      'autoaugment, randaugment and trivialaugment work on uint8 pixels: put them before cutout in train_ops.'
-    )
-  maximum = jnp.array([space.get(name, 0.0) for name in names])[op]
-  signed = jnp.array([POLICY_OPS[name].signed for name in names])[op]
-  strength = jnp.where(signed & jax.random.bernoulli(key), -maximum, maximum) * fraction
-  return jax.lax.switch(op, [POLICY_OPS[name].apply for name in names], image, strength)
-
-
-def _trivialaugment(key: jax.Array, image: jax.Array) -> jax.Array:
-  op_key, level_key, sign_key = jax.random.split(key, 3)
-  op = jax.random.randint(op_key, (), 0, len(RAND_OPS))
-  fraction = jax.random.randint(level_key, (), 0, NUM_LEVELS) / (NUM_LEVELS - 1)
-  return _apply_policy_op(sign_key, image, RAND_OPS, WIDE_SPACE, op, fraction)
-
-
-def _randaugment(key: jax.Array, image: jax.Array, *, num_ops: int, magnitude: int) -> jax.Array:
-  space = standard_space(*image.shape[:2])
-  for position in range(num_ops):
-    op_key, sign_key = jax.random.split(jax.random.fold_in(key, position))
-    op = jax.random.randint(op_key, (), 0, len(RAND_OPS))
-    image = _apply_policy_op(sign_key, image, RAND_OPS, space, op, magnitude / (NUM_LEVELS - 1))
-  return image
-
-
-def _autoaugment(key: jax.Array, image: jax.Array) -> jax.Array:
-  space = standard_space(*image.shape[:2])
-  ops, probabilities, fractions = map(jnp.asarray, _policy_table(AUTOAUGMENT_CIFAR10, AUTOAUGMENT_OPS))
-  sub_policy_key, *step_keys = jax.random.split(key, 3)
-  sub_policy = jax.random.randint(sub_policy_key, (), 0, len(AUTOAUGMENT_CIFAR10))
-  for step, step_key in enumerate(step_keys):
-    fire_key, sign_key = jax.random.split(step_key)
-    fires = jax.random.uniform(fire_key) < probabilities[sub_policy, step]
-    op = jnp.where(fires, ops[sub_policy, step], 0)
-    image = _apply_policy_op(sign_key, image, AUTOAUGMENT_OPS, space, op, fractions[sub_policy, step])
-  return image
-
-
-def _make_crop(aug_config, mean) -> Op:
-  del mean
-  if aug_config.pad_mode not in PAD_MODES:
-    raise ValueError(f'Unknown pad_mode {aug_config.pad_mode!r}: valid modes are {", ".join(PAD_MODES)}.')
-  return functools.partial(_crop, padding=aug_config.crop_padding, pad_mode=aug_config.pad_mode)
-
-
-def _make_flip(aug_config, mean) -> Op:
-  del aug_config, mean
-  return _flip
-
-
-def _make_cutout(aug_config, mean) -> Op:
-  return functools.partial(_cutout, size=aug_config.cutout_size, fill=_mean_colour(mean))
-
-
-def _make_autoaugment(aug_config, mean) -> Op:
-  del aug_config, mean
-  return _autoaugment
-
-
-def _make_randaugment(aug_config, mean) -> Op:
-  del mean
-  num_ops, magnitude = aug_config.randaugment_num_ops, aug_config.randaugment_magnitude
-  if not 0 <= magnitude <= NUM_LEVELS - 1 or num_ops < 0:
-    raise ValueError(
-      f'randaugment needs randaugment_magnitude in 0..{NUM_LEVELS - 1} and '
-      f'randaugment_num_ops >= 0, not {magnitude!r} and {num_ops!r}.'
-    )
-  return functools.partial(_randaugment, num_ops=num_ops, magnitude=magnitude)
-
-
-def _make_trivialaugment(aug_config, mean) -> Op:
-  del aug_config, mean
-  return _trivialaugment
-
-
-_OP_MAKERS: dict[str, Callable[..., Op]] = {
-  'crop': _make_crop,
-  'flip': _make_flip,
-  'cutout': _make_cutout,
-  'autoaugment': _make_autoaugment,
-  'randaugment': _make_randaugment,
-  'trivialaugment': _make_trivialaugment,
-}
-OPS = tuple(_OP_MAKERS)
-
-
-def validate_ops(ops: Sequence[str]) -> None:
-  """Raises ValueError naming the first unknown op and the valid names."""
-  if isinstance(ops, str):
-    raise ValueError(f'train_ops must be a tuple of op names, not the string {ops!r}.')
-  for name in ops:
-    if name not in _OP_MAKERS:
-      raise ValueError(f'Unknown augmentation op {name!r}: valid ops are {", ".join(OPS)}.')
-
-
-def augment_batch(
-  images: jax.Array, key: jax.Array, aug_config, mean: Sequence[float], std: Sequence[float]
-) -> jax.Array:
-  """uint8 [B, H, W, C] -> float32 normalized, applying `aug_config.train_ops` in order.
-
-  Example i draws op number j from fold_in(example_keys(key, B)[i], j): ops are independent of
-  each other, and appending an op leaves the draws of the earlier ones unchanged.
-  """
-  validate_ops(aug_config.train_ops)
-  ops = [_OP_MAKERS[name](aug_config, mean) for name in aug_config.train_ops]
-
-  def augment_one(example_key: jax.Array, image: jax.Array) -> jax.Array:
-    for position, op in enumerate(ops):
-      image = op(jax.random.fold_in(example_key, position), image)
-    return image
-
-  augmented = jax.vmap(augment_one)(example_keys(key, images.shape[0]), images)
-  return normalize(augmented, mean, std)
+@register_op('trivialaugment')
+def _trivialaugment(key: jax.Array, image: jax.Array, context: OpContext) -> jax.Array:
+  return policies.trivialaugment(key, image)

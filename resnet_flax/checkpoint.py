@@ -115,6 +115,19 @@ def restore(manager: ocp.CheckpointManager, target: Any, step: int | None = None
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def restore_subset(manager: ocp.CheckpointManager, target: dict[str, Any], step: int) -> dict[str, Any]:
+  """Restores only the train-state fields that `target` names (e.g. 'params', 'batch_stats', 'ema'),
+  abstract arrays with the shardings to restore into, from checkpoint `step`.
+
+  Evaluation needs neither the optimizer state nor the optimizer that shaped it, so checkpoints of any
+  optimizer, with any optimizer-state layout, restore here.
+  """
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  logging.info('Restoring %s of checkpoint %d from %s', ', '.join(target), step, manager.directory)
+  args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+  return manager.restore(step, args=args)
+
+
 def restore_latest_good(manager: ocp.CheckpointManager, target: Any) -> Any | None:
   """The newest checkpoint that restores; None if there is none.
 

@@ -1,22 +1,25 @@
-"""Checks a config before any work, so a bad value gets one clear line instead of a traceback."""
+"""Checks a config before any work, so a bad value gets one clear line instead of a traceback.
+
+The valid names come from the registries that use them (`models.PRESETS`, `optim.OPTIMIZERS`,
+`optim.SCHEDULES`, the augmentation ops, ...): one source of truth, so a name added there is valid here.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
 import ml_collections
 
-from resnet_flax import augment, data, input_pipeline, models
+from resnet_flax import augment, data, input_pipeline, models, optim, policies
 from resnet_flax.errors import ConfigError
 
-OPTIMIZERS = ('sgd', 'sam', 'adam', 'adamw')
-SCHEDULES = ('cosine', 'onecycle', 'step')
 DTYPES = ('float32', 'bfloat16')
 
 
-def _choice(options) -> Callable[[Any], str | None]:
+def _choice(options: Collection) -> Callable[[Any], str | None]:
+  """A value among `options`, read at check time: a registry (a dict) can grow after this module loads."""
   return lambda v: None if v in options else f'choose one of {", ".join(map(str, options))}'
 
 
@@ -36,14 +39,9 @@ def _fraction(v) -> str | None:
   return None if _is_number(v) and 0 <= v < 1 else 'must be in [0, 1)'
 
 
-def _augment_ops(ops) -> str | None:
-  if not isinstance(ops, (tuple, list)) or not all(isinstance(op, str) for op in ops):
-    return "must be a tuple of op names, e.g. \"('crop', 'flip')\""
-  try:
-    augment.validate_ops(ops)
-  except ValueError as e:
-    return str(e)
-  return None
+def _magnitude(v) -> str | None:
+  top = policies.NUM_LEVELS - 1
+  return None if _is_number(v) and 0 <= v <= top else f'must be in [0, {top}]'
 
 
 RULES: dict[str, Callable[[Any], str | None]] = {
@@ -51,6 +49,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'model.max_params': _positive,
   'model.dtype': _choice(DTYPES),
   'model.dropout_rate': _fraction,
+  'model.block_dropout_rate': _fraction,
   'model.se_ratio': _non_negative,
   'model.drop_path_rate': _fraction,
   'model.stem': _choice(('', *models.STEMS)),
@@ -58,22 +57,22 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'data.source': _choice(sorted(data.SOURCES)),
   'data.pipeline': _choice(sorted(input_pipeline.PIPELINES)),
   'data.validation_size': _non_negative,
-  'augment.train_ops': _augment_ops,
   'augment.crop_padding': _non_negative,
-  'augment.pad_mode': _choice(('reflect', 'constant')),
+  'augment.pad_mode': _choice(augment.PAD_MODES),
   'augment.alternating_flip': _choice((False, True)),
   'augment.cutout_size': _non_negative,
   'augment.randaugment_num_ops': _non_negative,
-  'augment.randaugment_magnitude': lambda v: None if _is_number(v) and 0 <= v <= 30 else 'must be in [0, 30]',
+  'augment.randaugment_magnitude': _magnitude,
   'augment.mixup_alpha': _non_negative,
   'augment.cutmix_alpha': _non_negative,
-  'optim.name': _choice(OPTIMIZERS),
+  'augment.mix_prob': lambda v: None if _is_number(v) and 0 <= v <= 1 else 'must be in [0, 1]',
+  'optim.name': _choice(optim.OPTIMIZERS),
   'optim.learning_rate': _non_negative,
   'optim.momentum': _fraction,
   'optim.weight_decay': _non_negative,
   'optim.warmup_epochs': _non_negative,
   'optim.label_smoothing': _fraction,
-  'optim.schedule': _choice(SCHEDULES),
+  'optim.schedule': _choice(optim.SCHEDULES),
   'optim.step_gamma': _positive,
   'optim.sam_rho': _non_negative,
   'optim.b1': _fraction,
@@ -83,7 +82,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'eval.checkpoint': lambda v: (
     None if v in ('best', 'latest') or str(v).isdigit() else 'choose best, latest or a step number'
   ),
-  'eval.tta': _choice(('none', 'flip', 'flip+translate')),
+  'eval.tta': _choice(augment.TTA_VIEWS),
   'num_epochs': _positive,
   'batch_size': _positive,
   'eval_batch_size': _positive,
@@ -110,13 +109,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problem = rule(value)
     if problem:
       raise ConfigError(f'--config.{field}={value!r} is invalid: {problem}')
-  if config.augment.alternating_flip and 'flip' in config.augment.train_ops:
-    raise ConfigError(
-      "--config.augment.alternating_flip=True replaces the 'flip' op; remove 'flip' from --config.augment.train_ops"
-    )
+  _check_optimizer_options(config.optim)
+  _check_augment_ops(config.augment)
   for field in ('batch_size', 'eval_batch_size'):
     if _get(config, field) % jax.device_count():
       raise ConfigError(
         f'--config.{field}={_get(config, field)} is not divisible by the {jax.device_count()} '
         'devices; choose a multiple of the device count'
       )
+
+
+def _check_optimizer_options(optim_config: ml_collections.ConfigDict) -> None:
+  """An optimizer-specific option set for an optimizer that does not read it would silently do nothing."""
+  for name in optim.ignored_options(optim_config):
+    users = [key for key, entry in optim.OPTIMIZERS.items() if name in entry.options]
+    raise ConfigError(
+      f'--config.optim.{name}={optim_config[name]!r} does not apply to optim.name={optim_config.name!r} '
+      f'(only to {", ".join(users)}); leave it at {optim.OPTION_DEFAULTS[name]!r} or choose one of those optimizers'
+    )
+
+
+def _check_augment_ops(augment_config: ml_collections.ConfigDict) -> None:
+  try:
+    augment.check_ops(augment_config)
+  except ValueError as e:
+    raise ConfigError(f'--config.augment.train_ops={augment_config.train_ops!r} is invalid: {e}') from None

@@ -1,4 +1,4 @@
-"""Multi-host start-up: `jax.distributed` from flags, or from a detected cluster environment."""
+"""Devices and processes: multi-host start-up through `jax.distributed`, and the data-parallel mesh."""
 
 import os
 
@@ -31,3 +31,12 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
 
 def _in_cluster() -> bool:
   return any(v in os.environ for v in CLUSTER_VARIABLES)
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """A 1-D ('data',) mesh of every device of every process.
+
+  Its axis is Auto: Explicit axes (jax's default for `make_mesh`) reject the unsharded per-example
+  keys of the vmapped augmentation.
+  """
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_flax.data import ImageData
+from resnet_flax.workdir import steps_per_epoch
 
 Batch = dict[str, jax.Array]
 
@@ -94,7 +95,7 @@ class InputPipeline(abc.ABC):
     self.batch_size = batch_size
     self.seed = seed
     self.mesh = mesh
-    self.steps_per_epoch = len(train) // batch_size
+    self.steps_per_epoch = steps_per_epoch(len(train), batch_size)
     self._eval_cache: dict[int, list[Batch]] = {}
 
   @abc.abstractmethod
@@ -197,8 +198,9 @@ class DevicePipeline(InputPipeline):
       if position + n > self.steps_per_epoch:
         raise ValueError(f'steps {step}..{step + n - 1} cross the end of epoch {epoch}: plan with call_lengths')
       if epoch != perm_epoch:
-        perm, perm_epoch = self._permutation(self.seed, epoch, len(self.train)), epoch
-      yield self._gather(self._images, self._labels, perm, position, n)
+        seed_and_epoch = jax.device_put((self.seed, epoch))  # Explicit: no hidden transfer per call.
+        perm, perm_epoch = self._permutation(*seed_and_epoch, len(self.train)), epoch
+      yield self._gather(self._images, self._labels, perm, jax.device_put(position), n)
       step += n
 
 

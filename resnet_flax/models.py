@@ -13,6 +13,9 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from resnet_flax import layers
 
 ModuleDef = Any
 
@@ -20,26 +23,11 @@ BATCH_NORM_MOMENTUM = 0.9  # The recipes' value; flax defaults to 0.99.
 BATCH_NORM_EPSILON = 1e-5
 
 
-def dirac(base_init: nn.initializers.Initializer | None = None) -> nn.initializers.Initializer:
-  """`base_init` (default: flax's conv init, LeCun normal) with its first min(in, out) filters replaced by
-  identities (airbench's dirac init): at the start each convolution passes its input channels through."""
-  base_init = base_init or nn.initializers.lecun_normal()
-
-  def init(key, shape, dtype=jnp.float32):
-    *window, in_channels, out_channels = shape
-    passed = min(in_channels, out_channels)
-    identity = jnp.zeros((*window, in_channels, passed), dtype)
-    identity = identity.at[tuple(w // 2 for w in window) + (jnp.arange(passed), jnp.arange(passed))].set(1)
-    return base_init(key, shape, dtype).at[..., :passed].set(identity)
-
-  return init
-
-
 def _conv_and_norm(dtype: Any, train: bool, dirac_init: bool = False) -> tuple[ModuleDef, ModuleDef]:
   """Bias-free SAME convolutions and BatchNorm that compute in `dtype` and keep float32 parameters."""
   conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, padding='SAME')
   if dirac_init:
-    conv = functools.partial(conv, kernel_init=dirac())
+    conv = functools.partial(conv, kernel_init=layers.dirac())
   norm = functools.partial(
     nn.BatchNorm, use_running_average=not train, momentum=BATCH_NORM_MOMENTUM, epsilon=BATCH_NORM_EPSILON, dtype=dtype
   )
@@ -59,62 +47,6 @@ def _shortcut(x, channels: int, strides: int, conv: ModuleDef, norm: ModuleDef |
     return x
   y = conv(channels, (1, 1), strides, name='shortcut_conv')(x if projected is None else projected)
   return y if norm is None else norm(name='shortcut_norm')(y)
-
-
-class SqueezeExcite(nn.Module):
-  """Channel attention (Hu et al. 2018): rescales channels by a gate from their global mean."""
-
-  ratio: float
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    channels = x.shape[-1]
-    gate = jnp.mean(x, axis=(1, 2), keepdims=True)
-    gate = nn.relu(nn.Dense(max(1, int(channels * self.ratio)), dtype=self.dtype)(gate))
-    gate = nn.sigmoid(nn.Dense(channels, dtype=self.dtype)(gate))
-    return x * gate
-
-
-class PatchWhitening(nn.Module):
-  """A frozen `patch_size` x `patch_size` VALID convolution that whitens the image's patches (airbench).
-
-  Its 2 * p * p * C filters are +/- the eigenvectors of the patch covariance of training images, each
-  scaled by 1 / sqrt(eigenvalue + eps): set them with `whitening_kernel` after init. The optimizer
-  leaves them alone (`WHITENING` names them for it) and no gradient flows into them.
-  """
-
-  patch_size: int = 2
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    window = (self.patch_size, self.patch_size)
-    filters = 2 * self.patch_size**2 * x.shape[-1]
-    kernel = self.param('kernel', nn.initializers.zeros, (*window, x.shape[-1], filters))  # Zero until set.
-    return jax.lax.conv_general_dilated(
-      x, jax.lax.stop_gradient(kernel).astype(self.dtype), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-    )
-
-
-WHITENING = 'whitening'  # The module name of a ResNet's PatchWhitening stem.
-
-
-def whitening_kernel(images: jax.Array, patch_size: int = 2, eps: float = 5e-4) -> jax.Array:
-  """The PatchWhitening kernel [p, p, C, 2 * p * p * C] for normalized float images [N, H, W, C]."""
-  channels = images.shape[-1]
-  patches = jax.lax.conv_general_dilated_patches(
-    jnp.asarray(images, jnp.float32),
-    (patch_size, patch_size),
-    (1, 1),
-    'VALID',
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-  )  # [N, H', W', C * p * p], channel-major.
-  patches = patches.reshape(-1, patches.shape[-1])
-  eigenvalues, eigenvectors = jnp.linalg.eigh(patches.T @ patches / patches.shape[0])
-  filters = eigenvectors / jnp.sqrt(eigenvalues + eps)  # Columns: one filter each, in (c, h, w) order.
-  filters = filters.reshape(channels, patch_size, patch_size, -1).transpose(1, 2, 0, 3)
-  return jnp.concatenate([filters, -filters], axis=-1)
 
 
 class _Block(nn.Module):
@@ -137,7 +69,7 @@ class _Block(nn.Module):
     depth"): in training each example's branch is dropped with probability `drop_path_rate` and kept
     ones are scaled by 1 / (1 - rate), so evaluation uses the branch as it is."""
     if self.se_ratio:
-      y = SqueezeExcite(self.se_ratio, dtype=y.dtype)(y)
+      y = layers.SqueezeExcite(self.se_ratio, dtype=y.dtype)(y)
     return self.dropout(self.drop_path_rate, broadcast_dims=(1, 2, 3), name='drop_path')(y)
 
   def _add_post_activation(self, x, y):
@@ -240,7 +172,7 @@ class ResNet(nn.Module):
   def _stem(self, x, conv, norm):
     width = self.stem_width or self.widths[0]
     if self.stem == 'whiten':
-      x = PatchWhitening(dtype=self.dtype, name=WHITENING)(x)
+      x = layers.PatchWhitening(dtype=self.dtype, name=layers.WHITENING)(x)
     if self.stem in ('cifar', 'whiten'):
       x = conv(width, (3, 3), name='stem_conv')(x)
       return x if self.block_cls.preactivation else nn.relu(norm(name='stem_norm')(x))
@@ -386,6 +318,16 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
       f"model.name {name!r} ({preset.func.__name__}) has no option {', '.join(unsupported)}; leave it at 0/False/''"
     )
   return preset(num_classes=num_classes, **options)
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  return jnp.bfloat16 if config.half_precision or config.model.dtype == 'bfloat16' else jnp.float32
+
+
+def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """`create_model` for `config.model`, computing in `compute_dtype(config)`."""
+  options = {name: config.model[name] for name in SWITCHABLE_OPTIONS}
+  return create_model(config.model.name, num_classes, dtype=compute_dtype(config), **options)
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], key: jax.Array | None = None):

@@ -1,14 +1,11 @@
-"""Shared fixtures."""
+"""Shared fixtures (helpers that are not fixtures live in helpers.py)."""
 
-import os
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-import jax
-import orbax.checkpoint as ocp
 import pytest
+
+from helpers import run_smoke
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
@@ -22,66 +19,6 @@ def cifar10_jpeg_dir(tmp_path_factory) -> Path:
   destination = tmp_path_factory.mktemp('cifar10_jpeg')
   subprocess.run(['tar', 'xzf', str(archive), '-C', str(destination)], check=True)  # 8x faster than tarfile.
   return destination / 'cifar10-jpeg'
-
-
-ROOT = Path(__file__).resolve().parents[1]
-# Shared by the test runs of main.py, so that only the first one of each program compiles it.
-COMPILATION_CACHE = Path(tempfile.gettempdir()) / 'resnet_flax_tests_jax_cache'
-
-
-def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple[int, int, int] | None = None):
-  """Runs main.py with the smoke config; returns (returncode, output), or the Popen if not `wait`.
-
-  `process` = (port, num_processes, process_id) starts one process of a multi-process job.
-  """
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-    'JAX_PLATFORMS': 'cpu',
-    'TF_CPP_MIN_LOG_LEVEL': '3',
-    'PYTHONUNBUFFERED': '1',
-  }
-  command = [
-    sys.executable,
-    'main.py',
-    f'--workdir={workdir}',
-    '--config=configs/smoke.py',
-    f'--compilation_cache_dir={COMPILATION_CACHE}',
-    *args,
-  ]
-  if process:
-    port, count, index = process
-    command += [f'--coordinator_address=localhost:{port}', f'--num_processes={count}', f'--process_id={index}']
-  popen = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  if not wait:
-    return popen
-  output, _ = popen.communicate(timeout=300)
-  return popen.returncode, output
-
-
-def finished_steps(workdir) -> list[int]:
-  """Steps of the complete checkpoints in `workdir`."""
-  directory = Path(workdir) / 'checkpoints'
-  return sorted(int(p.name) for p in directory.glob('*') if p.name.isdigit()) if directory.exists() else []
-
-
-def load_checkpoint(workdir, step: int):
-  """A checkpoint's arrays on this process's first device, whatever devices saved it."""
-  path = Path(workdir) / 'checkpoints' / str(step) / 'default'
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with ocp.StandardCheckpointer() as checkpointer:
-    metadata = checkpointer.metadata(path).item_metadata
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
-    return checkpointer.restore(path, target)
-
-
-# The smoke config for 6 epochs of 8 steps: checkpoints every 5 steps, evaluation every epoch.
-SMOKE_ARGS = ('--config.num_epochs=6', '--config.log_every_steps=1')
-SMOKE_TOTAL_STEPS = 48
-
-
-def run_smoke(workdir, *args, **kwargs):
-  return run_main(workdir, *SMOKE_ARGS, *args, **kwargs)
 
 
 @pytest.fixture(scope='session')

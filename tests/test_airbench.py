@@ -8,7 +8,8 @@ import optax
 import pytest
 
 from configs import default, fast, smoke
-from resnet_flax import augment, config_checks, models, train
+from resnet_flax import augment, config_checks, layers, models, optim, train
+from resnet_flax.data import ImageData
 from resnet_flax.errors import ConfigError
 
 
@@ -21,12 +22,12 @@ def _correlated_images(n: int = 256, size: int = 8, seed: int = 0) -> np.ndarray
 
 
 def _whiten(images: np.ndarray, kernel: jax.Array) -> np.ndarray:
-  return np.asarray(models.PatchWhitening().apply({'params': {'kernel': kernel}}, jnp.asarray(images)))
+  return np.asarray(layers.PatchWhitening().apply({'params': {'kernel': kernel}}, jnp.asarray(images)))
 
 
 def test_whitening_kernel_makes_the_patch_covariance_the_identity():
   images = _correlated_images()
-  kernel = models.whitening_kernel(images, patch_size=2, eps=1e-8)
+  kernel = layers.whitening_kernel(images, patch_size=2, eps=1e-8)
   assert kernel.shape == (2, 2, 3, 24)
   out = _whiten(images, kernel).reshape(-1, 24)
   positive, negative = out[:, :12], out[:, 12:]
@@ -39,43 +40,47 @@ def test_whitening_kernel_makes_the_patch_covariance_the_identity():
 def test_whitening_stem_is_frozen_against_gradients_and_weight_decay():
   config = default.get_config()
   config.model.name, config.model.stem = 'resnet_tiny', 'whiten'
-  model = train.create_model(config, 10)
+  model = models.create_model_from_config(config, 10)
   images = _correlated_images(n=16)
   variables = models.init_variables(model, images.shape[1:], jax.random.key(0))
-  kernel = models.whitening_kernel(images)
-  variables = {**variables, 'params': {**variables['params'], models.WHITENING: {'kernel': kernel}}}
+  kernel = layers.whitening_kernel(images)
+  variables = {**variables, 'params': {**variables['params'], layers.WHITENING: {'kernel': kernel}}}
 
   def loss(params):
     logits, _ = model.apply({**variables, 'params': params}, images, mutable=['batch_stats'])
     return logits.sum()
 
   grads = jax.grad(loss)(variables['params'])
-  np.testing.assert_array_equal(grads[models.WHITENING]['kernel'], 0.0)
-  tx = train.create_optimizer(config, lambda step: 0.1)
+  np.testing.assert_array_equal(grads[layers.WHITENING]['kernel'], 0.0)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
   ones = jax.tree.map(jnp.ones_like, variables['params'])  # A gradient that would move every parameter.
   updates, _ = tx.update(ones, tx.init(variables['params']), variables['params'])
   new = optax.apply_updates(variables['params'], updates)
-  np.testing.assert_array_equal(new[models.WHITENING]['kernel'], kernel)
+  np.testing.assert_array_equal(new[layers.WHITENING]['kernel'], kernel)
   assert not np.allclose(new['stem_conv']['kernel'], variables['params']['stem_conv']['kernel'])
 
 
-def test_set_patch_whitening_uses_the_normalized_training_images():
+def test_initial_variables_set_the_whitening_stem_from_the_normalized_training_images():
   config = default.get_config()
   config.model.name, config.model.stem = 'resnet_tiny', 'whiten'
   images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+  split = ImageData(images, np.zeros(len(images), np.int32), tuple(f'c{i}' for i in range(10)))
   mean, std = augment.channel_stats(images)
-  variables = models.init_variables(train.create_model(config, 10), images.shape[1:], jax.random.key(0))
-  assert not np.any(variables['params'][models.WHITENING]['kernel'])
-  variables = train.set_patch_whitening(variables, images, mean, std)
-  expected = models.whitening_kernel(augment.normalize(images, mean, std))
-  np.testing.assert_allclose(variables['params'][models.WHITENING]['kernel'], expected, rtol=1e-5, atol=1e-6)
-  plain = models.init_variables(models.create_model('resnet_tiny', 10), images.shape[1:], jax.random.key(0))
-  assert train.set_patch_whitening(plain, images, mean, std) is plain
+  model = models.create_model_from_config(config, 10)
+  assert not np.any(
+    models.init_variables(model, images.shape[1:], jax.random.key(0))['params'][layers.WHITENING]['kernel']
+  )
+  variables = train.initial_variables(config, model, split, mean, std)
+  expected = layers.whitening_kernel(augment.normalize(images, mean, std))
+  np.testing.assert_allclose(variables['params'][layers.WHITENING]['kernel'], expected, rtol=1e-5, atol=1e-6)
+  config.model.stem = ''
+  plain = train.initial_variables(config, models.create_model_from_config(config, 10), split, mean, std)
+  assert layers.WHITENING not in plain['params']
 
 
 @pytest.mark.parametrize('in_channels, out_channels, strides', [(4, 6, 1), (6, 4, 1), (4, 8, 2)])
 def test_dirac_init_passes_the_first_channels_through(in_channels, out_channels, strides):
-  conv = nn.Conv(out_channels, (3, 3), strides, use_bias=False, kernel_init=models.dirac())
+  conv = nn.Conv(out_channels, (3, 3), strides, use_bias=False, kernel_init=layers.dirac())
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, in_channels))
   y, params = conv.init_with_output(jax.random.key(0), x)
   passed = min(in_channels, out_channels)
@@ -93,24 +98,30 @@ def test_dirac_init_reaches_every_resnet_conv():
   np.testing.assert_array_equal(kernel[0], 0.0)
 
 
+def _alternating_flip(images, indices, epoch: int, seed: int) -> np.ndarray:
+  """The uint8 pixels of the alternating_flip op alone, through augment_batch."""
+  config = default.get_config().augment
+  config.train_ops = ('alternating_flip',)
+  context = {'indices': indices, 'epoch': jnp.array(epoch), 'seed': seed}
+  out = augment.augment_batch(images, jax.random.key(0), config, (0.0,), (1.0,), **context)
+  return np.rint(np.asarray(out) * 255).astype(np.uint8)
+
+
 def test_alternating_flip_shows_each_image_both_ways_every_two_epochs():
   num = 4000
   images = np.zeros((num, 1, 2, 1), np.uint8)
   images[:, 0, 1] = 1  # Mirrored, the 1 moves to column 0.
   indices = jnp.arange(num)
-  flipped = [
-    np.asarray(augment.alternating_flip(images, indices, jnp.array(epoch), seed=3))[:, 0, 0, 0] == 1
-    for epoch in range(4)
-  ]
+  flipped = [_alternating_flip(images, indices, epoch, seed=3)[:, 0, 0, 0] == 1 for epoch in range(4)]
   assert abs(flipped[0].mean() - 0.5) < 5 * np.sqrt(0.25 / num)
   np.testing.assert_array_equal(flipped[1], ~flipped[0])
   np.testing.assert_array_equal(flipped[2], flipped[0])
   np.testing.assert_array_equal(flipped[3], flipped[1])
-  other_seed = np.asarray(augment.alternating_flip(images, indices, jnp.array(0), seed=4))[:, 0, 0, 0] == 1
+  other_seed = _alternating_flip(images, indices, 0, seed=4)[:, 0, 0, 0] == 1
   assert 0.4 < np.mean(other_seed == flipped[0]) < 0.6
   # It follows the example, not its place in the batch.
   shuffled = np.random.default_rng(0).permutation(num)
-  again = np.asarray(augment.alternating_flip(images[shuffled], indices[shuffled], jnp.array(0), seed=3))
+  again = _alternating_flip(images[shuffled], indices[shuffled], 0, seed=3)
   np.testing.assert_array_equal(again[:, 0, 0, 0] == 1, flipped[0][shuffled])
 
 
@@ -129,7 +140,7 @@ def test_fast_config_uses_the_airbench_tricks_within_budget():
   assert config.model.stem == 'whiten' and config.model.dirac_init and config.augment.alternating_flip
   assert config.data.pipeline == 'device' and config.half_precision and config.ema_decay > 0
   assert config.optim.bn_scale_frozen and config.optim.bn_bias_lr_multiplier > 1 and config.optim.label_smoothing
-  variables = models.init_variables(train.create_model(config, 10), (32, 32, 3))
+  variables = models.init_variables(models.create_model_from_config(config, 10), (32, 32, 3))
   assert models.count_params(variables['params']) <= config.model.max_params
 
 

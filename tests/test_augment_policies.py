@@ -17,10 +17,10 @@ from PIL import Image, ImageEnhance, ImageOps
 from scipy import stats
 
 from configs import default
-from resnet_flax import augment
+from resnet_flax import augment, policies
 
 SIDE = 32
-FILL = augment.FILL
+FILL = policies.FILL
 ZERO_MEAN, UNIT_STD = (0.0,) * 3, (1.0,) * 3
 
 
@@ -54,10 +54,10 @@ def _pil_affine(image: np.ndarray, coefficients) -> np.ndarray:
 
 
 ENHANCERS = {
-  'brightness': (augment.brightness, ImageEnhance.Brightness),
-  'color': (augment.color, ImageEnhance.Color),
-  'contrast': (augment.contrast, ImageEnhance.Contrast),
-  'sharpness': (augment.sharpness, ImageEnhance.Sharpness),
+  'brightness': (policies.brightness, ImageEnhance.Brightness),
+  'color': (policies.color, ImageEnhance.Color),
+  'contrast': (policies.contrast, ImageEnhance.Contrast),
+  'sharpness': (policies.sharpness, ImageEnhance.Sharpness),
 }
 
 
@@ -74,8 +74,8 @@ def test_enhance_ops_equal_pil_exactly(name):
 @pytest.mark.parametrize(
   'name, ours, pil_op',
   [
-    ('invert', augment.invert, ImageOps.invert),
-    ('equalize', augment.equalize, ImageOps.equalize),
+    ('invert', policies.invert, ImageOps.invert),
+    ('equalize', policies.equalize, ImageOps.equalize),
   ],
 )
 def test_unary_ops_equal_pil_exactly(name, ours, pil_op):
@@ -86,9 +86,9 @@ def test_unary_ops_equal_pil_exactly(name, ours, pil_op):
 def test_auto_contrast_is_within_one_level_of_pil():
   for image in FIXTURES + [np.random.default_rng(1).integers(37, 219, (SIDE, SIDE, 3), dtype=np.uint8)]:
     reference = ImageOps.autocontrast(Image.fromarray(image))
-    differences = _differences(jax.jit(augment.auto_contrast)(image), reference)
+    differences = _differences(jax.jit(policies.auto_contrast)(image), reference)
     assert differences.max() <= 1 and (differences == 0).mean() >= 0.99
-  stretched = np.asarray(augment.auto_contrast(FIXTURES[1]))
+  stretched = np.asarray(policies.auto_contrast(FIXTURES[1]))
   assert stretched[..., :2].min() == 0 and stretched.max() == 255
 
 
@@ -96,9 +96,9 @@ def test_posterize_and_solarize_equal_pil_exactly():
   for image in FIXTURES:
     pil = Image.fromarray(image)
     for bits in range(1, 9):
-      assert _differences(augment.posterize(image, bits), ImageOps.posterize(pil, bits)).max() == 0, bits
+      assert _differences(policies.posterize(image, bits), ImageOps.posterize(pil, bits)).max() == 0, bits
     for threshold in (0, 1, 100, 128, 255, 256):
-      assert _differences(augment.solarize(image, threshold), ImageOps.solarize(pil, threshold)).max() == 0
+      assert _differences(policies.solarize(image, threshold), ImageOps.solarize(pil, threshold)).max() == 0
 
 
 def _shifted(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -114,8 +114,8 @@ def _shifted(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
 @pytest.mark.parametrize('pixels', [3, -5, 14, 32])
 def test_translations_move_the_content_by_whole_pixels(pixels):
   image = FIXTURES[0]
-  np.testing.assert_array_equal(augment.translate_x(image, pixels), _shifted(image, 0, pixels))
-  np.testing.assert_array_equal(augment.translate_y(image, pixels), _shifted(image, pixels, 0))
+  np.testing.assert_array_equal(policies.translate_x(image, pixels), _shifted(image, 0, pixels))
+  np.testing.assert_array_equal(policies.translate_y(image, pixels), _shifted(image, pixels, 0))
 
 
 @pytest.mark.parametrize('factor', [0.5, -0.5])
@@ -129,23 +129,23 @@ def test_shears_move_each_line_in_proportion_to_its_distance_from_the_top_left_c
       if 0 <= source < SIDE:
         expected_x[y, x] = image[y, source]
         expected_y[x, y] = image[source, y]
-  np.testing.assert_array_equal(augment.shear_x(image, factor), expected_x)
-  np.testing.assert_array_equal(augment.shear_y(image, factor), expected_y)
+  np.testing.assert_array_equal(policies.shear_x(image, factor), expected_x)
+  np.testing.assert_array_equal(policies.shear_y(image, factor), expected_y)
 
 
 def test_rotate_quarter_and_half_turns_are_exact_and_counter_clockwise():
   image = FIXTURES[0]
-  np.testing.assert_array_equal(augment.rotate(image, 90), np.rot90(image))
-  np.testing.assert_array_equal(augment.rotate(image, -90), np.rot90(image, -1))
-  np.testing.assert_array_equal(augment.rotate(image, 180), image[::-1, ::-1])
+  np.testing.assert_array_equal(policies.rotate(image, 90), np.rot90(image))
+  np.testing.assert_array_equal(policies.rotate(image, -90), np.rot90(image, -1))
+  np.testing.assert_array_equal(policies.rotate(image, 180), image[::-1, ::-1])
 
 
 def test_geometric_ops_agree_with_pil():
   pil_rotate = lambda image, degrees: np.asarray(Image.fromarray(image).rotate(degrees, fillcolor=(FILL,) * 3))
   cases = (
-    [(augment.rotate, pil_rotate, d) for d in (30, -12.5, 77)]
-    + [(augment.shear_x, lambda image, m: _pil_affine(image, (1, m, 0, 0, 1, 0)), m) for m in (0.3, -0.99)]
-    + [(augment.shear_y, lambda image, m: _pil_affine(image, (1, 0, 0, m, 1, 0)), m) for m in (0.3, -0.99)]
+    [(policies.rotate, pil_rotate, d) for d in (30, -12.5, 77)]
+    + [(policies.shear_x, lambda image, m: _pil_affine(image, (1, m, 0, 0, 1, 0)), m) for m in (0.3, -0.99)]
+    + [(policies.shear_y, lambda image, m: _pil_affine(image, (1, 0, 0, m, 1, 0)), m) for m in (0.3, -0.99)]
   )
   for ours, reference, parameter in cases:
     for image in FIXTURES[:3]:
@@ -156,19 +156,19 @@ def test_geometric_ops_agree_with_pil():
 STRENGTH_ZERO_CHANGES = ('AutoContrast', 'Equalize', 'Invert', 'Solarize')
 
 
-@pytest.mark.parametrize('name', sorted(set(augment.POLICY_OPS) - set(STRENGTH_ZERO_CHANGES)))
+@pytest.mark.parametrize('name', sorted(set(policies.POLICY_OPS) - set(STRENGTH_ZERO_CHANGES)))
 def test_strength_zero_is_the_identity(name):
-  apply = jax.jit(augment.POLICY_OPS[name].apply)
+  apply = jax.jit(policies.POLICY_OPS[name].apply)
   for image in FIXTURES:
     np.testing.assert_array_equal(apply(image, 0.0), image)
   if name != 'Identity':  # ... and a real strength is not.
-    assert not np.array_equal(apply(FIXTURES[0], 0.5 * augment.WIDE_SPACE[name]), FIXTURES[0])
+    assert not np.array_equal(apply(FIXTURES[0], 0.5 * policies.WIDE_SPACE[name]), FIXTURES[0])
 
 
 def test_solarize_at_strength_zero_only_inverts_white():
   """torchvision's threshold is 255 - strength, so its weakest Solarize still maps 255 to 0."""
   image = FIXTURES[0]
-  np.testing.assert_array_equal(augment.POLICY_OPS['Solarize'].apply(image, 0.0), np.where(image == 255, 0, image))
+  np.testing.assert_array_equal(policies.POLICY_OPS['Solarize'].apply(image, 0.0), np.where(image == 255, 0, image))
 
 
 def _config(ops, **overrides):
@@ -182,10 +182,12 @@ def _augmenter(ops, **overrides):
   """augment_batch under jit (traced at the first call), with identity normalization: (images, key)
   -> the exact pixel values."""
   config = _config(ops, **overrides)
-  augment_fn = jax.jit(lambda x, k: augment.augment_batch(x, k, config, ZERO_MEAN, UNIT_STD))
+  augment_fn = jax.jit(
+    lambda x, k, i: augment.augment_batch(x, k, config, ZERO_MEAN, UNIT_STD, indices=i, epoch=0, seed=0)
+  )
 
   def pixels(images, key: int) -> np.ndarray:
-    out = np.asarray(augment_fn(images, jax.random.key(key)))
+    out = np.asarray(augment_fn(images, jax.random.key(key), jnp.arange(len(images))))
     assert out.dtype == np.float32 and out.shape == images.shape
     np.testing.assert_allclose(out * 255, np.rint(out * 255), atol=1e-3)  # Still whole uint8 levels.
     return np.rint(out * 255).astype(np.int64)
@@ -210,8 +212,10 @@ def test_policies_need_uint8_pixels_and_randaugment_a_magnitude_in_range():
   images = np.zeros((2, 8, 8, 3), np.uint8)
   with pytest.raises(ValueError, match='before cutout'):
     _augmenter(('cutout', 'trivialaugment'))(images, 0)
-  with pytest.raises(ValueError, match='randaugment_magnitude in 0..30'):
+  with pytest.raises(ValueError, match=r"'randaugment': magnitude=31 \(from augment.randaugment_magnitude\).* 0\.\.30"):
     _augmenter(('randaugment',), randaugment_magnitude=31)(images, 0)
+  with pytest.raises(ValueError, match=r"'randaugment': num_ops=-1 must be an integer >= 0"):
+    _augmenter(('randaugment(num_ops=-1)',))(images, 0)
 
 
 def _install_markers(monkeypatch, names, space):
@@ -225,7 +229,7 @@ def _install_markers(monkeypatch, names, space):
       level = jnp.round(jnp.abs(strength) / maximum * 30).astype(jnp.uint8)
       return image.at[0, index].set(jnp.stack([image[0, index, 0] + 1, level, (strength < 0).astype(jnp.uint8)]))
 
-    monkeypatch.setitem(augment.POLICY_OPS, name, augment.PolicyOp(marker, augment.POLICY_OPS[name].signed))
+    monkeypatch.setitem(policies.POLICY_OPS, name, policies.PolicyOp(marker, policies.POLICY_OPS[name].signed))
 
 
 def _marked(policy, num_images, names, **overrides) -> np.ndarray:
@@ -235,23 +239,23 @@ def _marked(policy, num_images, names, **overrides) -> np.ndarray:
 
 
 def test_trivialaugment_draws_one_op_uniformly_at_a_uniform_level(monkeypatch):
-  names, draws = augment.RAND_OPS, 4200
-  _install_markers(monkeypatch, names, augment.WIDE_SPACE)
+  names, draws = policies.RAND_OPS, 4200
+  _install_markers(monkeypatch, names, policies.WIDE_SPACE)
   records = _marked('trivialaugment', draws, names)
   assert np.all(records[..., 0].sum(axis=1) == 1), 'not exactly one op per image'
   op = records[..., 0].argmax(axis=1)
   assert stats.chisquare(np.bincount(op, minlength=len(names))).pvalue > 1e-3
   chosen = records[np.arange(draws), op]
-  with_strength = np.isin(op, [names.index(n) for n in augment.WIDE_SPACE])
+  with_strength = np.isin(op, [names.index(n) for n in policies.WIDE_SPACE])
   assert stats.chisquare(np.bincount(chosen[with_strength, 1], minlength=31)).pvalue > 1e-3
-  signed = np.isin(op, [i for i, n in enumerate(names) if augment.POLICY_OPS[n].signed])
+  signed = np.isin(op, [i for i, n in enumerate(names) if policies.POLICY_OPS[n].signed])
   assert stats.binomtest(int(chosen[signed, 2].sum()), int(signed.sum())).pvalue > 1e-3
   assert not chosen[~signed, 2].any(), 'an unsigned op got a negative strength'
 
 
 def test_randaugment_applies_n_uniform_ops_at_magnitude_m(monkeypatch):
-  names, images, num_ops, magnitude = augment.RAND_OPS, 1500, 3, 27
-  _install_markers(monkeypatch, names, augment.standard_space(1, len(names)))
+  names, images, num_ops, magnitude = policies.RAND_OPS, 1500, 3, 27
+  _install_markers(monkeypatch, names, policies.standard_space(1, len(names)))
   records = _marked('randaugment', images, names, randaugment_num_ops=num_ops, randaugment_magnitude=magnitude)
   counts = records[..., 0]
   assert np.all(counts.sum(axis=1) == num_ops)
@@ -262,12 +266,12 @@ def test_randaugment_applies_n_uniform_ops_at_magnitude_m(monkeypatch):
 
 
 def test_autoaugment_applies_each_op_at_the_policy_rates(monkeypatch):
-  names, images = augment.AUTOAUGMENT_OPS, 4000
-  _install_markers(monkeypatch, names, augment.standard_space(1, len(names)))
+  names, images = policies.AUTOAUGMENT_OPS, 4000
+  _install_markers(monkeypatch, names, policies.standard_space(1, len(names)))
   records = _marked('autoaugment', images, names)
   counts = records[..., 0]
   assert np.all(counts.sum(axis=1) == 2), 'not two steps per image'
-  policy = augment.AUTOAUGMENT_CIFAR10
+  policy = policies.AUTOAUGMENT_CIFAR10
   for index, name in enumerate(names[1:], start=1):
     rate = sum(p for sub in policy for op, p, _ in sub if op == name) / len(policy)
     mean, variance = counts[:, index].mean(), counts[:, index].var()
@@ -278,21 +282,29 @@ def test_autoaugment_applies_each_op_at_the_policy_rates(monkeypatch):
 
 
 def test_autoaugment_table_is_the_25_cifar10_sub_policies():
-  policy = augment.AUTOAUGMENT_CIFAR10
+  policy = policies.AUTOAUGMENT_CIFAR10
   assert len(policy) == 25 and all(len(sub) == 2 for sub in policy)
-  space = augment.standard_space(SIDE, SIDE)
+  space = policies.standard_space(SIDE, SIDE)
   for sub in policy:
     for name, probability, level in sub:
-      assert name in augment.POLICY_OPS and name != 'Identity'
+      assert name in policies.POLICY_OPS and name != 'Identity'
       assert 0 <= probability <= 1
       assert (level is None) == (name not in space), name
-      assert level is None or 0 <= level < augment.AUTOAUGMENT_LEVELS
+      assert level is None or 0 <= level < policies.AUTOAUGMENT_LEVELS
   assert policy[0] == (('Invert', 0.1, None), ('Contrast', 0.2, 6))
   assert policy[-1] == (('TranslateY', 0.7, 9), ('AutoContrast', 0.9, None))
 
 
-def test_validate_ops_accepts_the_policies_and_names_them_in_errors():
-  augment.validate_ops(('crop', 'flip', 'autoaugment', 'randaugment', 'trivialaugment', 'cutout'))
+def test_check_ops_accepts_the_policies_and_names_them_in_errors():
+  augment.check_ops(_config(('crop', 'flip', 'autoaugment', 'randaugment', 'trivialaugment', 'cutout')))
   assert {'autoaugment', 'randaugment', 'trivialaugment'} <= set(augment.OPS)
   with pytest.raises(ValueError, match='trivialaugment'):
-    augment.validate_ops(('autoaugmentation',))
+    augment.check_ops(_config(('autoaugmentation',)))
+
+
+def test_randaugment_arguments_in_the_op_string_equal_the_config_fields():
+  images = np.broadcast_to(FIXTURES[0][:16, :16], (24, 16, 16, 3)).copy()
+  from_fields = _augmenter(('randaugment',), randaugment_num_ops=1, randaugment_magnitude=20)(images, 5)
+  from_string = _augmenter(('randaugment(num_ops=1, magnitude=20)',))(images, 5)
+  np.testing.assert_array_equal(from_string, from_fields)
+  assert not np.array_equal(from_string, _augmenter(('randaugment',))(images, 5))  # Defaults: 2 ops at 9.

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from configs import smoke
-from resnet_flax import config_checks, data, evaluate, plots, train, writers
+from resnet_flax import augment, config_checks, data, distributed, evaluate, predict, train, writers
+from resnet_flax import report as report_module
 from resnet_flax.data import DataError
 from resnet_flax.errors import ConfigError
 
@@ -89,14 +90,14 @@ def report(workdir):
 
 @pytest.fixture(scope='module')
 def restored(workdir):
-  mesh = train.create_mesh()
+  mesh = distributed.create_mesh()
   with contextlib.closing(evaluate.open_checkpoints(str(workdir))) as manager:
     run = evaluate.load_trained_run(str(workdir), smoke_config())
     return evaluate.restore(manager, run, manager.latest_step(), mesh), mesh
 
 
 def report_dir(workdir, config) -> Path:
-  return Path(workdir) / 'eval' / evaluate.report_name(config.data)
+  return Path(workdir) / 'eval' / report_module.report_name(config.data)
 
 
 def write_png(path: Path, image: np.ndarray):
@@ -202,10 +203,10 @@ def test_tta_averages_the_softmax_of_the_views(workdir, restored, test_split):
 
 def test_translated_views_move_the_image_one_pixel_each_way():
   images = jnp.arange(2 * 5 * 5 * 3, dtype=jnp.uint8).reshape(2, 5, 5, 3)
-  np.testing.assert_array_equal(evaluate.view(images, False, 1)[:, 1:, 1:], images[:, :-1, :-1])
-  np.testing.assert_array_equal(evaluate.view(images, False, -1)[:, :-1, :-1], images[:, 1:, 1:])
-  np.testing.assert_array_equal(evaluate.view(images, True, 0), images[:, :, ::-1])
-  assert len(set(evaluate.TTA_VIEWS['flip+translate'])) == 6
+  np.testing.assert_array_equal(augment.view(images, False, 1)[:, 1:, 1:], images[:, :-1, :-1])
+  np.testing.assert_array_equal(augment.view(images, False, -1)[:, :-1, :-1], images[:, 1:, 1:])
+  np.testing.assert_array_equal(augment.view(images, True, 0), images[:, :, ::-1])
+  assert len(set(augment.TTA_VIEWS['flip+translate'])) == 6
 
 
 def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, restored, test_split, tmp_path, capsys):
@@ -213,7 +214,7 @@ def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, r
   for i in range(5):
     write_png(tmp_path / 'images' / f'{i}.png', test_split.images[i])
   output = tmp_path / 'predictions.json'
-  rows = evaluate.run_predict(smoke_config(), str(workdir), [str(tmp_path / 'images')], 3, str(output))
+  rows = predict.run_predict(smoke_config(), str(workdir), [str(tmp_path / 'images')], 3, str(output))
   logits = evaluate.forward(restored_run, test_split, 64, 'none', mesh)['logits'][:5]
   assert [row['path'] for row in rows] == [str(tmp_path / 'images' / f'{i}.png') for i in range(5)]
   for row, example_logits in zip(rows, logits, strict=True):
@@ -229,15 +230,15 @@ def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, r
 def test_predict_names_an_image_of_another_size(workdir, tmp_path):
   write_png(tmp_path / 'small.png', np.zeros((16, 16, 3), np.uint8))
   with pytest.raises(DataError, match=r'small.png: 16x16x3 \(HxWxC\) images, but the model was trained on 32x32x3'):
-    evaluate.predict(smoke_config(), str(workdir), [str(tmp_path / 'small.png')], 3)
+    predict.predict(smoke_config(), str(workdir), [str(tmp_path / 'small.png')], 3)
 
 
 def test_training_curves_are_drawn_from_tensorboard(workdir, report, tmp_path):
   assert is_png(workdir / 'training_curves.png')  # Written at the end of training and by evaluation.
   (workdir / 'training_curves.png').unlink()
-  assert plots.write_training_curves(str(workdir), 8) == str(workdir / 'training_curves.png')
+  assert report_module.write_training_curves(str(workdir), 8) == str(workdir / 'training_curves.png')
   assert is_png(workdir / 'training_curves.png')
-  assert plots.write_training_curves(str(tmp_path), 8) is None
+  assert report_module.write_training_curves(str(tmp_path), 8) is None
 
 
 def test_run_json_facts_spare_the_training_data_and_old_config_files_work(workdir, report, tmp_path):
@@ -248,10 +249,10 @@ def test_run_json_facts_spare_the_training_data_and_old_config_files_work(workdi
   run = evaluate.load_trained_run(str(workdir), smoke_config())
   saved = json.loads((copy / 'run.json').read_text())
   saved.update(
-    class_names=list(run.class_names),
-    pixel_mean=list(run.pixel_mean),
-    pixel_std=list(run.pixel_std),
-    steps_per_epoch=run.steps_per_epoch,
+    class_names=list(run.info.class_names),
+    pixel_mean=list(run.info.pixel_mean),
+    pixel_std=list(run.info.pixel_std),
+    steps_per_epoch=run.info.steps_per_epoch,
   )
   (copy / 'run.json').write_text(json.dumps(saved))
   config = json.loads((copy / 'config.json').read_text())
@@ -285,7 +286,7 @@ def test_checkpoint_choice():
 
 
 def test_config_rules_accept_exactly_the_eval_choices():
-  assert all(config_checks.RULES['eval.tta'](mode) is None for mode in evaluate.TTA_VIEWS)
+  assert all(config_checks.RULES['eval.tta'](mode) is None for mode in augment.TTA_VIEWS)
   assert config_checks.RULES['eval.tta']('mirror') is not None
   assert all(config_checks.RULES['eval.checkpoint'](v) is None for v in ('best', 'latest', '120'))
   assert config_checks.RULES['eval.checkpoint']('newest') is not None
@@ -295,9 +296,11 @@ def test_report_names_keep_datasets_apart(tmp_path):
   names = set()
   for parent in ('a', 'b'):
     config = folder_config(tmp_path / parent / 'pets')
-    assert evaluate.report_name(config.data) == evaluate.report_name(folder_config(tmp_path / parent / 'pets').data)
-    names.add(evaluate.report_name(config.data))
-  names.add(evaluate.report_name(smoke_config().data))
+    assert report_module.report_name(config.data) == report_module.report_name(
+      folder_config(tmp_path / parent / 'pets').data
+    )
+    names.add(report_module.report_name(config.data))
+  names.add(report_module.report_name(smoke_config().data))
   assert len(names) == 3 and all(
-    name.startswith('folder-pets-test-') for name in names - {evaluate.report_name(smoke_config().data)}
+    name.startswith('folder-pets-test-') for name in names - {report_module.report_name(smoke_config().data)}
   )

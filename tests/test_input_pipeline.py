@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import input_pipeline, train
+from resnet_flax import distributed, input_pipeline
 from resnet_flax.data import ImageData
 
 NUM_EXAMPLES, BATCH = 100, 16  # 6 steps per epoch; 4 examples are left out of each epoch.
@@ -23,7 +23,7 @@ def split():
 
 def batches(name, split, start, stop, seed=3, lengths=None):
   """The batches of steps start..stop - 1, one a step, from calls of `lengths` (default 1 each)."""
-  pipeline = input_pipeline.create_pipeline(name, split, BATCH, seed, train.create_mesh())
+  pipeline = input_pipeline.create_pipeline(name, split, BATCH, seed, distributed.create_mesh())
   lengths = lengths or [1] * (stop - start)
   assert sum(lengths) == stop - start
   stacks = [jax.tree.map(np.asarray, b) for b in pipeline.train_batches(start, lengths)]
@@ -83,7 +83,7 @@ def test_call_lengths_end_at_every_boundary_and_never_exceed_the_maximum():
 
 
 def test_a_call_across_an_epoch_end_is_refused(split):
-  pipeline = input_pipeline.create_pipeline('device', split, BATCH, 0, train.create_mesh())
+  pipeline = input_pipeline.create_pipeline('device', split, BATCH, 0, distributed.create_mesh())
   with pytest.raises(ValueError, match='cross the end of epoch 0'):
     next(pipeline.train_batches(4, [3]))
 
@@ -93,7 +93,7 @@ def test_another_seed_gives_another_order(split):
 
 
 def test_eval_batches_hold_every_example_once_with_a_mask(split):
-  pipeline = input_pipeline.create_pipeline('tfdata', split, BATCH, 0, train.create_mesh())
+  pipeline = input_pipeline.create_pipeline('tfdata', split, BATCH, 0, distributed.create_mesh())
   eval_batches = [jax.tree.map(np.asarray, b) for b in pipeline.eval_batches(split, 32)]
   assert [len(b['label']) for b in eval_batches] == [32, 32, 32, 32]
   mask = np.concatenate([b['mask'] for b in eval_batches])
@@ -108,14 +108,14 @@ import sys
 sys.modules['tensorflow'] = None  # Any import of TensorFlow now fails.
 import functools, jax, numpy as np
 from configs import default
-from resnet_flax import augment, input_pipeline, train
+from resnet_flax import augment, distributed, input_pipeline
 from resnet_flax.data import ImageData
 split = ImageData(np.zeros((64, 8, 8, 3), np.uint8), np.zeros(64, np.int32), ('a',))
-pipeline = input_pipeline.create_pipeline('device', split, 16, 0, train.create_mesh())
+pipeline = input_pipeline.create_pipeline('device', split, 16, 0, distributed.create_mesh())
 batch = next(pipeline.train_batches(0, [1]))
 augment_fn = functools.partial(augment.augment_batch, aug_config=default.get_config().augment,
-                               mean=(0.5,) * 3, std=(0.25,) * 3)
-out = jax.jit(augment_fn)(batch['image'][0], jax.random.key(0))
+                               mean=(0.5,) * 3, std=(0.25,) * 3, epoch=0, seed=0)
+out = jax.jit(augment_fn)(batch['image'][0], jax.random.key(0), indices=batch['index'][0])
 assert out.shape == (16, 8, 8, 3) and out.dtype == np.float32
 print('ok')
 """

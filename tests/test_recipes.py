@@ -1,13 +1,18 @@
 """Training options of the recipes: optimizers, SAM, schedules, EMA, label smoothing, weight decay."""
 
+import functools
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from configs import smoke
-from resnet_flax import train
+from configs import default, smoke
+from resnet_flax import config_checks, models, optim, train
+from resnet_flax.errors import ConfigError
+from resnet_flax.workdir import Steps
 
 CURVATURE = jnp.array([1.0, 10.0])  # f(w) = 1/2 sum(a * w^2): gradient a * w.
 
@@ -25,7 +30,7 @@ def test_sam_gradient_is_taken_at_the_ascent_point(adaptive):
   scale = jnp.abs(w) if adaptive else jnp.ones_like(w)
   ascent = rho * scale**2 * g / jnp.linalg.norm(scale * g)
   expected = CURVATURE * (w + ascent)
-  sam = train.sam_gradients(quadratic_grad_fn, w, g, rho, adaptive)
+  sam = optim.sam_gradients(quadratic_grad_fn, w, g, rho, adaptive)
   np.testing.assert_allclose(sam, expected, rtol=1e-6)
   # The ascent moves furthest along the sharp direction, so SAM's gradient grows most there.
   assert (sam - g)[1] > (sam - g)[0] > 0
@@ -35,7 +40,7 @@ def test_ema_equals_its_closed_form():
   decay, values = 0.9, [jnp.full((3,), float(v)) for v in (1, 5, -2, 7)]
   ema = {'params': {'w': jnp.zeros(3)}, 'batch_stats': {'m': jnp.ones(3)}}
   for value in values:
-    ema = train.update_ema(ema, {'w': value}, {'m': 2 * value}, decay)
+    ema = optim.update_ema(ema, {'w': value}, {'m': 2 * value}, decay)
   n = len(values)
   closed = lambda start, xs: decay**n * start + sum((1 - decay) * decay ** (n - 1 - t) * x for t, x in enumerate(xs))
   np.testing.assert_allclose(ema['params']['w'], closed(0.0, values), rtol=1e-6)
@@ -49,22 +54,24 @@ def config_with(**optim):
   return config
 
 
+def schedule(config, steps_per_epoch: int = 10):
+  return optim.create_learning_rate_fn(config.optim, Steps.of(config, steps_per_epoch * config.batch_size))
+
+
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
-  fn = train.create_learning_rate_fn(config_with(schedule='cosine'), steps_per_epoch=10)
+  fn = schedule(config_with(schedule='cosine'))
   assert fn(0) == 0 and np.isclose(fn(5), 0.25) and np.isclose(fn(10), 0.5)
   assert np.isclose(fn(55), 0.25, atol=1e-6) and np.isclose(fn(100), 0.0, atol=1e-7)
 
 
 def test_step_schedule_multiplies_by_gamma_at_the_given_epochs():
-  fn = train.create_learning_rate_fn(
-    config_with(schedule='step', step_epochs=(4.0, 7.0), step_gamma=0.1), steps_per_epoch=10
-  )
+  fn = schedule(config_with(schedule='step', step_epochs=(4.0, 7.0), step_gamma=0.1))
   assert np.isclose(fn(10), 0.5) and np.isclose(fn(39), 0.5)
   assert np.isclose(fn(40), 0.05) and np.isclose(fn(69), 0.05) and np.isclose(fn(70), 0.005)
 
 
 def test_onecycle_schedule_decays_linearly_to_zero():
-  fn = train.create_learning_rate_fn(config_with(schedule='onecycle'), steps_per_epoch=10)
+  fn = schedule(config_with(schedule='onecycle'))
   assert np.isclose(fn(10), 0.5) and np.isclose(fn(55), 0.25) and np.isclose(fn(100), 0.0)
 
 
@@ -80,7 +87,7 @@ PARAMS = {
 )
 def test_weight_decay_shrinks_kernels_only(name, decoupled):
   config = config_with(name=name, weight_decay=0.1, decoupled_weight_decay=decoupled)
-  tx = train.create_optimizer(config, lambda step: 0.1)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
   zero_grads = jax.tree.map(jnp.zeros_like, PARAMS)
   updates, _ = tx.update(zero_grads, tx.init(PARAMS), PARAMS)
   new = optax.apply_updates(PARAMS, updates)
@@ -93,8 +100,8 @@ def test_decoupled_sgd_weight_decay_stays_out_of_the_momentum():
   grads = jax.tree.map(jnp.zeros_like, PARAMS)
   kernel_after_two_steps = {}
   for decoupled in (False, True):
-    tx = train.create_optimizer(
-      config_with(weight_decay=0.1, decoupled_weight_decay=decoupled, nesterov=False), lambda step: 1.0
+    tx = optim.create_optimizer(
+      config_with(weight_decay=0.1, decoupled_weight_decay=decoupled, nesterov=False).optim, lambda step: 1.0
     )
     params, state = PARAMS, tx.init(PARAMS)
     for _ in range(2):
@@ -129,10 +136,107 @@ def test_smoke_trains_with_the_option(tmp_path, override):
 
 def test_frozen_batch_norm_scales_and_faster_biases():
   config = config_with(bn_scale_frozen=True, bn_bias_lr_multiplier=10.0, weight_decay=0.0, momentum=0.0)
-  tx = train.create_optimizer(config, lambda step: 0.1)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
   grads = jax.tree.map(jnp.ones_like, PARAMS)
   new = optax.apply_updates(PARAMS, tx.update(grads, tx.init(PARAMS), PARAMS)[0])
   np.testing.assert_array_equal(new['BatchNorm_0']['scale'], 1.0)
   np.testing.assert_allclose(new['BatchNorm_0']['bias'], 1.0 - 1.0)  # lr 0.1 x 10.
   np.testing.assert_allclose(new['Dense_0']['bias'], 0.9)
   np.testing.assert_allclose(new['Conv_0']['kernel'], 0.9)
+
+
+def test_optimizer_names_come_from_the_registry(monkeypatch):
+  config = smoke.get_config()
+  config.optim.name = 'rmsprop'
+  with pytest.raises(ConfigError, match=r"optim.name='rmsprop' is invalid: choose one of sgd, sam, adam, adamw$"):
+    config_checks.validate(config)
+  rmsprop = optim.Optimizer(lambda optim_config, learning_rate_fn: optax.rmsprop(learning_rate_fn), options=())
+  monkeypatch.setitem(optim.OPTIMIZERS, 'rmsprop', rmsprop)
+  config_checks.validate(config)  # Registered: valid, with no other change.
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
+  assert 'ScaleByRmsState' in repr(tx.init(PARAMS))  # optax's rmsprop state, in the trained groups.
+  config.optim.schedule = 'linear'
+  with pytest.raises(ConfigError, match=r"optim.schedule='linear' is invalid: choose one of cosine, onecycle, step$"):
+    config_checks.validate(config)
+
+
+@pytest.mark.parametrize(
+  'name, option, value',
+  [('adam', 'decoupled_weight_decay', True), ('adamw', 'momentum', 0.8), ('sgd', 'b2', 0.99), ('sgd', 'sam_rho', 0.1)],
+)
+def test_an_option_the_optimizer_ignores_is_refused(name, option, value):
+  config = smoke.get_config()
+  config.optim.name, config.optim[option] = name, value
+  with pytest.raises(ConfigError, match=rf'optim.{option}=.* does not apply to optim.name=.{name}.'):
+    config_checks.validate(config)
+  config.optim[option] = optim.OPTION_DEFAULTS[option]
+  config_checks.validate(config)
+
+
+def test_option_defaults_are_the_default_config():
+  defaults = default.get_config().optim
+  assert {name: defaults[name] for name in optim.OPTION_DEFAULTS} == optim.OPTION_DEFAULTS
+  used = {option for entry in optim.OPTIMIZERS.values() for option in entry.options}
+  assert used == set(optim.OPTION_DEFAULTS)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'resnet26', 'resnet34', 'resnet50'])
+def test_preset_configs_hold_the_recipe_their_docstring_names(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  recipe = {
+    'model.name': name,
+    'num_epochs': 200.0,
+    'batch_size': 512,
+    'optim.name': 'sgd',
+    'optim.momentum': 0.9,
+    'optim.nesterov': True,
+    'optim.learning_rate': 0.1,
+    'optim.warmup_epochs': 2.0,
+    'optim.schedule': 'cosine',
+    'optim.weight_decay': 5e-4,
+    'augment.train_ops': ('crop', 'flip'),
+    'augment.crop_padding': 4,
+    'augment.pad_mode': 'reflect',
+  }
+  assert {field: functools.reduce(getattr, field.split('.'), config) for field in recipe} == recipe
+  config_checks.validate(config)
+
+
+def one_step_params(config):
+  """Parameters after one train step of resnet_tiny on a fixed batch of 8 images."""
+  model = models.create_model_from_config(config, 10)
+  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
+  state = train.create_train_state(model, models.init_variables(model, (8, 8, 3), jax.random.key(0)), tx)
+  rng = np.random.default_rng(0)
+  batch = {
+    'image': rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+    'label': np.arange(8, dtype=np.int32) % 10,
+    'index': np.arange(8, dtype=np.int32),
+  }
+  step = functools.partial(
+    train.train_step, config=config, learning_rate_fn=lambda s: 0.1, mean=(0.5,) * 3, std=(0.25,) * 3
+  )
+  new_state, _ = jax.jit(functools.partial(step, num_classes=10, steps_per_epoch=10))(state, batch)
+  return jax.device_get(new_state.params)
+
+
+def test_mix_prob_is_the_chance_that_a_batch_is_mixed():
+  config = smoke.get_config()
+  config.augment.train_ops = ()
+  unmixed = one_step_params(config)
+  config.augment.mixup_alpha = 1.0
+  mixed = one_step_params(config)
+  config.augment.mix_prob = 0.0
+  never_mixed = one_step_params(config)
+  jax.tree.map(np.testing.assert_array_equal, never_mixed, unmixed)
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, mixed, unmixed)))
+
+
+def test_every_model_option_of_the_config_reaches_the_model():
+  config = smoke.get_config()
+  config.model.block_dropout_rate, config.model.drop_path_rate = 0.3, 0.1
+  model = models.create_model_from_config(config, 10)
+  assert (model.block_dropout_rate, model.drop_path_rate, model.num_classes) == (0.3, 0.1, 10)
+  config.model.name = 'densenet_bc100_k12'
+  with pytest.raises(ValueError, match='has no option block_dropout_rate, drop_path_rate'):
+    models.create_model_from_config(config, 10)

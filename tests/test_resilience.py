@@ -12,9 +12,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import SMOKE_TOTAL_STEPS, finished_steps, load_checkpoint, run_main, run_smoke
 
 from resnet_flax import preemption, writers
+
+from helpers import SMOKE_TOTAL_STEPS, finished_steps, load_checkpoint, run_main, run_smoke
 
 
 def wait_for(condition, timeout: float = 120):

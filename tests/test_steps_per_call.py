@@ -5,11 +5,13 @@ import functools
 import jax
 import numpy as np
 import pytest
-from conftest import finished_steps, load_checkpoint
 
 from configs import smoke
-from resnet_flax import models, train, writers
+from resnet_flax import models, optim, train, writers
 from resnet_flax.errors import ConfigError
+from resnet_flax.workdir import Steps
+
+from helpers import finished_steps, load_checkpoint
 
 NUM_CLASSES, STEPS, BATCH, SIZE = 10, 4, 16, 8
 STEPS_PER_EPOCH = 8
@@ -31,12 +33,12 @@ def tiny_smoke_config(**overrides):
 
 def test_scanned_steps_equal_the_steps_one_by_one():
   config = tiny_smoke_config()
-  model = train.create_model(config, NUM_CLASSES)
-  learning_rate_fn = train.create_learning_rate_fn(config, STEPS_PER_EPOCH)
+  model = models.create_model_from_config(config, NUM_CLASSES)
+  learning_rate_fn = optim.create_learning_rate_fn(config.optim, Steps.of(config, STEPS_PER_EPOCH * config.batch_size))
   state = train.create_train_state(
     model,
     models.init_variables(model, (SIZE, SIZE, 3), jax.random.key(0)),
-    train.create_optimizer(config, learning_rate_fn),
+    optim.create_optimizer(config.optim, learning_rate_fn),
   )
   rng = np.random.default_rng(0)
   batches = {
@@ -46,7 +48,7 @@ def test_scanned_steps_equal_the_steps_one_by_one():
   }
   train_fn = jax.jit(
     functools.partial(
-      train.train_steps,
+      train.train_stack,
       config=config,
       learning_rate_fn=learning_rate_fn,
       mean=(0.5,) * 3,

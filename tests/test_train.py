@@ -3,19 +3,21 @@
 import json
 import signal
 import time
+from pathlib import Path
 
-import conftest
 import jax
 import numpy as np
 import pytest
-from conftest import finished_steps, load_checkpoint
 
 from configs import smoke
-from resnet_flax import train, writers
+from resnet_flax import loop, train, writers
 from resnet_flax.errors import ConfigError
 
-TOTAL_STEPS = conftest.SMOKE_TOTAL_STEPS
-run_main = conftest.run_smoke
+import helpers
+from helpers import finished_steps, load_checkpoint
+
+TOTAL_STEPS = helpers.SMOKE_TOTAL_STEPS
+run_main = helpers.run_smoke
 
 
 def test_straight_run_checkpoints_evaluates_and_finishes(straight_run):
@@ -135,3 +137,31 @@ def test_resume_with_another_model_is_refused(straight_run):
   config.model.name = 'resnet18'
   with pytest.raises(ConfigError, match=r'model.name: resnet_tiny -> resnet18.*use a new --workdir'):
     train.train_and_evaluate(config, str(straight_run))
+
+
+@pytest.mark.parametrize('pipeline', ['device', 'tfdata'])
+def test_training_steps_make_no_hidden_host_device_transfers(pipeline, tmp_path, monkeypatch):
+  """The whole loop (steps, logging, evaluation, checkpoints) under `transfer_guard('disallow')`: every
+  host read is an explicit `jax.device_get`, every upload an explicit `device_put`."""
+  with jax.transfer_guard('disallow'), pytest.raises(Exception, match='Disallowed host-to-device transfer'):
+    jax.jit(lambda x: x + 1)(1)  # The guard is in force on this platform: an implicit upload fails.
+
+  run = loop.TrainLoop.run
+
+  def guarded_run(self, state, start_step):
+    with jax.transfer_guard('disallow'):
+      return run(self, state, start_step)
+
+  monkeypatch.setattr(loop.TrainLoop, 'run', guarded_run)
+  config = smoke.get_config()
+  config.num_epochs, config.data.pipeline = 1.0, pipeline
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert finished_steps(tmp_path)[-1] == 8 and metrics['accuracy'] > 0
+
+
+def test_checkpoints_keep_the_layout_that_earlier_versions_resume_from(straight_run):
+  """tests/data/smoke_checkpoint_layout.json is the layout of a smoke checkpoint written by the code of
+  stop 9 (before the optimizer, workdir and evaluation modules were split out): the same leaves, names,
+  shapes and dtypes, so its workdirs resume here, optimizer state included."""
+  expected = json.loads((Path(__file__).parent / 'data' / 'smoke_checkpoint_layout.json').read_text())
+  assert helpers.checkpoint_layout(straight_run, TOTAL_STEPS) == expected

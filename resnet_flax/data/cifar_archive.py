@@ -113,35 +113,19 @@ class Layout:
 
 
 _CIFAR10_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
+# A table, one layout per row:
+# fmt: off
 LAYOUTS = (
-  Layout(
-    'CIFAR-10 python version',
-    'cifar10',
-    'batches.meta',
-    _CIFAR10_BATCHES,
-    'test_batch',
-    functools.partial(_read_pickled_batch, label_key='labels'),
-    functools.partial(_read_pickled_names, names_key='label_names'),
-  ),
-  Layout(
-    'CIFAR-100 python version',
-    'cifar100',
-    'meta',
-    ('train',),
-    'test',
-    functools.partial(_read_pickled_batch, label_key='fine_labels'),
-    functools.partial(_read_pickled_names, names_key='fine_label_names'),
-  ),
-  Layout(
-    'CIFAR-10 binary version',
-    'cifar10',
-    'batches.meta.txt',
-    tuple(f'{b}.bin' for b in _CIFAR10_BATCHES),
-    'test_batch.bin',
-    _read_binary_batch,
-    _read_text_names,
-  ),
+  Layout('CIFAR-10 python version', 'cifar10', 'batches.meta', _CIFAR10_BATCHES, 'test_batch',
+         functools.partial(_read_pickled_batch, label_key='labels'),
+         functools.partial(_read_pickled_names, names_key='label_names')),
+  Layout('CIFAR-100 python version', 'cifar100', 'meta', ('train',), 'test',
+         functools.partial(_read_pickled_batch, label_key='fine_labels'),
+         functools.partial(_read_pickled_names, names_key='fine_label_names')),
+  Layout('CIFAR-10 binary version', 'cifar10', 'batches.meta.txt', tuple(f'{b}.bin' for b in _CIFAR10_BATCHES),
+         'test_batch.bin', _read_binary_batch, _read_text_names),
 )
+# fmt: on
 # The official downloads and the directories they unpack to, with the data.name each holds.
 OFFICIAL_NAMES = {
   'cifar-10-batches-py': 'cifar10',

@@ -10,10 +10,9 @@ have the size of the first training image: another size is an error naming the f
 never a silent resize (resizing would change what the model is trained on behind the user's back),
 and an undecodable file is an error naming it.
 
-Decoding runs on one core. Measured on the project's 2-core machine (shared with other jobs), the
-60,000 CIFAR-10 JPEGs take 7-9 s: a thread pool was slower (the per-file work is Python, under the
-GIL) and a 2-process pool was no faster while using ~20% more CPU (workers must be spawned, since
-forking once JAX has started threads may deadlock, and the arrays come back pickled). Caching pays:
+Decoding runs on one core: a thread pool was slower (the per-file work is Python, under the GIL)
+and a 2-process pool no faster while using more CPU (workers must be spawned, since forking once
+JAX has started threads may deadlock, and the arrays come back pickled). Caching pays:
 
 The decoded split is cached as an uncompressed .npz (images, labels, class_names) in
 `data.cache_dir`, or by default in `<root>/.resnet_flax_cache/`, falling back to
@@ -108,18 +107,27 @@ def list_split(root: Path, split: str, class_names: tuple[str, ...] | None = Non
   return SplitListing(directory, paths, np.array(labels, np.int32), class_names, key.hexdigest()[:32])
 
 
+def is_image(entry: os.DirEntry) -> bool:
+  """The listing rule: a file with an image extension (any case) whose name does not start with '.'."""
+  return entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith('.') and entry.is_file()
+
+
 def _image_entries(class_dir: Path) -> list[os.DirEntry]:
-  entries = sorted(
-    (
-      entry
-      for entry in os.scandir(class_dir)
-      if entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith('.') and entry.is_file()
-    ),
-    key=lambda entry: entry.name,
-  )
+  entries = sorted((entry for entry in os.scandir(class_dir) if is_image(entry)), key=lambda entry: entry.name)
   if not entries:
     raise DataError(f'{class_dir} has no {"/".join(IMAGE_EXTENSIONS)} images: add some or remove the directory')
   return entries
+
+
+def images_under(directory: str) -> list[str]:
+  """Every image under `directory` and its subfolders (hidden ones skipped), sorted by path."""
+  found = []
+  for root, dirs, _ in os.walk(directory):
+    dirs[:] = [d for d in dirs if not d.startswith('.')]
+    found += [entry.path for entry in os.scandir(root) if is_image(entry)]
+  if not found:
+    raise DataError(f'{directory} has no {"/".join(IMAGE_EXTENSIONS)} images: give another folder')
+  return sorted(found)
 
 
 def _load_split(listing: SplitListing, reference_image: str, cache_dirs: list[Path]) -> ImageData:
@@ -190,7 +198,7 @@ def _map_stored_npy(path: Path, member: zipfile.ZipInfo) -> np.ndarray:
   """Memory-maps (copy-on-write) an uncompressed .npy member of an .npz, which `np.load` cannot.
 
   Reading would copy the images into fresh memory, and faulting in fresh memory is the slow part of a
-  cached load (0.4 s for CIFAR-10's 150 MB on the project's VMs); mapped pages come from the page cache.
+  cached load; mapped pages come from the page cache.
   """
   if member.compress_type != zipfile.ZIP_STORED:
     raise ValueError(f'{member.filename} is compressed')

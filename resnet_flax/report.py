@@ -1,15 +1,52 @@
-"""Report and training-curve plots (matplotlib's object API: no pyplot, no global backend)."""
+"""What an evaluation leaves on disk: report.json under a name that tells datasets apart, its plots, and
+the training curves of the workdir (matplotlib's object API: no pyplot, no global backend)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
 from resnet_flax import writers
+
+
+def report_name(data_config: ml_collections.ConfigDict) -> str:
+  """`<source>-<name or folder>-test-<hash>`: the hash of what selects the data keeps datasets apart."""
+  identity = {
+    'source': data_config.source,
+    'name': data_config.name,
+    'path': os.path.abspath(os.path.expanduser(data_config.path)) if data_config.path else '',
+  }
+  if data_config.source == 'synthetic':
+    identity.update({k: v for k, v in data_config.items() if k.startswith('synthetic_')})
+  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+  label = {'folder': os.path.basename(os.path.normpath(identity['path'])), 'synthetic': ''}.get(
+    data_config.source, data_config.name
+  )
+  safe_label = ''.join(c if c.isalnum() or c in '._-' else '_' for c in label)
+  return '-'.join(part for part in (data_config.source, safe_label, 'test', digest) if part)
+
+
+def write_report(report: dict[str, Any], directory: str):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'report.json'), 'w') as f:
+    f.write(report_json(report))
+  title = f'{os.path.basename(directory)}, step {report["checkpoint_step"]}'
+  plot_confusion_matrix(report, title, os.path.join(directory, 'confusion_matrix.png'))
+  plot_per_class(report, title, os.path.join(directory, 'per_class.png'))
+
+
+def report_json(report: dict[str, Any]) -> str:
+  """Indented JSON with one line per confusion matrix row (a 100-class matrix stays readable)."""
+  rows = ',\n    '.join(json.dumps(row) for row in report['confusion_matrix'])
+  text = json.dumps({**report, 'confusion_matrix': '<rows>'}, indent=2)
+  return text.replace('"<rows>"', f'[\n    {rows}\n  ]') + '\n'
 
 
 def plot_confusion_matrix(report: dict[str, Any], title: str, path: str):

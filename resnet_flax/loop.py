@@ -1,0 +1,132 @@
+"""The host side of training: dispatch the compiled steps, log, evaluate, checkpoint, stop on a signal.
+
+Nothing here waits for the device between steps: the host reads device values (metrics, the
+non-finite count) only at log, evaluation and checkpoint steps, and always through an explicit
+`jax.device_get`, so a test can run the loop under `jax.transfer_guard('disallow')`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from resnet_flax import checkpoint, input_pipeline, preemption
+from resnet_flax.errors import NonFiniteError
+from resnet_flax.workdir import Steps
+
+TrainState = Any  # train.TrainState; not imported: train imports this module.
+
+
+class Progress:
+  """Progress lines with throughput and ETA, from host-side step counts only (no device sync)."""
+
+  def __init__(self, start_step: int, total_steps: int, batch_size: int):
+    self.total_steps, self.batch_size = total_steps, batch_size
+    self.last_step, self.last_time = start_step, time.perf_counter()
+
+  def rates(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps_per_sec = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_step, self.last_time = step, now
+    return {'steps_per_sec': steps_per_sec, 'images_per_sec': steps_per_sec * self.batch_size}
+
+  def log(self, step: int, scalars: dict[str, float]):
+    eta = (self.total_steps - step) / max(scalars['steps_per_sec'], 1e-9)
+    logging.info(
+      'step %d/%d (%.0f%%) loss %.4f accuracy %.4f lr %.4g | %.1f steps/s, %.0f images/s | ETA %s',
+      step,
+      self.total_steps,
+      100 * step / self.total_steps,
+      scalars['loss'],
+      scalars['accuracy'],
+      scalars['learning_rate'],
+      scalars['steps_per_sec'],
+      scalars['images_per_sec'],
+      time.strftime('%H:%M:%S', time.gmtime(eta)),
+    )
+
+
+@dataclasses.dataclass
+class TrainLoop:
+  """What the steps of a run need besides the state; `run` is the loop itself."""
+
+  config: ml_collections.ConfigDict
+  steps: Steps
+  pipeline: input_pipeline.InputPipeline
+  train_fn: Callable  # (state, stack of batches) -> (state, metrics of the stack), compiled.
+  evaluate_fn: Callable[[TrainState], dict[str, float]]
+  manager: Any  # An Orbax CheckpointManager.
+  writer: Any  # A clu MetricWriter.
+
+  def run(self, state: TrainState, start_step: int) -> dict[str, float]:
+    config, steps = self.config, self.steps
+    progress = Progress(start_step, steps.total, config.batch_size)
+    unlogged_metrics, eval_metrics = [], {}
+    ends_every = (config.log_every_steps, steps.eval_every, config.checkpoint_every_steps, steps.per_epoch)
+    lengths = input_pipeline.call_lengths(start_step, steps.total, config.steps_per_call, ends_every)
+    logging.info(
+      'Training steps %d..%d (%d per epoch) in %d calls of at most %d steps',
+      start_step + 1,
+      steps.total,
+      steps.per_epoch,
+      len(lengths),
+      config.steps_per_call,
+    )
+    with preemption.StopRequest() as stop:
+      batches = self.pipeline.train_batches(start_step, lengths)
+      step = start_step
+      for length, batch in zip(lengths, batches, strict=True):
+        state, call_metrics = self.train_fn(state, batch)
+        step += length
+        unlogged_metrics.append(call_metrics)
+        is_last = step == steps.total
+        is_log_step = step % config.log_every_steps == 0 or is_last
+        if is_log_step:
+          self._log_train_metrics(state, step, unlogged_metrics, progress)
+          unlogged_metrics = []
+        is_eval_step = step % steps.eval_every == 0 or is_last
+        if is_eval_step:
+          eval_metrics = self.evaluate_fn(state)
+          self.writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
+        # With several processes, agreeing on a stop costs an all-gather: do it at log steps only.
+        stopping = (is_log_step or jax.process_count() == 1) and stop.requested()
+        force_save = is_last or is_eval_step or stopping
+        if force_save or self.manager.should_save(step):
+          self._check_finite(state)
+          checkpoint.save(self.manager, step, state, metrics=eval_metrics if is_eval_step else None, force=force_save)
+        if stopping:
+          logging.warning(
+            'Stopped by %s at step %d with a checkpoint; rerun the same command to resume.', stop.signal_name, step
+          )
+          break
+    return eval_metrics
+
+  def _log_train_metrics(self, state: TrainState, step: int, call_metrics: list, progress: Progress):
+    self._check_finite(state)
+    merged = functools.reduce(lambda a, b: a.merge(b), call_metrics)
+    scalars = {f'train_{k}': float(v) for k, v in jax.device_get(merged.compute()).items()}
+    if self.config.skip_nonfinite_updates:
+      scalars['train_nonfinite_steps'] = int(jax.device_get(state.nonfinite_steps))
+    scalars.update(progress.rates(step))
+    self.writer.write_scalars(step, scalars)
+    progress.log(step, {k.removeprefix('train_'): v for k, v in scalars.items()})
+
+  def _check_finite(self, state: TrainState):
+    if self.config.skip_nonfinite_updates:
+      return
+    nonfinite_steps, first_nonfinite_step = jax.device_get((state.nonfinite_steps, state.first_nonfinite_step))
+    if not nonfinite_steps:
+      return
+    latest = self.manager.latest_step()
+    kept = f'the checkpoint of step {latest} is intact' if latest is not None else 'no checkpoint was saved'
+    raise NonFiniteError(
+      f'the loss became non-finite at step {int(first_nonfinite_step)} ({kept}); lower '
+      '--config.optim.learning_rate, or pass --config.skip_nonfinite_updates=True to skip such steps'
+    )

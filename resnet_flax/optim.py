@@ -1,0 +1,176 @@
+"""Optimizers, learning-rate schedules, parameter groups, SAM and EMA, looked up by name.
+
+`OPTIMIZERS` and `SCHEDULES` are registries, as `models.PRESETS` is: `config_checks` reads the valid
+names and each optimizer's own options from them, so an unknown name, or an option the chosen
+optimizer would ignore, is refused before training starts instead of falling through to a default.
+
+Every optimizer is wrapped the same way (`create_optimizer`): parameters are labelled 'other',
+'bn_scale', 'bn_bias' or 'frozen', and each group gets its own copy of the optimizer. Weight decay
+applies to conv and dense kernels only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from resnet_flax import layers
+from resnet_flax.workdir import Steps
+
+OptimConfig = ml_collections.ConfigDict  # `config.optim`.
+
+
+def kernel_mask(params: Any) -> Any:
+  """True for conv and dense kernels: weight decay skips BatchNorm parameters and biases."""
+  return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == 'kernel', params)
+
+
+def _decay(optim: OptimConfig) -> optax.GradientTransformation:
+  return optax.add_decayed_weights(optim.weight_decay, mask=kernel_mask)
+
+
+def _sgd(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with (Nesterov) momentum. `weight_decay` is an L2 term added to the gradient, or with
+  `decoupled_weight_decay` it shrinks the weights outside the momentum (Loshchilov & Hutter)."""
+  if optim.decoupled_weight_decay:
+    momentum = optax.trace(decay=optim.momentum, nesterov=optim.nesterov)
+    return optax.chain(momentum, _decay(optim), optax.scale_by_learning_rate(learning_rate_fn))
+  return optax.chain(_decay(optim), optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov))
+
+
+def _adam(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """Adam with an L2 term added to the gradient (coupled weight decay)."""
+  return optax.chain(_decay(optim), optax.adam(learning_rate_fn, optim.b1, optim.b2))
+
+
+def _adamw(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  return optax.adamw(learning_rate_fn, optim.b1, optim.b2, weight_decay=optim.weight_decay, mask=kernel_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An entry of `OPTIMIZERS`."""
+
+  make: Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]
+  options: tuple[str, ...]  # The optimizer-specific `optim.*` fields (of OPTION_DEFAULTS) it reads.
+  sharpness_aware: bool = False  # The train step takes the gradient at SAM's ascent point (`sam_gradients`).
+
+
+_SGD_OPTIONS = ('momentum', 'nesterov', 'decoupled_weight_decay')
+OPTIMIZERS: dict[str, Optimizer] = {
+  'sgd': Optimizer(_sgd, _SGD_OPTIONS),
+  'sam': Optimizer(_sgd, (*_SGD_OPTIONS, 'sam_rho', 'sam_adaptive'), sharpness_aware=True),
+  'adam': Optimizer(_adam, ('b1', 'b2')),
+  'adamw': Optimizer(_adamw, ('b1', 'b2')),
+}
+# The optimizer-specific fields at their configs/default.py values: an optimizer that does not read
+# one of them refuses any other value (config_checks), rather than ignoring it.
+OPTION_DEFAULTS = {
+  'momentum': 0.9,
+  'nesterov': True,
+  'decoupled_weight_decay': False,
+  'b1': 0.9,
+  'b2': 0.999,
+  'sam_rho': 0.05,
+  'sam_adaptive': False,
+}
+
+
+def ignored_options(optim: OptimConfig) -> list[str]:
+  """The optimizer-specific fields set away from their default that `optim.name` does not read."""
+  used = OPTIMIZERS[optim.name].options
+  return [name for name, default in OPTION_DEFAULTS.items() if name not in used and optim[name] != default]
+
+
+def param_labels(params: Any) -> Any:
+  """'frozen' for a whitening stem, 'bn_scale' / 'bn_bias' for BatchNorm parameters, 'other' for the rest."""
+
+  def label(path, _):
+    if path[0] == layers.WHITENING:
+      return 'frozen'
+    is_norm = any('norm' in part.lower() for part in path[:-1])
+    return f'bn_{path[-1]}' if is_norm and path[-1] in ('scale', 'bias') else 'other'
+
+  return flax.traverse_util.path_aware_map(label, params)
+
+
+def create_optimizer(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """The optimizer of `optim.name` for each parameter group of `param_labels`.
+
+  BatchNorm scales may be frozen and BN biases get their own rate (airbench's speed tricks). A
+  whitening stem is always frozen: neither the gradient nor weight decay moves it.
+  """
+  make = OPTIMIZERS[optim.name].make
+  bias_lr = lambda step: optim.bn_bias_lr_multiplier * learning_rate_fn(step)
+  groups = {
+    'other': make(optim, learning_rate_fn),
+    'bn_scale': optax.set_to_zero() if optim.bn_scale_frozen else make(optim, learning_rate_fn),
+    'bn_bias': make(optim, bias_lr),
+    'frozen': optax.set_to_zero(),
+  }
+  return optax.multi_transform(groups, param_labels)
+
+
+# Schedules: linear warmup from 0 to the peak within the run's steps, then the decay of `optim.schedule`.
+
+
+def _cosine(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
+  """Cosine decay to 0 (optax counts the warmup inside `decay_steps`)."""
+  return optax.warmup_cosine_decay_schedule(
+    0.0, optim.learning_rate, warmup_steps, decay_steps=steps.total, end_value=0.0
+  )
+
+
+def _after_warmup(optim: OptimConfig, warmup_steps: int, decay: optax.Schedule) -> optax.Schedule:
+  warmup = optax.linear_schedule(0.0, optim.learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def _onecycle(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
+  """Linear decay to 0 at the last step."""
+  return _after_warmup(optim, warmup_steps, optax.linear_schedule(optim.learning_rate, 0.0, steps.total - warmup_steps))
+
+
+def _step(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
+  """Multiplied by `step_gamma` at each of `step_epochs`."""
+  boundaries = {steps.at_epoch(epoch) - warmup_steps: optim.step_gamma for epoch in optim.step_epochs}
+  return _after_warmup(optim, warmup_steps, optax.piecewise_constant_schedule(optim.learning_rate, boundaries))
+
+
+SCHEDULES: dict[str, Callable[[OptimConfig, Steps, int], optax.Schedule]] = {
+  'cosine': _cosine,
+  'onecycle': _onecycle,
+  'step': _step,
+}
+
+
+def create_learning_rate_fn(optim: OptimConfig, steps: Steps) -> optax.Schedule:
+  """The schedule of `optim.schedule`; the warmup ends at least one step before the run does."""
+  warmup_steps = min(steps.at_epoch(optim.warmup_epochs), steps.total - 1)
+  return SCHEDULES[optim.schedule](optim, steps, warmup_steps)
+
+
+def sam_gradients(grad_fn: Callable, params: Any, grads: Any, rho: float, adaptive: bool) -> Any:
+  """Sharpness-aware minimisation (Foret et al. 2021): the gradient at the worst point within rho.
+
+  Ascends to w + e with e = rho g / |g| (adaptive, Kwon et al. 2021: e = rho w^2 g / |w g|), and
+  returns the gradient there. Written here rather than with `optax.contrib.sam`, whose opaque mode
+  needs the loss closure threaded through the optimizer: two lines in the step are simpler.
+  """
+  scale = jax.tree.map(jnp.abs, params) if adaptive else jax.tree.map(jnp.ones_like, params)
+  norm = optax.global_norm(jax.tree.map(jnp.multiply, scale, grads))
+  ascent = jax.tree.map(lambda g, s: rho * s * s * g / (norm + 1e-12), grads, scale)
+  return grad_fn(jax.tree.map(jnp.add, params, ascent))[1]
+
+
+def update_ema(ema: Any, params: Any, batch_stats: Any, decay: float) -> Any:
+  """ema <- decay * ema + (1 - decay) * current, for the weights and the BN statistics."""
+  current = {'params': params, 'batch_stats': batch_stats}
+  return optax.incremental_update(current, ema, step_size=1.0 - decay)

@@ -1,0 +1,139 @@
+"""The run contract of a workdir: `run.json`, the resume and writable checks, and the step arithmetic.
+
+`run.json` records what the checkpoints belong to (the model, the classes, the image shape) and
+what evaluation needs once the training data is gone (the normalisation, the epoch length). Its
+keys are part of the contract: workdirs of earlier versions must keep working. (The first versions
+wrote no class names, normalisation or epoch length; evaluation derives those from the training data.)
+
+`Steps` is the one place where epochs become steps; the trainer, the schedules, the pipelines and
+the reports read it from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import ml_collections
+
+from resnet_flax.errors import ConfigError
+
+RUN_FILE = 'run.json'
+CONFIG_FILE = 'config.json'
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Whole batches per epoch: the last partial batch is dropped (a different one each epoch)."""
+  return num_examples // batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """How many steps an epoch, the run and the interval between evaluations take."""
+
+  per_epoch: int
+  total: int
+  eval_every: int
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, num_train_examples: int) -> Steps:
+    per_epoch = steps_per_epoch(num_train_examples, config.batch_size)
+    if per_epoch == 0:
+      raise ConfigError(
+        f'batch_size={config.batch_size} is larger than the {num_train_examples} training images; '
+        'lower --config.batch_size'
+      )
+    in_steps = lambda epochs: round(epochs * per_epoch)
+    return cls(per_epoch, max(1, in_steps(config.num_epochs)), max(1, in_steps(config.eval_every_epochs)))
+
+  def at_epoch(self, epochs: float) -> int:
+    """The step at which `epochs` (fractional) epochs end."""
+    return round(epochs * self.per_epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """The contents of run.json."""
+
+  model_name: str
+  se_ratio: float
+  stem: str
+  image_shape: tuple[int, ...]  # H, W, C of the training images.
+  class_names: tuple[str, ...]  # Model output i is class_names[i].
+  pixel_mean: tuple[float, ...]  # Normalisation of the training images, in [0, 1].
+  pixel_std: tuple[float, ...]
+  steps_per_epoch: int
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def resume_fingerprint(self) -> dict[str, Any]:
+    """What checkpoints must agree with to be resumed, under run.json's keys."""
+    return {
+      'model.name': self.model_name,
+      'model.se_ratio': self.se_ratio,
+      'model.stem': self.stem,
+      'image_shape': list(self.image_shape),
+      'num_classes': self.num_classes,
+      'class_names': list(self.class_names),
+    }
+
+  def to_json(self) -> dict[str, Any]:
+    facts = {'pixel_mean': list(self.pixel_mean), 'pixel_std': list(self.pixel_std)}
+    return {**self.resume_fingerprint(), **facts, 'steps_per_epoch': self.steps_per_epoch}
+
+  @classmethod
+  def from_json(cls, saved: dict[str, Any]) -> RunInfo:
+    return cls(
+      model_name=saved['model.name'],
+      se_ratio=saved['model.se_ratio'],
+      stem=saved['model.stem'],
+      image_shape=tuple(saved['image_shape']),
+      class_names=tuple(saved['class_names']),
+      pixel_mean=tuple(saved['pixel_mean']),
+      pixel_std=tuple(saved['pixel_std']),
+      steps_per_epoch=saved['steps_per_epoch'],
+    )
+
+  def save(self, workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes run.json and config.json (the config of the latest run); process 0 only."""
+    if jax.process_index() != 0:
+      return
+    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, RUN_FILE), 'w') as f:
+      json.dump(self.to_json(), f, indent=2)
+
+
+def check_resumable(workdir: str, run: RunInfo) -> None:
+  """Refuses to resume a workdir whose checkpoints were made for another model or data shape."""
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  changed = [f'{k}: {saved.get(k)} -> {v}' for k, v in run.resume_fingerprint().items() if saved.get(k) != v]
+  if changed:
+    raise ConfigError(
+      f'workdir {workdir} holds checkpoints of another model or data shape '
+      f'({"; ".join(changed)}); use a new --workdir or restore those values'
+    )
+
+
+def check_writable(workdir: str) -> None:
+  """Fails early, leaving no trace, if `workdir` (or the folder it would be created in) is not writable."""
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f'{existing} is a file')
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ConfigError(f'workdir {workdir} is not writable ({e}); choose another --workdir') from e
