@@ -1,4 +1,4 @@
-"""Evaluation reports and predictions from the checkpoints of a workdir.
+"""Evaluation of a workdir's checkpoints: restore the weights, one sharded forward pass, the metrics.
 
 `evaluate_checkpoint` restores one checkpoint (best, latest or a step), runs one jitted forward
 pass sharded over the ('data',) mesh on every example of the test split exactly once (padded,
@@ -194,13 +194,14 @@ def restore(manager: ocp.CheckpointManager, run: TrainedRun, step: int, mesh: Me
   """
   config = run.config
   model = models.create_model_from_config(config, run.info.num_classes)
-  variables = dict(models.init_variables(model, run.info.image_shape))
-  target = {**variables, 'ema': variables} if config.ema_decay > 0 else variables
   replicated = NamedSharding(mesh, P())
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
-  restored = checkpoint.restore_subset(manager, target, step)
-  eval_variables = restored.get('ema') or {'params': restored['params'], 'batch_stats': restored['batch_stats']}
-  return Restored(run, model, eval_variables, step)
+  variables = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    dict(models.init_variables(model, run.info.image_shape)),
+  )
+  if config.ema_decay > 0:
+    return Restored(run, model, checkpoint.restore_subset(manager, {'ema': variables}, step)['ema'], step)
+  return Restored(run, model, checkpoint.restore_subset(manager, variables, step), step)
 
 
 # Data.
