@@ -50,8 +50,6 @@ from resnet_flax.workdir import CONFIG_FILE, RUN_FILE, RunInfo, steps_per_epoch
 ECE_BINS = 15
 TOP_K = 5  # Top-5 accuracy is reported for models with more than 5 classes.
 PROGRESS_EVERY_S = 5.0  # An evaluation logs its progress this often, so short ones stay quiet.
-# run.json keys that the first versions did not write: derived from the training data when missing.
-DERIVABLE_FACTS = ('class_names', 'pixel_mean', 'pixel_std', 'steps_per_epoch')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +124,8 @@ def load_trained_run(workdir: str, config: ml_collections.ConfigDict) -> Trained
   config = ml_collections.ConfigDict(config.to_dict())
   with open(paths[0]) as f:
     config.update(json.load(f))
-  with open(paths[1]) as f:
-    saved = json.load(f)
-  if not all(key in saved for key in DERIVABLE_FACTS):
-    logging.info('%s lacks %s: deriving them from the training data in config.json', paths[1], DERIVABLE_FACTS)
-    saved = {**saved, **facts_from_training_data(config, workdir, saved['num_classes'])}
-  return TrainedRun(config, RunInfo.from_json(saved))
+  derive = lambda saved: facts_from_training_data(config, workdir, saved['num_classes'])
+  return TrainedRun(config, RunInfo.load(workdir, derive_missing_facts=derive))
 
 
 def facts_from_training_data(config: ml_collections.ConfigDict, workdir: str, num_classes: int) -> dict[str, Any]:

@@ -2,8 +2,7 @@
 
 `run.json` records what the checkpoints belong to (the model, the classes, the image shape) and
 what evaluation needs once the training data is gone (the normalisation, the epoch length). Its
-keys are part of the contract: workdirs of earlier versions must keep working. (The first versions
-wrote no class names, normalisation or epoch length; evaluation derives those from the training data.)
+keys are part of the contract: workdirs of earlier versions must keep working.
 
 `Steps` is the one place where epochs become steps; the trainer, the schedules, the pipelines and
 the reports read it from here.
@@ -15,15 +14,18 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from resnet_flax.errors import ConfigError
 
 RUN_FILE = 'run.json'
 CONFIG_FILE = 'config.json'
+LATER_FACTS = ('class_names', 'pixel_mean', 'pixel_std', 'steps_per_epoch')  # Not in the first run.json files.
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -99,6 +101,17 @@ class RunInfo:
       pixel_std=tuple(saved['pixel_std']),
       steps_per_epoch=saved['steps_per_epoch'],
     )
+
+  @classmethod
+  def load(cls, workdir: str, derive_missing_facts: Callable[[dict[str, Any]], dict[str, Any]]) -> RunInfo:
+    """The run.json of `workdir`. The first versions wrote no class names, normalisation or epoch
+    length: `derive_missing_facts(saved)` supplies them (from the training data) when they are absent."""
+    with open(os.path.join(workdir, RUN_FILE)) as f:
+      saved = json.load(f)
+    if not all(key in saved for key in LATER_FACTS):
+      logging.info('%s lacks %s: deriving them from the training data', RUN_FILE, ', '.join(LATER_FACTS))
+      saved = {**saved, **derive_missing_facts(saved)}
+    return cls.from_json(saved)
 
   def save(self, workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes run.json and config.json (the config of the latest run); process 0 only."""

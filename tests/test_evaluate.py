@@ -22,6 +22,7 @@ from resnet_flax import augment, config_checks, data, distributed, evaluate, pre
 from resnet_flax import report as report_module
 from resnet_flax.data import DataError
 from resnet_flax.errors import ConfigError
+from resnet_flax.workdir import LATER_FACTS
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12
@@ -304,3 +305,17 @@ def test_report_names_keep_datasets_apart(tmp_path):
   assert len(names) == 3 and all(
     name.startswith('folder-pets-test-') for name in names - {report_module.report_name(smoke_config().data)}
   )
+
+
+def test_a_run_json_of_the_first_versions_takes_its_facts_from_the_training_data(workdir, report, tmp_path):
+  """run.json once held no class names, normalisation or epoch length: they come from config.json's data."""
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval', '*.png'))
+  saved = json.loads((copy / 'run.json').read_text())
+  (copy / 'run.json').write_text(json.dumps({k: v for k, v in saved.items() if k not in LATER_FACTS}))
+  assert {**evaluate.evaluate_checkpoint(smoke_config(), str(copy)), 'workdir': report['workdir']} == report
+  config = json.loads((copy / 'config.json').read_text())
+  config['data']['synthetic_num_classes'] = NUM_CLASSES + 1
+  (copy / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(DataError, match=f'now has {NUM_CLASSES + 1} classes but the checkpoints have {NUM_CLASSES}'):
+    evaluate.evaluate_checkpoint(smoke_config(), str(copy))
