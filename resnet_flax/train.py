@@ -265,14 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = jax.device_put(state, NamedSharding(mesh, P()))
 
   run = RunInfo(
-    config.model.name,
-    config.model.se_ratio,
-    config.model.stem,
-    train_split.images.shape[1:],
-    train_split.class_names,
-    mean,
-    std,
-    steps.per_epoch,
+    model_name=config.model.name,
+    se_ratio=config.model.se_ratio,
+    stem=config.model.stem,
+    image_shape=train_split.images.shape[1:],
+    class_names=train_split.class_names,
+    pixel_mean=mean,
+    pixel_std=std,
+    steps_per_epoch=steps.per_epoch,
   )
   check_resumable(workdir, run)
   os.makedirs(workdir, exist_ok=True)
@@ -280,10 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = writers.create_writer(workdir, is_primary=jax.process_index() == 0)
   try:
     restored = checkpoint.restore_latest_good(manager, state)
-    if restored is not None:
-      state = restored
-      logging.info('Resuming from the checkpoint of step %d in %s', int(jax.device_get(state.step)), workdir)
+    state = state if restored is None else restored
     start_step = int(jax.device_get(state.step))
+    if restored is not None:
+      logging.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
     if start_step >= steps.total:
       logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, steps.total)
       return {}

@@ -33,6 +33,10 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
+def _in_steps(epochs: float, per_epoch: int) -> int:
+  return round(epochs * per_epoch)
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """How many steps an epoch, the run and the interval between evaluations take."""
@@ -49,12 +53,12 @@ class Steps:
         f'batch_size={config.batch_size} is larger than the {num_train_examples} training images; '
         'lower --config.batch_size'
       )
-    in_steps = lambda epochs: round(epochs * per_epoch)
-    return cls(per_epoch, max(1, in_steps(config.num_epochs)), max(1, in_steps(config.eval_every_epochs)))
+    total, eval_every = _in_steps(config.num_epochs, per_epoch), _in_steps(config.eval_every_epochs, per_epoch)
+    return cls(per_epoch, max(1, total), max(1, eval_every))
 
   def at_epoch(self, epochs: float) -> int:
     """The step at which `epochs` (fractional) epochs end."""
-    return round(epochs * self.per_epoch)
+    return _in_steps(epochs, self.per_epoch)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,13 +107,15 @@ def list_split(root: Path, split: str, class_names: tuple[str, ...] | None = Non
   return SplitListing(directory, paths, np.array(labels, np.int32), class_names, key.hexdigest()[:32])
 
 
-def is_image(entry: os.DirEntry) -> bool:
-  """The listing rule: a file with an image extension (any case) whose name does not start with '.'."""
-  return entry.name.lower().endswith(IMAGE_EXTENSIONS) and not entry.name.startswith('.') and entry.is_file()
+def is_image(name: str) -> bool:
+  """The listing rule for a file: an image extension in any case, and a name that does not start with '.'."""
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
 def _image_entries(class_dir: Path) -> list[os.DirEntry]:
-  entries = sorted((entry for entry in os.scandir(class_dir) if is_image(entry)), key=lambda entry: entry.name)
+  entries = sorted(
+    (entry for entry in os.scandir(class_dir) if is_image(entry.name) and entry.is_file()), key=lambda entry: entry.name
+  )
   if not entries:
     raise DataError(f'{class_dir} has no {"/".join(IMAGE_EXTENSIONS)} images: add some or remove the directory')
   return entries
@@ -122,9 +124,9 @@ def _image_entries(class_dir: Path) -> list[os.DirEntry]:
 def images_under(directory: str) -> list[str]:
   """Every image under `directory` and its subfolders (hidden ones skipped), sorted by path."""
   found = []
-  for root, dirs, _ in os.walk(directory):
+  for root, dirs, files in os.walk(directory):
     dirs[:] = [d for d in dirs if not d.startswith('.')]
-    found += [entry.path for entry in os.scandir(root) if is_image(entry)]
+    found += [os.path.join(root, name) for name in files if is_image(name)]
   if not found:
     raise DataError(f'{directory} has no {"/".join(IMAGE_EXTENSIONS)} images: give another folder')
   return sorted(found)
