@@ -27,8 +27,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.source = 'tfds'  # tfds | folder | cifar_archive | synthetic
   config.data.name = 'cifar10'  # cifar10 | cifar100 (tfds: any image-classification name).
   config.data.path = ''  # tfds data_dir, image-folder root, or CIFAR archive (file or directory).
+  config.data.download = True  # tfds: download and prepare a missing dataset; False never uses the network.
   config.data.pipeline = 'tfdata'  # tfdata (host tf.data) | device (whole dataset in device memory).
-  config.data.validation_size = 0  # Hold out this many training images as the evaluation split.
+  config.data.sampling = 'shuffle'  # shuffle (each epoch a permutation) | balanced (classes equally likely).
+  config.data.validation_size = 0  # Hold out this many training images as the validation split (what chooses).
+  config.data.image_size = 0  # Images are resized to this square size at decode; 0 = the data's own (one) size.
+  config.data.resize = 'shorter_side_then_center_crop'  # squash | shorter_side_then_center_crop (antialiased).
   config.data.cache_dir = ''  # Where decoded image folders are cached ('' = <path>/.resnet_flax_cache).
   config.data.synthetic_train_size = 512  # Synthetic source: training images.
   config.data.synthetic_test_size = 200  # Synthetic source: test images (not a multiple of batches).
@@ -71,24 +75,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.bn_scale_frozen = False  # Keep BatchNorm scales at their initial value (airbench).
   config.optim.bn_bias_lr_multiplier = 1.0  # BatchNorm biases learn this many times faster (airbench).
   config.optim.label_smoothing = 0.0  # Label smoothing of the cross-entropy.
+  config.optim.freeze = 'none'  # none | backbone: train only the classifier, BN statistics fixed (linear probe).
+  config.optim.class_weights = 'none'  # Loss weight per class: none | balanced (n / (K n_c)) | "{'cat': 2.0}".
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.checkpoint = 'best'  # --mode=evaluate|predict: best (by eval accuracy) | latest | a step number.
+  config.eval.checkpoint = 'best'  # evaluate|predict: best (by validation accuracy; else the last) | latest | a step.
   config.eval.tta = 'none'  # Test-time augmentation: none | flip (2 views) | flip+translate (6 views).
 
   config.num_epochs = 200.0  # Length of training; fractional epochs are allowed.
   config.batch_size = 512  # Global batch size, over all devices and hosts.
   config.eval_batch_size = 1000  # Global evaluation batch size (the last batch is padded).
   config.seed = 0  # Everything random is a pure function of this seed and the step.
+  config.init_from = ''  # Fine-tune: start from the weights of this run (its workdir or a checkpoint directory).
+  config.init_from_checkpoint = 'best'  # init_from a workdir: best (as eval.checkpoint chooses) | latest | a step.
   config.half_precision = False  # Shorthand for model.dtype='bfloat16'.
   config.ema_decay = 0.0  # EMA of the weights, evaluated and checkpointed; 0 turns it off (e.g. 0.999).
   config.steps_per_call = (
     1  # Train steps per compiled call (lax.scan), ending at log/eval/save steps and epochs; 1 on CPU.
   )
 
-  config.eval_every_epochs = 1.0  # Evaluate on the test split this often, and at the end.
+  config.eval_every_epochs = 1.0  # Evaluate (validation split, else test) this often, and at the end.
+  config.early_stopping_patience = 0  # Stop after this many evaluations without a better validation accuracy; 0 off.
   config.checkpoint_every_steps = 500  # Save a checkpoint this often, and at the end.
-  config.keep_checkpoints = 2  # Keep this many latest checkpoints (plus the best by accuracy).
+  config.keep_checkpoints = 2  # Keep this many latest checkpoints (plus the best by validation accuracy).
   config.log_every_steps = 50  # Write training metrics this often.
   config.skip_nonfinite_updates = False  # Skip (and count) steps with a NaN/inf loss instead of stopping.
   return config

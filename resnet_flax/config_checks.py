@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_flax import augment, data, input_pipeline, models, optim, policies
+from resnet_flax import augment, data, images, input_pipeline, models, optim, policies
 from resnet_flax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -39,9 +39,21 @@ def _fraction(v) -> str | None:
   return None if _is_number(v) and 0 <= v < 1 else 'must be in [0, 1)'
 
 
+def _checkpoint_choice(v) -> str | None:
+  return None if v in ('best', 'latest') or str(v).isdigit() else 'choose best, latest or a step number'
+
+
 def _magnitude(v) -> str | None:
   top = policies.NUM_LEVELS - 1
   return None if _is_number(v) and 0 <= v <= top else f'must be in [0, {top}]'
+
+
+def _class_weights(v) -> str | None:
+  try:
+    optim.parse_class_weights(v)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 RULES: dict[str, Callable[[Any], str | None]] = {
@@ -55,8 +67,14 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'model.stem': _choice(('', *models.STEMS)),
   'model.dirac_init': _choice((False, True)),
   'data.source': _choice(sorted(data.SOURCES)),
+  'data.download': _choice((False, True)),
   'data.pipeline': _choice(sorted(input_pipeline.PIPELINES)),
+  'data.sampling': _choice(input_pipeline.SAMPLINGS),
   'data.validation_size': _non_negative,
+  'data.image_size': lambda v: (
+    None if isinstance(v, int) and v >= 0 else "must be 0 (the data's own size) or a size in pixels"
+  ),
+  'data.resize': _choice(images.RESIZE_POLICIES),
   'augment.crop_padding': _non_negative,
   'augment.pad_mode': _choice(augment.PAD_MODES),
   'augment.alternating_flip': _choice((False, True)),
@@ -72,6 +90,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'optim.weight_decay': _non_negative,
   'optim.warmup_epochs': _non_negative,
   'optim.label_smoothing': _fraction,
+  'optim.class_weights': _class_weights,
   'optim.schedule': _choice(optim.SCHEDULES),
   'optim.step_gamma': _positive,
   'optim.sam_rho': _non_negative,
@@ -79,14 +98,15 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'optim.b2': _fraction,
   'ema_decay': _fraction,
   'optim.bn_bias_lr_multiplier': _positive,
-  'eval.checkpoint': lambda v: (
-    None if v in ('best', 'latest') or str(v).isdigit() else 'choose best, latest or a step number'
-  ),
+  'optim.freeze': _choice(optim.FREEZE),
+  'init_from_checkpoint': _checkpoint_choice,
+  'eval.checkpoint': _checkpoint_choice,
   'eval.tta': _choice(augment.TTA_VIEWS),
   'num_epochs': _positive,
   'batch_size': _positive,
   'eval_batch_size': _positive,
   'eval_every_epochs': _positive,
+  'early_stopping_patience': _non_negative,
   'steps_per_call': _positive,
   'checkpoint_every_steps': _positive,
   'keep_checkpoints': _positive,
@@ -111,6 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'--config.{field}={value!r} is invalid: {problem}')
   _check_optimizer_options(config.optim)
   _check_augment_ops(config.augment)
+  _check_frozen_backbone(config)
   for field in ('batch_size', 'eval_batch_size'):
     if _get(config, field) % jax.device_count():
       raise ConfigError(
@@ -134,3 +155,24 @@ def _check_augment_ops(augment_config: ml_collections.ConfigDict) -> None:
     augment.check_ops(augment_config)
   except ValueError as e:
     raise ConfigError(f'--config.augment.train_ops={augment_config.train_ops!r} is invalid: {e}') from None
+
+
+# What a linear probe (optim.freeze='backbone': the model runs in inference mode and only the
+# classifier trains) would silently ignore, at the value that does nothing.
+IGNORED_BY_FROZEN_BACKBONE = {
+  'model.dropout_rate': 0.0,
+  'model.block_dropout_rate': 0.0,
+  'model.drop_path_rate': 0.0,
+  'optim.bn_bias_lr_multiplier': 1.0,
+}
+
+
+def _check_frozen_backbone(config: ml_collections.ConfigDict) -> None:
+  if config.optim.freeze != 'backbone':
+    return
+  for field, inert in IGNORED_BY_FROZEN_BACKBONE.items():
+    if _get(config, field) != inert:
+      raise ConfigError(
+        f'--config.{field}={_get(config, field)!r} does nothing with optim.freeze=backbone (the model runs '
+        f'in inference mode and only the classifier trains); leave it at {inert!r} or use optim.freeze=none'
+      )

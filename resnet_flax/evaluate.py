@@ -1,10 +1,12 @@
 """Evaluation of a workdir's checkpoints: restore the weights, one sharded forward pass, the metrics.
 
-`evaluate_checkpoint` restores one checkpoint (best, latest or a step), runs one jitted forward
+`evaluate_checkpoint` restores one checkpoint (best by validation accuracy, which is the final one
+when the run had no validation split; latest; or a step), runs one jitted forward
 pass sharded over the ('data',) mesh on every example of the test split exactly once (padded,
 masked batches), and computes the report on the host in float64 numpy, so the same checkpoint
 gives the identical report on any number of devices. It writes `<workdir>/eval/<name>/`:
-`report.json`, `confusion_matrix.png`, `per_class.png`; and `<workdir>/training_curves.png` (see `report`).
+`report.json`, `predictions.npz`, `confusion_matrix.png`, `per_class.png`; and
+`<workdir>/training_curves.png` (see `report`). Any image is resized as the run's were (run.json).
 
 Classes are matched by name: the evaluated data may hold a subset or a reordering of the model's
 classes. Predictions are over all the model's classes (predicting a class the data lacks is an
@@ -12,6 +14,13 @@ error). The confusion matrix counts images of `class_names[i]` (the data's class
 predicted as `predicted_class_names[j]` (the model's classes: the data's classes first, in the
 same order, then those the data lacks), so its diagonal holds the correct predictions and its
 trace / num_examples is the accuracy.
+
+Precision, recall and F1 are per class of the data (the rows): for class i, precision =
+matrix[i, i] / column i's sum, recall = matrix[i, i] / row i's sum, F1 = 2 matrix[i, i] / (column
+sum + row sum), each 0.0 where its denominator is 0 (scikit-learn's default). A prediction of a class
+the data lacks (a column after the rows) costs the true class recall but no class precision. The
+macro averages are unweighted means over the data's classes, as scikit-learn's
+`f1_score(y_true, y_pred, average='macro', labels=<the data's classes>)`.
 
 Expected calibration error: the confidence of an image is its top softmax probability; images
 fall into 15 equal-width confidence bins [0, 1/15), ..., [14/15, 1]; ECE is the image-weighted
@@ -29,7 +38,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -49,6 +58,7 @@ from resnet_flax.workdir import CONFIG_FILE, RUN_FILE, RunInfo, steps_per_epoch
 
 ECE_BINS = 15
 TOP_K = 5  # Top-5 accuracy is reported for models with more than 5 classes.
+PREDICTIONS_FILE = 'predictions.npz'
 PROGRESS_EVERY_S = 5.0  # An evaluation logs its progress this often, so short ones stay quiet.
 
 
@@ -72,8 +82,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """Evaluates a checkpoint of `workdir` on the test split `config.data` selects; returns the report."""
   config_checks.validate(config)
   with contextlib.closing(open_checkpoints(workdir)) as manager:
-    step = choose_step(manager, config.eval.checkpoint)
     run = load_trained_run(workdir, config)
+    step = choose_step(manager, config.eval.checkpoint, run.info)
     split = load_test_split(config.data, run.info)
     label_to_model = model_indices(split.class_names, run.info.class_names)
     mesh = distributed.create_mesh()
@@ -85,6 +95,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     'workdir': os.path.abspath(workdir),
     'checkpoint': config.eval.checkpoint,
     'checkpoint_step': restored.step,
+    'checkpoint_chosen_by': chosen_by(run.info) if config.eval.checkpoint == 'best' else config.eval.checkpoint,
     'data': {'source': config.data.source, 'name': config.data.name, 'path': config.data.path, 'split': 'test'},
     **classification_metrics(outputs, split.labels, label_to_model, split.class_names, run.info.class_names),
     **tta_metrics(outputs, split.labels, label_to_model, config.eval.tta),
@@ -92,6 +103,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   directory = os.path.join(workdir, 'eval', report.report_name(config.data))
   if jax.process_index() == 0:
     report.write_report(results, directory)
+    write_predictions(outputs, split.labels, label_to_model, os.path.join(directory, PREDICTIONS_FILE))
     report.write_training_curves(workdir, run.info.steps_per_epoch)
   tta = f', TTA ({config.eval.tta}) {results["tta_accuracy"]:.4f}' if 'tta_accuracy' in results else ''
   logging.info(
@@ -104,6 +116,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     directory,
   )
   return results
+
+
+def write_predictions(outputs: dict[str, np.ndarray], labels: np.ndarray, label_to_model: np.ndarray, path: str):
+  """Per example, in the split's order: the true class and the predicted one (model class indices), and
+  the probabilities (of TTA where it ran): what a user needs to inspect or re-score the predictions."""
+  probabilities = outputs.get('tta_probabilities', np.exp(log_softmax(outputs['logits'])))
+  np.savez(path, label=label_to_model[labels], prediction=outputs['logits'].argmax(axis=1), probabilities=probabilities)
 
 
 # Restoring.
@@ -161,23 +180,35 @@ def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
   return manager
 
 
-def choose_step(manager: ocp.CheckpointManager, choice: str) -> int:
-  """The step of `choice`: 'best' (by eval accuracy; the latest if none has metrics), 'latest' or a step."""
+def choose_step(manager: ocp.CheckpointManager, choice: str, info: RunInfo, field: str = 'eval.checkpoint') -> int:
+  """The step of `choice`, the value of config field `field`: 'best', 'latest' or a step.
+
+  'best' is the best by validation accuracy, and the latest where the run had no validation split
+  (`info.validation`): the test split never chooses, also in workdirs whose checkpoints an earlier
+  version ranked by test accuracy.
+  """
   steps = manager.all_steps()
   if choice == 'latest':
     return max(steps)
   if choice == 'best':
-    best = checkpoint.best_step(manager)
+    best = checkpoint.best_step(manager) if info.validation else None
     if best is None:
-      logging.info('No checkpoint has eval metrics: evaluating the latest, step %d', max(steps))
+      logging.info('%s: the best is the latest, step %d', chosen_by(info), max(steps))
       return max(steps)
     return best
   if int(choice) not in steps:
     raise ConfigError(
       f'there is no checkpoint of step {choice} in {manager.directory}; it has steps '
-      f'{sorted(steps)}: choose one of them, best or latest with --config.eval.checkpoint'
+      f'{sorted(steps)}: choose one of them, best or latest with --config.{field}'
     )
   return int(choice)
+
+
+def chosen_by(info: RunInfo) -> str:
+  """What `eval.checkpoint=best` chooses by, for reports."""
+  if info.validation:
+    return f'validation accuracy, on {info.validation}'
+  return 'none: the run had no validation split, so best is the final checkpoint (never chosen by test accuracy)'
 
 
 def restore(manager: ocp.CheckpointManager, run: TrainedRun, step: int, mesh: Mesh) -> Restored:
@@ -202,18 +233,25 @@ def restore(manager: ocp.CheckpointManager, run: TrainedRun, step: int, mesh: Me
 
 
 def load_test_split(data_config: ml_collections.ConfigDict, info: RunInfo) -> ImageData:
-  """The true test split (also when `data.validation_size` holds out a validation split)."""
-  splits = data.load_splits(data_config)
-  split = splits.get('heldout_test', splits['test'])
+  """The test split, its images resized as the run's were (`resized_as_trained`)."""
+  split = data.load_test_split(resized_as_trained(data_config, info))
   check_image_shape(split.images.shape[1:], info.image_shape, f'the test split of data.source={data_config.source}')
   return split
+
+
+def resized_as_trained(data_config: ml_collections.ConfigDict, info: RunInfo) -> ml_collections.ConfigDict:
+  """`data_config` with the run's image size and resize policy: any image becomes what the model saw."""
+  height, width, _ = info.image_shape
+  resized = ml_collections.ConfigDict(data_config.to_dict())
+  resized.image_size, resized.resize = (height if height == width else 0), info.resize
+  return resized
 
 
 def check_image_shape(shape: Sequence[int], model_shape: Sequence[int], what: str):
   if tuple(shape) != tuple(model_shape):
     raise DataError(
       f'{what}: {"x".join(map(str, shape))} (HxWxC) images, but the model was trained on '
-      f'{"x".join(map(str, model_shape))}: resize them beforehand'
+      f'{"x".join(map(str, model_shape))}, which are not square: resize them to that size beforehand'
     )
 
 
@@ -242,9 +280,9 @@ def forward_views(
   return outputs
 
 
-def forward(restored: Restored, split: ImageData, batch_size: int, tta: str, mesh: Mesh) -> dict[str, np.ndarray]:
-  """Per-example outputs of `forward_views` for every example of `split` once, in order, on the host."""
-  forward_fn = jax.jit(
+def compile_forward(restored: Restored, tta: str, mesh: Mesh) -> Callable:
+  """`forward_views` of `restored` with the views of `tta`, jitted over `mesh`: (variables, images) -> outputs."""
+  return jax.jit(
     lambda variables, images: forward_views(
       variables,
       images,
@@ -256,6 +294,16 @@ def forward(restored: Restored, split: ImageData, batch_size: int, tta: str, mes
     in_shardings=(NamedSharding(mesh, P()), input_pipeline.data_sharding(mesh)),
     out_shardings=NamedSharding(mesh, P()),
   )
+
+
+def forward(
+  restored: Restored, split: ImageData, batch_size: int, tta: str, mesh: Mesh, forward_fn: Callable | None = None
+) -> dict[str, np.ndarray]:
+  """Per-example outputs of `forward_views` for every example of `split` once, in order, on the host.
+
+  `forward_fn` (of `compile_forward`) saves compiling again when called repeatedly (the Python API).
+  """
+  forward_fn = forward_fn or compile_forward(restored, tta, mesh)
   sharding, local = input_pipeline.data_sharding(mesh), input_pipeline.process_slice(batch_size)
   batches = input_pipeline.padded_batches(split, batch_size)
   collected = []
@@ -305,6 +353,17 @@ def expected_calibration_error(confidences: np.ndarray, correct: np.ndarray, num
   return float(np.sum(gaps) / len(confidences))
 
 
+def precision_recall_f1(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-class precision, recall and F1 of the rows of a confusion matrix (module docstring), float64."""
+  rows = len(matrix)
+  true_positives = np.diag(matrix[:, :rows]).astype(np.float64)
+  predicted, actual = matrix[:, :rows].sum(axis=0), matrix.sum(axis=1)
+  ratio = lambda numerator, denominator: np.divide(
+    numerator, denominator, out=np.zeros(rows), where=denominator > 0, dtype=np.float64
+  )
+  return ratio(true_positives, predicted), ratio(true_positives, actual), ratio(2 * true_positives, predicted + actual)
+
+
 def classification_metrics(
   outputs: dict[str, np.ndarray],
   labels: np.ndarray,
@@ -324,6 +383,7 @@ def classification_metrics(
   per_class = {
     name: (float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None) for i, name in enumerate(class_names)
   }
+  precision, recall, f1 = precision_recall_f1(matrix)
   report = {
     'num_examples': len(labels),
     'accuracy': float(np.trace(matrix) / len(labels)),
@@ -336,6 +396,12 @@ def classification_metrics(
     {
       'expected_calibration_error': expected_calibration_error(probabilities.max(axis=1), predictions == targets),
       'per_class_accuracy': per_class,
+      'per_class_precision': dict(zip(class_names, precision.tolist(), strict=True)),
+      'per_class_recall': dict(zip(class_names, recall.tolist(), strict=True)),
+      'per_class_f1': dict(zip(class_names, f1.tolist(), strict=True)),
+      'macro_precision': float(precision.mean()),
+      'macro_recall': float(recall.mean()),
+      'macro_f1': float(f1.mean()),
       'class_names': list(class_names),
       'predicted_class_names': [model_class_names[j] for j in columns],
       'confusion_matrix': matrix.tolist(),

@@ -1,11 +1,16 @@
 """Step-indexed input pipelines that hand uint8 batches, sharded over the mesh, to the train step.
 
 Both pipelines produce the same batches: global batch `step` holds the examples
-`perm[pos * B:(pos + 1) * B]` (their indices in the training split are its `index`), with
-`epoch, pos = divmod(step, steps_per_epoch)` and `perm = epoch_permutation(seed, epoch, n)`.
+`order[pos * B:(pos + 1) * B]` (their indices in the training split are its `index`), with
+`epoch, pos = divmod(step, steps_per_epoch)` and `order = epoch_order(seed, epoch, n, strata)`.
 A run resumed at step k therefore continues exactly where an uninterrupted run would be,
 replaying nothing. The last partial batch of each epoch is dropped (a different one each
 epoch). Augmentation happens in the train step.
+
+`data.sampling` chooses the order: `shuffle` is a permutation of the n training examples;
+`balanced` draws n examples with replacement, each class equally likely (example i with
+probability 1 / (K n_c), K the classes present, n_c the examples of its class): a class first,
+then an example of it, both as integers, so the host and the devices draw the same examples.
 
 The batches of consecutive steps come stacked, one stack per call of the train step (which
 scans over them): `train_batches` takes the length of each call, and a call stays within
@@ -23,6 +28,7 @@ import collections
 import functools
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,15 +42,50 @@ from resnet_flax.workdir import steps_per_epoch
 Batch = dict[str, jax.Array]
 
 
+SAMPLINGS = ('shuffle', 'balanced')
+
+
+class ClassStrata(NamedTuple):
+  """The training examples grouped by class, for balanced sampling: the classes present only."""
+
+  by_class: np.ndarray  # int32 [n]: example indices sorted by label (stable).
+  starts: np.ndarray  # int32 [K]: where each class begins in `by_class`.
+  counts: np.ndarray  # int32 [K]: its number of examples (all > 0).
+
+
+def class_strata(labels: np.ndarray) -> ClassStrata:
+  counts = np.bincount(labels)
+  present = np.flatnonzero(counts)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  by_class = np.argsort(labels, kind='stable').astype(np.int32)
+  return ClassStrata(by_class, starts[present].astype(np.int32), counts[present].astype(np.int32))
+
+
 def epoch_permutation(seed: int, epoch: int, num_examples: int) -> jax.Array:
   """The example order of `epoch`: a pure function of (seed, epoch)."""
   key = jax.random.fold_in(jax.random.key(seed), epoch)
   return jax.random.permutation(key, num_examples).astype(jnp.int32)
 
 
-def _host_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+def epoch_order(seed: int, epoch: int, num_examples: int, strata: ClassStrata | None = None) -> jax.Array:
+  """The examples of `epoch`, a pure function of (seed, epoch): `epoch_permutation` without `strata`,
+  else `num_examples` draws with replacement, classes uniformly likely.
+
+  Integer draws only (a class, then an offset within it): no float cumulative sum whose rounding
+  could differ between the host and an accelerator.
+  """
+  if strata is None:
+    return epoch_permutation(seed, epoch, num_examples)
+  class_key, offset_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
+  by_class, starts, counts = (jnp.asarray(a) for a in strata)
+  classes = jax.random.randint(class_key, (num_examples,), 0, len(counts))
+  offsets = jax.random.randint(offset_key, (num_examples,), 0, counts[classes])
+  return by_class[starts[classes] + offsets]
+
+
+def _host_order(seed: int, epoch: int, num_examples: int, strata: ClassStrata | None) -> np.ndarray:
   with jax.default_device(jax.local_devices(backend='cpu')[0]):
-    return np.asarray(epoch_permutation(seed, epoch, num_examples))
+    return np.asarray(epoch_order(seed, epoch, num_examples, strata))
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:
@@ -90,11 +131,12 @@ def prefetch(batches: Iterator[Batch], size: int = 2) -> Iterator[Batch]:
 class InputPipeline(abc.ABC):
   """Train batches indexed by step, and padded, masked evaluation batches."""
 
-  def __init__(self, train: ImageData, batch_size: int, seed: int, mesh: Mesh):
+  def __init__(self, train: ImageData, batch_size: int, seed: int, mesh: Mesh, sampling: str = 'shuffle'):
     self.train = train
     self.batch_size = batch_size
     self.seed = seed
     self.mesh = mesh
+    self.strata = class_strata(train.labels) if sampling == 'balanced' else None
     self.steps_per_epoch = steps_per_epoch(len(train), batch_size)
     self._eval_cache: dict[int, list[Batch]] = {}
 
@@ -147,15 +189,14 @@ class TfDataPipeline(InputPipeline):
 
   def local_indices(self, epoch: int) -> np.ndarray:
     """[steps_per_epoch, local batch] indices of this process's examples in `epoch`."""
-    perm = _host_permutation(self.seed, int(epoch), len(self.train))
-    steps = perm[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+    order = _host_order(self.seed, int(epoch), len(self.train), self.strata)
+    steps = order[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
     return steps[:, process_slice(self.batch_size)]
 
   def _local_dataset(self, start_step: int, stop_step: int):
     import tensorflow as tf  # Only this pipeline needs TensorFlow.
 
     tf.config.set_visible_devices([], 'GPU')  # Keep TensorFlow off the accelerators.
-    images, labels = tf.constant(self.train.images), tf.constant(self.train.labels)
     first_epoch, skip = divmod(start_step, self.steps_per_epoch)
     last_epoch = -(-stop_step // self.steps_per_epoch)
 
@@ -164,7 +205,11 @@ class TfDataPipeline(InputPipeline):
       return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(indices, [None, None]))
 
     def gather(indices):
-      return {'image': tf.gather(images, indices), 'label': tf.gather(labels, indices), 'index': indices}
+      # From the host arrays, which may be a memory-mapped cache: never a second copy of the split in memory.
+      images, labels = tf.numpy_function(
+        lambda i: (self.train.images[i], self.train.labels[i]), [indices], (tf.uint8, tf.int32), stateful=False
+      )
+      return {'image': tf.ensure_shape(images, [None, *self.train.images.shape[1:]]), 'label': labels, 'index': indices}
 
     return (
       tf.data.Dataset.range(first_epoch, last_epoch)
@@ -177,14 +222,15 @@ class TfDataPipeline(InputPipeline):
 
 
 class DevicePipeline(InputPipeline):
-  """Device-resident pipeline: uint8 data in device memory, permutation and gather in jit."""
+  """Device-resident pipeline: uint8 data in device memory, the epoch's order and the gather in jit."""
 
-  def __init__(self, train: ImageData, batch_size: int, seed: int, mesh: Mesh):
-    super().__init__(train, batch_size, seed, mesh)
+  def __init__(self, train: ImageData, batch_size: int, seed: int, mesh: Mesh, sampling: str = 'shuffle'):
+    super().__init__(train, batch_size, seed, mesh, sampling)
     replicated = NamedSharding(mesh, P())
     self._images = jax.device_put(train.images, replicated)
     self._labels = jax.device_put(train.labels, replicated)
-    self._permutation = jax.jit(epoch_permutation, static_argnums=(2,), out_shardings=replicated)
+    self._strata = jax.device_put(self.strata, replicated)
+    self._order = jax.jit(epoch_order, static_argnums=(2,), out_shardings=replicated)
     self._gather = jax.jit(
       functools.partial(_gather_batches, batch_size=batch_size),
       static_argnums=4,
@@ -192,21 +238,21 @@ class DevicePipeline(InputPipeline):
     )
 
   def train_batches(self, start_step: int, lengths: Sequence[int]) -> Iterator[Batch]:
-    perm, perm_epoch, step = None, None, start_step
+    order, order_epoch, step = None, None, start_step
     for n in lengths:
       epoch, position = divmod(step, self.steps_per_epoch)
       if position + n > self.steps_per_epoch:
         raise ValueError(f'steps {step}..{step + n - 1} cross the end of epoch {epoch}: plan with call_lengths')
-      if epoch != perm_epoch:
+      if epoch != order_epoch:
         seed_and_epoch = jax.device_put((self.seed, epoch))  # Explicit: no hidden transfer per call.
-        perm, perm_epoch = self._permutation(*seed_and_epoch, len(self.train)), epoch
-      yield self._gather(self._images, self._labels, perm, jax.device_put(position), n)
+        order, order_epoch = self._order(*seed_and_epoch, len(self.train), self._strata), epoch
+      yield self._gather(self._images, self._labels, order, jax.device_put(position), n)
       step += n
 
 
-def _gather_batches(images, labels, perm, position, num_steps, *, batch_size):
-  """The batches of `num_steps` steps from `position` in the epoch of `perm`, stacked."""
-  indices = jax.lax.dynamic_slice_in_dim(perm, position * batch_size, num_steps * batch_size)
+def _gather_batches(images, labels, order, position, num_steps, *, batch_size):
+  """The batches of `num_steps` steps from `position` in the epoch of `order`, stacked."""
+  indices = jax.lax.dynamic_slice_in_dim(order, position * batch_size, num_steps * batch_size)
   indices = indices.reshape(num_steps, batch_size)
   return {'image': images[indices], 'label': labels[indices], 'index': indices}
 
@@ -219,5 +265,8 @@ def _stack(batches: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 PIPELINES = {'tfdata': TfDataPipeline, 'device': DevicePipeline}
 
 
-def create_pipeline(name: str, train: ImageData, batch_size: int, seed: int, mesh: Mesh) -> InputPipeline:
-  return PIPELINES[name](train, batch_size, seed, mesh)
+def create_pipeline(
+  name: str, train: ImageData, batch_size: int, seed: int, mesh: Mesh, sampling: str = 'shuffle'
+) -> InputPipeline:
+  """The pipeline `name` (`PIPELINES`), drawing each epoch's examples as `sampling` (`SAMPLINGS`) says."""
+  return PIPELINES[name](train, batch_size, seed, mesh, sampling)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,45 @@ class Progress:
 
 
 @dataclasses.dataclass
+class EarlyStopping:
+  """Ends training after `patience` evaluations without a better validation accuracy (0: never).
+
+  Its state is the best checkpoint's step and accuracy, which the checkpoints keep: a resumed run
+  rebuilds it (`resumed`) and stops where an uninterrupted run would have.
+  """
+
+  patience: int
+  eval_every: int
+  best_step: int = 0
+  best_accuracy: float = -math.inf
+
+  @classmethod
+  def resumed(cls, patience: int, eval_every: int, manager: Any) -> EarlyStopping:
+    best = checkpoint.best_step(manager)
+    if best is None:
+      return cls(patience, eval_every)
+    return cls(patience, eval_every, best, manager.metrics(best)[checkpoint.BEST_METRIC])
+
+  def evaluations_since_best(self, step: int) -> int:
+    return step // self.eval_every - self.best_step // self.eval_every
+
+  def should_stop(self, step: int) -> bool:
+    return self.patience > 0 and self.evaluations_since_best(step) >= self.patience
+
+  def update(self, step: int, accuracy: float) -> bool:
+    """Records the evaluation at `step`; True when training should stop."""
+    if accuracy > self.best_accuracy:
+      self.best_step, self.best_accuracy = step, accuracy
+    return self.should_stop(step)
+
+  def reason(self, step: int) -> str:
+    return (
+      f'early stopping at step {step}: no better validation accuracy than {self.best_accuracy:.4f} (step '
+      f'{self.best_step}) in {self.evaluations_since_best(step)} evaluations (early_stopping_patience={self.patience})'
+    )
+
+
+@dataclasses.dataclass
 class TrainLoop:
   """What the steps of a run need besides the state; `run` is the loop itself."""
 
@@ -64,6 +104,7 @@ class TrainLoop:
   evaluate_fn: Callable[[TrainState], dict[str, float]]
   manager: Any  # An Orbax CheckpointManager.
   writer: Any  # A clu MetricWriter.
+  validates: bool  # Whether `evaluate_fn` evaluates a validation split: only then may it choose a checkpoint.
 
   def run(self, state: TrainState, start_step: int) -> dict[str, float]:
     config, steps = self.config, self.steps
@@ -79,6 +120,10 @@ class TrainLoop:
       len(lengths),
       config.steps_per_call,
     )
+    early_stopping = EarlyStopping.resumed(config.early_stopping_patience, steps.eval_every, self.manager)
+    if self.validates and early_stopping.should_stop(start_step):
+      logging.info('Training already ended, %s. Nothing to do.', early_stopping.reason(start_step))
+      return {}
     with preemption.StopRequest() as stop:
       batches = self.pipeline.train_batches(start_step, lengths)
       step = start_step
@@ -92,15 +137,21 @@ class TrainLoop:
           self._log_train_metrics(state, step, unlogged_metrics, progress)
           unlogged_metrics = []
         is_eval_step = step % steps.eval_every == 0 or is_last
+        stopping_early = False
         if is_eval_step:
           eval_metrics = self.evaluate_fn(state)
           self.writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
+          stopping_early = self.validates and early_stopping.update(step, eval_metrics[checkpoint.BEST_METRIC])
         # With several processes, agreeing on a stop costs an all-gather: do it at log steps only.
         stopping = (is_log_step or jax.process_count() == 1) and stop.requested()
         force_save = is_last or is_eval_step or stopping
         if force_save or self.manager.should_save(step):
           self._check_finite(state)
-          checkpoint.save(self.manager, step, state, metrics=eval_metrics if is_eval_step else None, force=force_save)
+          ranking = eval_metrics if is_eval_step and self.validates else None  # Test metrics never rank.
+          checkpoint.save(self.manager, step, state, metrics=ranking, force=force_save)
+        if stopping_early:
+          logging.warning('Stopped: %s. The checkpoint of step %d is saved.', early_stopping.reason(step), step)
+          break
         if stopping:
           logging.warning(
             'Stopped by %s at step %d with a checkpoint; rerun the same command to resume.', stop.signal_name, step

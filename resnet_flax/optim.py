@@ -6,25 +6,35 @@ optimizer would ignore, is refused before training starts instead of falling thr
 
 Every optimizer is wrapped the same way (`create_optimizer`): parameters are labelled 'other',
 'bn_scale', 'bn_bias' or 'frozen', and each group gets its own copy of the optimizer. Weight decay
-applies to conv and dense kernels only.
+applies to conv and dense kernels only, never to frozen ones. `optim.freeze='backbone'` freezes all but
+the classifier (a linear probe; the train step then runs the model in inference mode, so BatchNorm
+statistics stay as they are too).
+
+`class_weight_vector` turns `optim.class_weights` into one loss weight per class, which the train
+step multiplies into each example's cross-entropy.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from resnet_flax import layers
+from resnet_flax import layers, models
+from resnet_flax.errors import ConfigError
 from resnet_flax.workdir import Steps
 
 OptimConfig = ml_collections.ConfigDict  # `config.optim`.
+FREEZE = ('none', 'backbone')  # `optim.freeze`: train everything, or only the classifier (`models.HEAD`).
 
 
 def kernel_mask(params: Any) -> Any:
@@ -89,11 +99,12 @@ def ignored_options(optim: OptimConfig) -> list[str]:
   return [name for name, default in OPTION_DEFAULTS.items() if name not in used and optim[name] != default]
 
 
-def param_labels(params: Any) -> Any:
-  """'frozen' for a whitening stem, 'bn_scale' / 'bn_bias' for BatchNorm parameters, 'other' for the rest."""
+def param_labels(params: Any, freeze: str = 'none') -> Any:
+  """'frozen' for a whitening stem (and, with freeze='backbone', for everything but the classifier),
+  'bn_scale' / 'bn_bias' for BatchNorm parameters, 'other' for the rest."""
 
   def label(path, _):
-    if path[0] == layers.WHITENING:
+    if path[0] == layers.WHITENING or (freeze == 'backbone' and path[0] != models.HEAD):
       return 'frozen'
     is_norm = any('norm' in part.lower() for part in path[:-1])
     return f'bn_{path[-1]}' if is_norm and path[-1] in ('scale', 'bias') else 'other'
@@ -105,7 +116,8 @@ def create_optimizer(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> op
   """The optimizer of `optim.name` for each parameter group of `param_labels`.
 
   BatchNorm scales may be frozen and BN biases get their own rate (airbench's speed tricks). A
-  whitening stem is always frozen: neither the gradient nor weight decay moves it.
+  whitening stem is always frozen, and with `optim.freeze='backbone'` all but the classifier is:
+  neither the gradient nor weight decay moves a frozen parameter (`set_to_zero` replaces its update).
   """
   make = OPTIMIZERS[optim.name].make
   bias_lr = lambda step: optim.bn_bias_lr_multiplier * learning_rate_fn(step)
@@ -115,7 +127,7 @@ def create_optimizer(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> op
     'bn_bias': make(optim, bias_lr),
     'frozen': optax.set_to_zero(),
   }
-  return optax.multi_transform(groups, param_labels)
+  return optax.multi_transform(groups, functools.partial(param_labels, freeze=optim.freeze))
 
 
 # Schedules: linear warmup from 0 to the peak within the run's steps, then the decay of `optim.schedule`.
@@ -174,3 +186,57 @@ def update_ema(ema: Any, params: Any, batch_stats: Any, decay: float) -> Any:
   """ema <- decay * ema + (1 - decay) * current, for the weights and the BN statistics."""
   current = {'params': params, 'batch_stats': batch_stats}
   return optax.incremental_update(current, ema, step_size=1.0 - decay)
+
+
+# Class weights.
+
+CLASS_WEIGHT_EXAMPLE = "\"{'cat': 2.0, 'dog': 0.5}\""
+
+
+def parse_class_weights(spec: str) -> str | dict[str, float]:
+  """`optim.class_weights` as 'none', 'balanced' or {class name: weight > 0}; ValueError says what is wrong."""
+  if spec in ('none', 'balanced'):
+    return spec
+  try:
+    weights = ast.literal_eval(spec)
+  except (ValueError, SyntaxError, TypeError):
+    weights = None
+  if not isinstance(weights, dict):
+    raise ValueError(f'choose none, balanced or a mapping of class names to weights such as {CLASS_WEIGHT_EXAMPLE}')
+  for name, weight in weights.items():
+    if not isinstance(name, str):
+      raise ValueError(f'class {name!r} is not a name: quote it, as in {CLASS_WEIGHT_EXAMPLE}')
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+      raise ValueError(f'the weight of {name!r} is {weight!r}: weights must be numbers > 0')
+  return {name: float(weight) for name, weight in weights.items()}
+
+
+def class_weight_vector(spec: str, labels: np.ndarray, class_names: Sequence[str]) -> np.ndarray | None:
+  """float32 [K] loss weights of the classes, from `optim.class_weights` and the training labels.
+
+  'balanced': w_c = n / (K n_c), scikit-learn's compute_class_weight('balanced'): inverse class
+  frequency, scaled so that the weights average 1 over the training examples, which keeps the loss
+  and so the learning rate on the scale of an unweighted run (a class absent from the labels gets
+  1). A mapping weighs the classes it names and leaves the others at 1. 'none' gives None: the
+  step then stays unweighted, the same program as without this option. Raises ConfigError naming a
+  class the data lacks.
+  """
+  try:
+    weights = parse_class_weights(spec)
+  except ValueError as e:
+    raise ConfigError(f'--config.optim.class_weights={spec!r} is invalid: {e}') from None
+  if weights == 'none':
+    return None
+  if weights == 'balanced':
+    counts = np.bincount(labels, minlength=len(class_names)).astype(np.float64)
+    present = counts > 0
+    vector = np.ones(len(class_names))
+    vector[present] = len(labels) / (present.sum() * counts[present])
+    return vector.astype(np.float32)
+  unknown = [name for name in weights if name not in class_names]
+  if unknown:
+    raise ConfigError(
+      f'--config.optim.class_weights names classes the training data lacks: {", ".join(map(repr, unknown))}; '
+      f'name only its classes: {", ".join(class_names)}'
+    )
+  return np.array([weights.get(name, 1.0) for name in class_names], np.float32)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -13,8 +12,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resnet_flax import config_checks, distributed, evaluate
-from resnet_flax.data import DataError, ImageData, folder
+from resnet_flax import api, config_checks
+from resnet_flax.data import DataError, folder
 from resnet_flax.errors import ConfigError
 
 
@@ -24,23 +23,13 @@ def predict(
   """The top-k classes with probabilities of each image in `paths` (files or folders), and the step."""
   config_checks.validate(config)
   files = image_files(paths)
-  with contextlib.closing(evaluate.open_checkpoints(workdir)) as manager:
-    step = evaluate.choose_step(manager, config.eval.checkpoint)
-    run = evaluate.load_trained_run(workdir, config)
-    images = folder.decode_images(files, files[0])
-    evaluate.check_image_shape(images.shape[1:], run.info.image_shape, files[0])
-    mesh = distributed.create_mesh()
-    restored = evaluate.restore(manager, run, step, mesh)
-  batch_size = min(config.eval_batch_size, -(-len(files) // jax.device_count()) * jax.device_count())
-  split = ImageData(images, np.zeros(len(files), np.int32), run.info.class_names)
-  outputs = evaluate.forward(restored, split, batch_size, config.eval.tta, mesh)
-  tta_probabilities = outputs.get('tta_probabilities')
-  probabilities = np.exp(evaluate.log_softmax(outputs['logits'])) if tta_probabilities is None else tta_probabilities
+  model = api.load(workdir, config.eval.checkpoint, config=config)
+  probabilities = model.predict(files, tta=config.eval.tta)
   rows = []
   for path, p in zip(files, probabilities, strict=True):
     top = np.argsort(-p, kind='stable')[:top_k]
-    rows.append({'path': path, 'top_k': [{'class': run.info.class_names[j], 'probability': float(p[j])} for j in top]})
-  return rows, restored.step
+    rows.append({'path': path, 'top_k': [{'class': model.class_names[j], 'probability': float(p[j])} for j in top]})
+  return rows, model.step
 
 
 def image_files(paths: Sequence[str]) -> list[str]:

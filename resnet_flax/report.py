@@ -78,13 +78,18 @@ def plot_per_class(report: dict[str, Any], title: str, path: str):
   figure = Figure(figsize=(8, min(40, 1.5 + 0.3 * len(names))), layout='constrained')
   axes = figure.subplots()
   bars = axes.barh(range(len(names)), [a or 0.0 for a in accuracies], color='tab:blue')
-  axes.bar_label(bars, ['no images' if a is None else f'{a:.1%}' for a in accuracies], padding=3, fontsize=7)
+  f1 = [report['per_class_f1'][name] for name in names]
+  labels = ['no images' if a is None else f'{a:.1%}, F1 {f:.2f}' for a, f in zip(accuracies, f1, strict=True)]
+  axes.bar_label(bars, labels, padding=3, fontsize=7)
   axes.axvline(report['accuracy'], color='tab:red', linestyle='--')
   axes.set_yticks(range(len(names)), names, fontsize=8 if len(names) <= 30 else 5)
   axes.invert_yaxis()
   axes.set_xlim(0, 1.1)
   axes.set_xlabel('accuracy')
-  axes.set_title(f'{title}\nper-class accuracy (dashed line: overall {report["accuracy"]:.2%})')
+  axes.set_title(
+    f'{title}\nper-class accuracy (= recall) and F1 (dashed line: overall accuracy {report["accuracy"]:.2%}, '
+    f'macro F1 {report["macro_f1"]:.2f})'
+  )
   figure.savefig(path, dpi=100)
 
 

@@ -15,6 +15,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from clu import metrics, parameter_overview
@@ -28,6 +29,7 @@ from resnet_flax import (
   config_checks,
   data,
   distributed,
+  finetune,
   input_pipeline,
   layers,
   loop,
@@ -37,7 +39,7 @@ from resnet_flax import (
   report,
   writers,
 )
-from resnet_flax.errors import BudgetError
+from resnet_flax.errors import BudgetError, ConfigError
 from resnet_flax.workdir import RunInfo, Steps, check_resumable, check_writable
 
 WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
@@ -90,9 +92,21 @@ def create_train_state(model: flax.linen.Module, variables: Any, tx: optax.Gradi
   )
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example cross-entropy in float32 against [B, num_classes] targets."""
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), optax.smooth_labels(targets, label_smoothing))
+def cross_entropy(
+  logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0, class_weights: np.ndarray | None = None
+) -> jax.Array:
+  """Per-example cross-entropy in float32 against [B, num_classes] targets, times each example's class
+  weight when `class_weights` [num_classes] is given.
+
+  An example weighs sum_c targets_c * class_weights_c: its class's weight for a one-hot target, and
+  for a mixup/CutMix image the weights of both images in the proportions their pixels are mixed,
+  rather than the weight of the first image alone, which may be the smaller part of it. Taken before
+  label smoothing, which would pull every weight toward their mean.
+  """
+  loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), optax.smooth_labels(targets, label_smoothing))
+  if class_weights is None:
+    return loss
+  return loss * jnp.sum(targets * jnp.asarray(class_weights, jnp.float32), axis=-1)
 
 
 def train_step(
@@ -105,8 +119,14 @@ def train_step(
   std,
   num_classes: int,
   steps_per_epoch: int,
+  class_weights: np.ndarray | None = None,
 ) -> tuple[TrainState, TrainMetrics]:
-  """One step on a uint8 batch; augmentation, forward, backward and update in one program."""
+  """One step on a uint8 batch; augmentation, forward, backward and update in one program.
+
+  The loss is the batch mean of the class-weighted cross-entropies (`cross_entropy`), a sum over the
+  batch divided by its size, not by the sum of its weights: a batch rich in up-weighted classes
+  moves the weights more, as it should.
+  """
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
   images = augment.augment_batch(
@@ -133,10 +153,12 @@ def train_step(
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
+    # A frozen backbone (linear probe) runs in inference mode: its BatchNorm statistics stay as they are.
+    train = config.optim.freeze != 'backbone'
     logits, updates = state.apply_fn(
-      variables, images, train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key}
+      variables, images, train=train, mutable=['batch_stats'], rngs={'dropout': dropout_key}
     )
-    loss = cross_entropy(logits, targets, config.optim.label_smoothing).mean()
+    loss = cross_entropy(logits, targets, config.optim.label_smoothing, class_weights).mean()
     return loss, (logits, updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -210,13 +232,15 @@ def jit_steps(
   std,
   num_classes: int,
   steps_per_epoch: int,
+  class_weights: np.ndarray | None = None,
 ) -> tuple[Callable, Callable]:
   """The sharded train and eval steps. The state is replicated and donated to the train step, which
-  takes a stack of batches (`train_stack`); the eval step takes one batch."""
+  takes a stack of batches (`train_stack`); the eval step takes one batch. `class_weights` (of
+  `optim.class_weight_vector`) weigh the training loss only: the evaluation loss stays unweighted."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   step_kwargs = dict(config=config, learning_rate_fn=learning_rate_fn, mean=mean, std=std, num_classes=num_classes)
   train_fn = jax.jit(
-    functools.partial(train_stack, **step_kwargs, steps_per_epoch=steps_per_epoch),
+    functools.partial(train_stack, **step_kwargs, steps_per_epoch=steps_per_epoch, class_weights=class_weights),
     in_shardings=(replicated, input_pipeline.stacked_data_sharding(mesh)),
     out_shardings=(replicated, replicated),
     donate_argnums=0,
@@ -245,18 +269,39 @@ def initial_variables(
   return variables
 
 
+def describe_validation(data_config: ml_collections.ConfigDict, splits: dict[str, data.ImageData]) -> str:
+  """What the validation split is, for logs and run.json; '' when there is none."""
+  if 'validation' not in splits:
+    return ''
+  size = len(splits['validation'])
+  if data_config.validation_size:
+    return f'the validation split of {size} held-out training images (data.validation_size)'
+  return f'the validation split of {size} images of the {data_config.source} data'
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from `workdir` if it holds checkpoints) and returns the final eval metrics."""
   config_checks.validate(config)
   check_writable(workdir)
   logging.info('Config:\n%s', config)
   splits = data.load_splits(config.data)
-  train_split, test_split = splits['train'], splits['test']
+  train_split, eval_split = splits['train'], splits.get('validation', splits['test'])
+  validation = describe_validation(config.data, splits)
+  if config.early_stopping_patience and not validation:
+    raise ConfigError(
+      f'early_stopping_patience={config.early_stopping_patience} needs a validation split, never the test split: '
+      'set --config.data.validation_size=<images>, or add a val/ folder beside train/'
+    )
+  logging.info('Evaluating on %s', validation or 'the test split (reported only: nothing is chosen by it)')
   steps = Steps.of(config, len(train_split))
   num_classes = len(train_split.class_names)
+  class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
   model = models.create_model_from_config(config, num_classes)
   mean, std = augment.channel_stats(train_split.images)
   variables = initial_variables(config, model, train_split, mean, std)
+  variables, mean, std, init_from = finetune.apply_init_from(
+    config, workdir, variables, train_split.class_names, mean, std
+  )
 
   learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps)
   mesh = distributed.create_mesh()
@@ -273,11 +318,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pixel_mean=mean,
     pixel_std=std,
     steps_per_epoch=steps.per_epoch,
+    init_from=init_from,
+    resize=config.data.resize,
+    validation=validation,
   )
   check_resumable(workdir, run)
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
-  writer = writers.create_writer(workdir, is_primary=jax.process_index() == 0)
+  writer = writers.create_writer(workdir, is_primary=jax.process_index() == 0, steps_per_epoch=steps.per_epoch)
   try:
     restored = checkpoint.restore_latest_good(manager, state)
     state = state if restored is None else restored
@@ -288,14 +336,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, steps.total)
       return {}
     run.save(workdir, config)
+    if jax.process_index() == 0:
+      writers.drop_csv_rows_after(workdir, start_step)  # Rows a killed run wrote after its last checkpoint.
     if start_step == 0:
       num_params = models.count_params(variables['params'])
       writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
 
-    train_fn, eval_fn = jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch)
-    pipeline = input_pipeline.create_pipeline(config.data.pipeline, train_split, config.batch_size, config.seed, mesh)
-    evaluate_fn = lambda s: compute_eval_metrics(eval_fn, s, pipeline.eval_batches(test_split, config.eval_batch_size))
-    train_loop = loop.TrainLoop(config, steps, pipeline, train_fn, evaluate_fn, manager, writer)
+    train_fn, eval_fn = jit_steps(
+      config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch, class_weights=class_weights
+    )
+    pipeline = input_pipeline.create_pipeline(
+      config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
+    )
+    evaluate_fn = lambda s: compute_eval_metrics(eval_fn, s, pipeline.eval_batches(eval_split, config.eval_batch_size))
+    train_loop = loop.TrainLoop(
+      config, steps, pipeline, train_fn, evaluate_fn, manager, writer, validates=bool(validation)
+    )
     eval_metrics = train_loop.run(state, start_step)
   finally:
     try:

@@ -1,7 +1,8 @@
 """The run contract of a workdir: `run.json`, the resume and writable checks, and the step arithmetic.
 
 `run.json` records what the checkpoints belong to (the model, the classes, the image shape) and
-what evaluation needs once the training data is gone (the normalisation, the epoch length). Its
+what evaluation needs once the training data is gone (the normalisation, the epoch length), and
+where a fine-tuned run's starting weights came from (`init_from`). Its
 keys are part of the contract: workdirs of earlier versions must keep working.
 
 `Steps` is the one place where epochs become steps; the trainer, the schedules, the pipelines and
@@ -73,6 +74,11 @@ class RunInfo:
   pixel_mean: tuple[float, ...]  # Normalisation of the training images, in [0, 1].
   pixel_std: tuple[float, ...]
   steps_per_epoch: int
+  # A fine-tuned run's starting weights, {'path': source workdir, 'step': its checkpoint}; None from scratch.
+  # Not in the resume fingerprint: a resumed run continues from its own checkpoints.
+  init_from: dict[str, Any] | None = None
+  resize: str = 'shorter_side_then_center_crop'  # images.RESIZE_POLICIES: how any image becomes image_shape.
+  validation: str = ''  # What the validation split (which chose the best checkpoint) was; '' for none.
 
   @property
   def num_classes(self) -> int:
@@ -91,7 +97,8 @@ class RunInfo:
 
   def to_json(self) -> dict[str, Any]:
     facts = {'pixel_mean': list(self.pixel_mean), 'pixel_std': list(self.pixel_std)}
-    return {**self.resume_fingerprint(), **facts, 'steps_per_epoch': self.steps_per_epoch}
+    later = {'init_from': self.init_from, 'resize': self.resize, 'validation': self.validation}
+    return {**self.resume_fingerprint(), **facts, 'steps_per_epoch': self.steps_per_epoch, **later}
 
   @classmethod
   def from_json(cls, saved: dict[str, Any]) -> RunInfo:
@@ -104,6 +111,10 @@ class RunInfo:
       pixel_mean=tuple(saved['pixel_mean']),
       pixel_std=tuple(saved['pixel_std']),
       steps_per_epoch=saved['steps_per_epoch'],
+      # Absent from the run.json of earlier versions (which never resized, and never validated but on request).
+      init_from=saved.get('init_from'),
+      resize=saved.get('resize', cls.resize),
+      validation=saved.get('validation', cls.validation),
     )
 
   @classmethod

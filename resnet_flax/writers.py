@@ -1,14 +1,23 @@
-"""Metric writers: clu's TensorBoard writer, or a TensorFlow-free one where TensorFlow is absent.
+"""Metric writers: clu's TensorBoard writer, or a TensorFlow-free one where TensorFlow is absent, and
+`metrics.csv` beside them.
 
 `clu.metric_writers` imports TensorFlow, which the GPU machines do not have. There the
 `EventFileWriter` of the `tensorboard` package writes the same event files by itself.
+
+`<workdir>/metrics.csv` holds the same scalars for any spreadsheet or pandas: one row per logged
+training step and one per evaluation, with the columns `step`, `epoch` (step / steps per epoch),
+`kind` (`eval` for a row of `eval_*` metrics, else `train`), then every metric name seen so far (a
+row leaves the others empty). Rows are appended and flushed as they come; a metric that appears
+later rewrites the file with the wider header. A resumed run first drops the rows after the step it
+resumes from (`drop_csv_rows_after`), so no step appears twice.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,14 +56,117 @@ def _log_scalars(step: int, scalars: Mapping[str, Any]):
   logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
 
 
-def create_writer(logdir: str, is_primary: bool):
-  """clu's default writer (TensorBoard + log) on the primary process, logging only elsewhere."""
+METRICS_CSV = 'metrics.csv'
+
+
+class CsvMetricWriter:
+  """Writes the scalars of each `write_scalars` call as one row of a CSV file (see the module docstring)."""
+
+  def __init__(self, path: str, steps_per_epoch: int):
+    self._path, self._steps_per_epoch = path, steps_per_epoch
+    self._file = None  # Opened at the first row: a resumed run drops later rows before that.
+    self._columns: list[str] = []
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    if self._file is None:
+      self._columns = _read_csv(self._path)[0] if os.path.exists(self._path) else []
+      self._file = open(self._path, 'a', newline='')
+    kind = 'eval' if all(name.startswith('eval_') for name in scalars) else 'train'
+    row = {'step': step, 'epoch': round(step / self._steps_per_epoch, 4), 'kind': kind}
+    row.update({name: _csv_number(value) for name, value in scalars.items()})
+    new_columns = [name for name in row if name not in self._columns]
+    if new_columns:
+      self._file.close()
+      self._columns += new_columns
+      _write_csv(self._path, self._columns, _read_csv(self._path)[1])
+      self._file = open(self._path, 'a', newline='')
+    csv.DictWriter(self._file, self._columns).writerow(row)
+    self._file.flush()
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    """Not a row: config.json holds the hyperparameters."""
+
+  def flush(self):
+    if self._file is not None:
+      self._file.flush()
+
+  def close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+
+def _csv_number(value: Any) -> int | str:
+  """Integers as they are; other numbers as the float32 TensorBoard keeps, in the fewest digits that
+  read back as that float32 (0.1, not 0.10000000149011612)."""
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    return int(value)
+  return str(np.float32(value))
+
+
+def _read_csv(path: str) -> tuple[list[str], list[dict[str, str]]]:
+  with open(path, newline='') as f:
+    reader = csv.DictReader(f)
+    return list(reader.fieldnames or []), list(reader)
+
+
+def _write_csv(path: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]):
+  """Replaces `path` atomically: a crash leaves the old file or the new one, never half of one."""
+  with open(f'{path}.tmp', 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns, restval='')
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(f'{path}.tmp', path)
+
+
+def drop_csv_rows_after(logdir: str, step: int) -> None:
+  """Keeps the rows of `<logdir>/metrics.csv` up to `step` (a killed run may have logged past its last
+  checkpoint); also drops a last line a kill cut short."""
+  path = os.path.join(logdir, METRICS_CSV)
+  if not os.path.exists(path):
+    return
+  columns, rows = _read_csv(path)
+  kept = [row for row in rows if None not in row.values() and row['step'].isdigit() and int(row['step']) <= step]
+  _write_csv(path, columns, kept)
+
+
+class MultiWriter:
+  """Passes each call on to every writer (clu's MultiWriter would import TensorFlow)."""
+
+  def __init__(self, writers: Sequence[Any]):
+    self._writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for writer in self._writers:
+      writer.write_scalars(step, scalars)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    for writer in self._writers:
+      writer.write_hparams(hparams)
+
+  def flush(self):
+    for writer in self._writers:
+      writer.flush()
+
+  def close(self):
+    for writer in self._writers:
+      writer.close()
+
+
+def create_writer(logdir: str, is_primary: bool, steps_per_epoch: int):
+  """On the primary process clu's default writer (TensorBoard + log) and metrics.csv; logging only elsewhere."""
   try:
     from clu import metric_writers
   except ImportError:
     logging.warning('TensorFlow is not importable: writing TensorBoard events without it.')
-    return EventFileMetricWriter(logdir) if is_primary else _LoggingOnly()
-  return metric_writers.create_default_writer(logdir, just_logging=not is_primary, asynchronous=True)
+    if not is_primary:
+      return _LoggingOnly()
+    tensorboard = EventFileMetricWriter(logdir)
+  else:
+    tensorboard = metric_writers.create_default_writer(logdir, just_logging=not is_primary, asynchronous=True)
+    if not is_primary:
+      return tensorboard
+  return MultiWriter([tensorboard, CsvMetricWriter(os.path.join(logdir, METRICS_CSV), steps_per_epoch)])
 
 
 class _LoggingOnly:

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import default
+from resnet_flax import images
 from resnet_flax.data import DataError, folder
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -55,9 +56,9 @@ def decode_calls(monkeypatch) -> list[int]:
   """Records how many images each call of `folder.decode_images` decodes."""
   calls, decode_images = [], folder.decode_images
 
-  def counting(paths, reference_image):
+  def counting(paths, decoding, into=None):
     calls.append(len(paths))
-    return decode_images(paths, reference_image)
+    return decode_images(paths, decoding, into)
 
   monkeypatch.setattr(folder, 'decode_images', counting)
   return calls
@@ -117,7 +118,7 @@ def truncate(path: Path):
   [
     (lambda root: os.rename(root / 'test', root / 'val'), '{root}/test does not exist'),
     (empty_the_test_split, '{root}/test has no class subdirectories'),
-    (lambda root: (root / 'train' / 'empty').mkdir(), '{root}/train/empty has no .jpg/.jpeg/.png images'),
+    (lambda root: (root / 'train' / 'empty').mkdir(), '{root}/train/empty has no images (.jpg/'),
     (
       lambda root: write_image(root / 'test' / 'wasp' / 'a.png', np.zeros((8, 8, 3), np.uint8)),
       "{root}/test has classes ['wasp'] that {root}/train lacks",
@@ -195,26 +196,29 @@ def test_a_new_train_class_invalidates_the_test_cache(small_folder, decode_calls
 
 def test_a_corrupt_cache_is_ignored_and_rebuilt(small_folder, decode_calls, caplog):
   root, _ = small_folder
-  first = folder.load(data_config(root))
+  first_images = np.array(folder.load(data_config(root))['train'].images)  # A copy: the file is mapped.
   for cache in (root / '.resnet_flax_cache').iterdir():
-    cache.write_bytes(cache.read_bytes()[:1000])  # A torn write, as if the file had been truncated.
+    cache.write_bytes(cache.read_bytes()[:300])  # A torn write, as if the file had been truncated.
   with caplog.at_level(logging.WARNING):
     second = folder.load(data_config(root))
   assert 'ignoring unreadable cache' in caplog.text
   assert decode_calls == [9, 3, 9, 3]
-  np.testing.assert_array_equal(second['train'].images, first['train'].images)
+  np.testing.assert_array_equal(second['train'].images, first_images)
   folder.load(data_config(root))
   assert decode_calls == [9, 3, 9, 3]
 
 
 def test_a_failed_cache_write_leaves_no_file_behind(small_folder, monkeypatch):
   root, _ = small_folder
+  load_image, calls = images.load_image, []
 
-  def interrupted_savez(f, **arrays):
-    f.write(b'PK\x03\x04 half an npz')
-    raise KeyboardInterrupt  # As if the run were interrupted mid-write.
+  def interrupted_load(*args):
+    calls.append(args)
+    if len(calls) == 5:
+      raise KeyboardInterrupt  # As if the run were interrupted halfway through the decoding.
+    return load_image(*args)
 
-  monkeypatch.setattr(np, 'savez', interrupted_savez)
+  monkeypatch.setattr(images, 'load_image', interrupted_load)
   with pytest.raises(KeyboardInterrupt):
     folder.load(data_config(root))
   assert list((root / '.resnet_flax_cache').iterdir()) == []
@@ -223,16 +227,16 @@ def test_a_failed_cache_write_leaves_no_file_behind(small_folder, monkeypatch):
 def test_cache_dir_and_fallbacks(small_folder, tmp_path, monkeypatch, caplog):
   root, _ = small_folder
   folder.load(data_config(root, cache_dir=tmp_path / 'my_cache'))
-  assert len(list((tmp_path / 'my_cache').glob('*.npz'))) == 2 and not (root / '.resnet_flax_cache').exists()
+  assert len(list((tmp_path / 'my_cache').glob('*.npy'))) == 2 and not (root / '.resnet_flax_cache').exists()
 
   (root / '.resnet_flax_cache').write_text('a file where the cache directory would go: not writable')
   monkeypatch.setattr(Path, 'home', lambda: tmp_path / 'home')
   folder.load(data_config(root))
-  assert len(list((tmp_path / 'home' / '.cache' / 'resnet_flax').glob('*.npz'))) == 2
+  assert len(list((tmp_path / 'home' / '.cache' / 'resnet_flax').glob('*.npy'))) == 2
 
   with caplog.at_level(logging.WARNING):
     splits = folder.load(data_config(root, cache_dir=root / '.resnet_flax_cache' / 'below_a_file'))
-  assert 'no writable cache directory' in caplog.text and len(splits['train']) == 9
+  assert 'no cache directory among' in caplog.text and len(splits['train']) == 9
 
 
 def test_real_cifar10_jpeg_folder(cifar10_jpeg_dir, tmp_path):
@@ -258,3 +262,80 @@ def test_real_cifar10_jpeg_folder(cifar10_jpeg_dir, tmp_path):
   for i in np.random.default_rng(0).choice(len(paths), 50, replace=False):
     np.testing.assert_array_equal(train.images[i], np.asarray(Image.open(paths[i]).convert('RGB')))
     assert train.labels[i] == CIFAR10_CLASSES.index(paths[i].parent.name)
+
+
+def save_as(path: Path, image: Image.Image, **options) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  image.save(path, **options)
+
+
+def test_any_format_and_mode_becomes_rgb_and_exif_orientation_is_applied(tmp_path):
+  rng = np.random.default_rng(0)
+  rgb = Image.fromarray(random_pixels(rng, (8, 8)))
+  rgba = Image.fromarray(np.dstack([random_pixels(rng, (8, 8)), np.full((8, 8), 255, np.uint8)]))
+  turned = Image.fromarray(random_pixels(rng, (8, 8)))  # Stored as is; EXIF says turn it a quarter.
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display.
+  save_as(tmp_path / 'train/a/0.WEBP', rgb, lossless=True)
+  save_as(tmp_path / 'train/a/1.bmp', rgb.convert('L'))
+  save_as(tmp_path / 'train/a/2.Gif', rgb.convert('P'))
+  save_as(tmp_path / 'train/a/3.tiff', rgb.convert('CMYK'))
+  save_as(tmp_path / 'train/b/4.png', rgba)
+  save_as(tmp_path / 'train/b/5.png', Image.fromarray(np.asarray(rgb.convert('L'), np.uint16) * 257))  # 16-bit.
+  save_as(tmp_path / 'train/b/6.png', turned, exif=exif)
+  save_as(tmp_path / 'test/a/7.jpeg', rgb)
+  train = folder.load(data_config(tmp_path))['train']
+  grey = np.asarray(rgb.convert('L'))
+  expected = [
+    np.asarray(rgb),
+    np.stack([grey] * 3, -1),
+    np.asarray(rgb.convert('P').convert('RGB')),
+    np.asarray(rgb.convert('CMYK').convert('RGB')),
+    np.asarray(rgba)[..., :3],  # Opaque: compositing changes nothing.
+    np.stack([grey] * 3, -1),
+    np.asarray(turned.transpose(Image.Transpose.ROTATE_270)),
+  ]
+  assert train.images.shape == (7, 8, 8, 3)
+  for i, pixels in enumerate(expected):
+    np.testing.assert_array_equal(train.images[i], pixels, err_msg=f'image {i}')
+
+
+def test_transparent_pixels_become_white():
+  pixels = np.zeros((4, 4, 4), np.uint8)  # Black and fully transparent.
+  pixels[0, 0] = (10, 20, 30, 255)
+  rgb = images.to_model_input(pixels, (4, 4), 'squash')
+  assert rgb[0, 0].tolist() == [10, 20, 30] and (rgb.reshape(-1, 3)[1:] == 255).all()
+
+
+@pytest.mark.parametrize('policy', images.RESIZE_POLICIES)
+def test_image_size_resizes_every_image_at_decode_by_the_policy(tmp_path, decode_calls, policy):
+  rng = np.random.default_rng(0)
+  sizes = {'train/a/0.png': (40, 30), 'train/a/1.jpg': (17, 64), 'test/a/2.png': (8, 8)}
+  originals = {name: Image.fromarray(random_pixels(rng, (h, w))) for name, (w, h) in sizes.items()}
+  for name, image in originals.items():
+    save_as(tmp_path / name, image)
+  config = data_config(tmp_path)
+  config.image_size, config.resize = 16, policy
+  splits = folder.load(config)
+  assert splits['train'].images.shape == (2, 16, 16, 3) and splits['test'].images.shape == (1, 16, 16, 3)
+  decoded = Image.open(tmp_path / 'train/a/1.jpg').convert('RGB')
+  if policy == 'squash':
+    expected = decoded.resize((16, 16), images.RESAMPLING)
+  else:  # Scale the shorter side (17) to 16, then the centre 16 rows of the 60.
+    expected = decoded.resize((16, 60), images.RESAMPLING).crop((0, 22, 16, 38))
+  assert np.abs(splits['train'].images[1].astype(int) - np.asarray(expected)).mean() < 3
+  folder.load(config)
+  config.image_size = 12  # Another size, or another policy, is another cache.
+  folder.load(config)
+  assert decode_calls == [2, 1, 2, 1]
+
+
+def test_a_val_folder_is_the_validation_split(small_folder):
+  root, _ = small_folder
+  write_image(root / 'val' / 'moth' / 'v.png', np.zeros((8, 8, 3), np.uint8))
+  splits = folder.load(data_config(root))
+  assert sorted(splits) == ['test', 'train', 'validation']
+  assert splits['validation'].labels.tolist() == [splits['train'].class_names.index('moth')]
+  (root / 'validation').mkdir()
+  with pytest.raises(DataError, match='has both val and validation/: keep one validation folder'):
+    folder.load(data_config(root))

@@ -16,13 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import f1_score, precision_recall_fscore_support, precision_score, recall_score
 
+import resnet_flax
 from configs import smoke
-from resnet_flax import augment, config_checks, data, distributed, evaluate, predict, train, writers
+from resnet_flax import augment, config_checks, data, distributed, evaluate, images, predict, train, writers
 from resnet_flax import report as report_module
 from resnet_flax.data import DataError
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import LATER_FACTS
+from resnet_flax.workdir import LATER_FACTS, RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12
@@ -127,6 +129,8 @@ def test_report_holds_every_example_once_and_consistent_metrics(workdir, report)
   assert report['class_names'] == report['predicted_class_names'] == [f'class_{i}' for i in range(NUM_CLASSES)]
   for i, name in enumerate(report['class_names']):
     assert report['per_class_accuracy'][name] == pytest.approx(matrix[i, i] / matrix[i].sum())
+  assert report['per_class_recall'] == pytest.approx(report['per_class_accuracy'])
+  assert 0 < report['macro_f1'] <= 1 and set(report['per_class_f1']) == set(report['class_names'])
   assert report['accuracy'] <= report['top5_accuracy'] <= 1
   assert 0 <= report['expected_calibration_error'] <= 1
   assert report['tta'] == 'none' and report['checkpoint_step'] == 8
@@ -228,10 +232,26 @@ def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, r
   assert table[0].startswith('image') and len(table) == 6 and rows[0]['top_k'][0]['class'] in table[1]
 
 
-def test_predict_names_an_image_of_another_size(workdir, tmp_path):
-  write_png(tmp_path / 'small.png', np.zeros((16, 16, 3), np.uint8))
-  with pytest.raises(DataError, match=r'small.png: 16x16x3 \(HxWxC\) images, but the model was trained on 32x32x3'):
-    predict.predict(smoke_config(), str(workdir), [str(tmp_path / 'small.png')], 3)
+def test_any_image_is_resized_as_the_run_was_and_the_api_matches_evaluation(workdir, test_split, tmp_path):
+  """The Python API gives evaluation's predictions on the test images, and an image of another size,
+  shape and format is resized by the recorded policy as a file and as an array alike."""
+  model = resnet_flax.load(str(workdir))
+  assert model.class_names == test_split.class_names and model.image_size == (32, 32) and model.step == 8
+  evaluate.evaluate_checkpoint(smoke_config(), str(workdir))  # Other tests write other predictions there.
+  saved = np.load(report_dir(workdir, smoke_config()) / evaluate.PREDICTIONS_FILE)
+  probabilities = model.predict(test_split.images)
+  np.testing.assert_array_equal(probabilities.argmax(axis=1), saved['prediction'])
+  np.testing.assert_allclose(probabilities, saved['probabilities'], atol=1e-6)
+  assert model.predict_classes(test_split.images[:3]) == [model.class_names[i] for i in saved['prediction'][:3]]
+
+  photo = np.random.default_rng(0).integers(0, 256, (90, 120, 4), np.uint8)  # RGBA, 4:3.
+  Image.fromarray(photo).save(tmp_path / 'photo.webp', lossless=True)
+  expected = images.to_model_input(photo, (32, 32), model.resize_policy)
+  np.testing.assert_array_equal(model.pixels(str(tmp_path / 'photo.webp')), expected[None])
+  rows, _ = predict.predict(smoke_config(), str(workdir), [str(tmp_path)], 3)
+  np.testing.assert_allclose(
+    [t['probability'] for t in rows[0]['top_k']], np.sort(model.predict(expected))[0, ::-1][:3], atol=1e-6
+  )
 
 
 def test_training_curves_are_drawn_from_tensorboard(workdir, report, tmp_path):
@@ -276,14 +296,18 @@ class FakeManager:
     return self._metrics[step]
 
 
-def test_checkpoint_choice():
+def test_checkpoint_choice_is_by_validation_only():
   manager = FakeManager({5: {'accuracy': 0.9}, 10: {'accuracy': 0.5}, 12: None})
-  assert evaluate.choose_step(manager, 'best') == 5
-  assert evaluate.choose_step(manager, 'latest') == 12
-  assert evaluate.choose_step(manager, '10') == 10
-  assert evaluate.choose_step(FakeManager({5: None, 10: None}), 'best') == 10
+  validated, unvalidated = (
+    RunInfo('m', 0.0, '', (8, 8, 3), ('a',), (0.5,), (0.5,), 1, validation=v) for v in ('val', '')
+  )
+  assert evaluate.choose_step(manager, 'best', validated) == 5
+  assert evaluate.choose_step(manager, 'best', unvalidated) == 12  # Metrics an earlier version ranked by test.
+  assert evaluate.choose_step(manager, 'latest', validated) == 12
+  assert evaluate.choose_step(manager, '10', validated) == 10
+  assert evaluate.choose_step(FakeManager({5: None, 10: None}), 'best', validated) == 10
   with pytest.raises(ConfigError, match=r'no checkpoint of step 7 .* steps \[5, 10, 12\]'):
-    evaluate.choose_step(manager, '7')
+    evaluate.choose_step(manager, '7', validated)
 
 
 def test_config_rules_accept_exactly_the_eval_choices():
@@ -319,3 +343,28 @@ def test_a_run_json_of_the_first_versions_takes_its_facts_from_the_training_data
   (copy / 'config.json').write_text(json.dumps(config))
   with pytest.raises(DataError, match=f'now has {NUM_CLASSES + 1} classes but the checkpoints have {NUM_CLASSES}'):
     evaluate.evaluate_checkpoint(smoke_config(), str(copy))
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_precision_recall_and_f1_are_scikit_learns_on_random_predictions(seed):
+  """The data holds 6 of the model's 8 classes, reordered, one of them without images; predictions of the model's
+  other classes cost recall only. 0/0 is 0.0, the value of scikit-learn's default zero_division='warn'."""
+  rng = np.random.default_rng(seed)
+  model_class_names = [f'class_{j}' for j in range(8)]
+  class_names = ['class_4', 'class_0', 'class_6', 'class_2', 'class_5', 'class_1']
+  label_to_model = evaluate.model_indices(class_names, model_class_names)
+  labels = rng.integers(0, 5, 300)  # class_1 has no images.
+  logits = rng.normal(size=(300, 8))
+  logits[:, 2] -= 100  # class_2 is never predicted.
+  metrics = evaluate.classification_metrics({'logits': logits}, labels, label_to_model, class_names, model_class_names)
+  y_true, y_pred, data_classes = label_to_model[labels], logits.argmax(axis=1), label_to_model
+  precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=data_classes, zero_division=0.0)
+  for i, name in enumerate(class_names):
+    assert metrics['per_class_precision'][name] == pytest.approx(precision[i], abs=1e-12)
+    assert metrics['per_class_recall'][name] == pytest.approx(recall[i], abs=1e-12)
+    assert metrics['per_class_f1'][name] == pytest.approx(f1[i], abs=1e-12)
+  assert metrics['per_class_precision']['class_2'] == 0.0 and metrics['per_class_recall']['class_1'] == 0.0
+  macro = dict(y_true=y_true, y_pred=y_pred, average='macro', labels=data_classes, zero_division=0.0)
+  assert metrics['macro_precision'] == pytest.approx(precision_score(**macro), abs=1e-12)
+  assert metrics['macro_recall'] == pytest.approx(recall_score(**macro), abs=1e-12)
+  assert metrics['macro_f1'] == pytest.approx(f1_score(**macro), abs=1e-12)

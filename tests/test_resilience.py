@@ -31,6 +31,7 @@ def assert_same_state(workdir_a, workdir_b, step: int):
     jax.tree.map(np.testing.assert_array_equal, a[name], b[name])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_zero(straight_run, tmp_path):
   process = run_smoke(tmp_path, wait=False)
   wait_for(lambda: finished_steps(tmp_path))
@@ -45,6 +46,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(straight_run, tmp_path):
   assert_same_state(tmp_path, straight_run, SMOKE_TOTAL_STEPS)
 
 
+@pytest.mark.slow
 def test_twenty_sigkills_at_random_moments_lose_nothing(straight_run, tmp_path):
   """Kills during training and during saves (a checkpoint every 2 steps); each run resumes."""
   rng = random.Random(0)
@@ -100,6 +102,7 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_p
   jax.tree.map(np.testing.assert_array_equal, load_checkpoint(tmp_path, 16)['params'], before['params'])
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_updates_counts_them_and_keeps_training(tmp_path):
   assert run_main(tmp_path)[0] == 0
   returncode, output = run_main(
@@ -154,6 +157,7 @@ def run_two_processes(workdir, port: int, *args) -> list[subprocess.Popen]:
   ]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_resume_after_a_kill(tmp_path):
   one = tmp_path / 'one_process'
   assert run_main(one, '--config.log_every_steps=1', devices=4)[0] == 0

@@ -46,21 +46,36 @@ SOURCES = {
 
 
 def load_splits(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
-  """Returns {'train': ..., 'test': ...} for `data_config.source`.
+  """Returns {'train', 'test'} and, when the data has one, 'validation' for `data_config.source`.
 
-  With `data_config.validation_size` > 0, the last `validation_size` images of a fixed
-  permutation of the training split become the 'test' split (the evaluation split), and the
-  true test split is kept as 'heldout_test'.
+  A source gives 'validation' when the dataset has its own (a `val/` folder, tfds's validation split);
+  `data_config.validation_size` > 0 instead holds out that many training images (a fixed choice).
+  Whatever chooses (the best checkpoint, early stopping, sweeps) uses 'validation'; 'test' is only
+  reported.
   """
-  if data_config.source not in SOURCES:
-    raise DataError(f'unknown data.source {data_config.source!r}; choose one of {sorted(SOURCES)}')
-  source = importlib.import_module(SOURCES[data_config.source])
-  splits = source.load(data_config)
+  splits = _source(data_config).load(data_config)
+  if data_config.validation_size > 0 and 'validation' in splits:
+    raise DataError(
+      f'data.validation_size={data_config.validation_size} but the {data_config.source} data has its own '
+      'validation split: set --config.data.validation_size=0 to use it'
+    )
   return hold_out_validation(splits, data_config.validation_size, seed=0)
 
 
+def load_test_split(data_config: ml_collections.ConfigDict) -> ImageData:
+  """The test split alone: a source that can read it alone (an image folder) decodes nothing else."""
+  source = _source(data_config)
+  return source.load_test(data_config) if hasattr(source, 'load_test') else source.load(data_config)['test']
+
+
+def _source(data_config: ml_collections.ConfigDict):
+  if data_config.source not in SOURCES:
+    raise DataError(f'unknown data.source {data_config.source!r}; choose one of {sorted(SOURCES)}')
+  return importlib.import_module(SOURCES[data_config.source])
+
+
 def hold_out_validation(splits: dict[str, ImageData], size: int, seed: int) -> dict[str, ImageData]:
-  """Moves `size` training images (a fixed choice for a given seed) into the 'test' split."""
+  """Moves `size` training images (a fixed choice for a given seed) into a 'validation' split."""
   if size <= 0:
     return splits
   train = splits['train']
@@ -69,4 +84,4 @@ def hold_out_validation(splits: dict[str, ImageData], size: int, seed: int) -> d
   order = np.random.default_rng(seed).permutation(len(train))
   keep, held = np.sort(order[:-size]), np.sort(order[-size:])
   subset = lambda idx: ImageData(train.images[idx], train.labels[idx], train.class_names)
-  return {'train': subset(keep), 'test': subset(held), 'heldout_test': splits['test']}
+  return {**splits, 'train': subset(keep), 'validation': subset(held)}

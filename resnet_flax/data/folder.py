@@ -1,28 +1,29 @@
-"""Image folders: `<root>/{train,test}/<class>/*.{jpg,jpeg,png}`, the tfds.ImageFolder layout.
+"""Image folders: `<root>/{train,test}/<class>/*.jpg` and optionally `<root>/val/` (or `validation/`).
 
-Class names are the sorted subdirectories of `<root>/train` and label i is `class_names[i]`. The
-test split uses the same list: a test class that train lacks is an error, a train class that test
-lacks is fine. Extensions match in any case; other files, and names starting with '.' (macOS `._x.jpg`
-companions, `.ipynb_checkpoints`), are skipped.
+This is tfds.ImageFolder's layout. Class names are the sorted subdirectories of `<root>/train` and
+label i is `class_names[i]`. The other splits use the same list: a class that train lacks is an
+error, a train class that they lack is fine. Files are listed by extension in any case
+(`images.IMAGE_EXTENSIONS`); other files, and names starting with '.' (macOS `._x.jpg` companions,
+`.ipynb_checkpoints`), are skipped.
 
-Images are decoded with Pillow and converted to RGB (an alpha channel is dropped). Every image must
-have the size of the first training image: another size is an error naming the file and both sizes,
-never a silent resize (resizing would change what the model is trained on behind the user's back),
-and an undecodable file is an error naming it.
+Images are decoded by `images.load_image` (Pillow; EXIF orientation, any mode to RGB). With
+`data.image_size` > 0 every image is resized to that square size by `data.resize`, once, at decode;
+with 0 every image must already have the size of the first training image (another size is an error
+naming both files and the fix). An undecodable file is an error naming it.
 
 Decoding runs on one core: a thread pool was slower (the per-file work is Python, under the GIL)
 and a 2-process pool no faster while using more CPU (workers must be spawned, since forking once
 JAX has started threads may deadlock, and the arrays come back pickled). Caching pays:
 
-The decoded split is cached as an uncompressed .npz (images, labels, class_names) in
-`data.cache_dir`, or by default in `<root>/.resnet_flax_cache/`, falling back to
-`~/.cache/resnet_flax/` when the root is read-only; with no writable place the folder is decoded
-every time (a warning says so). The cache key hashes a format version, the class list and every
-file's relative path, size and mtime_ns (no file is read), so an added, removed or changed file
-makes a new key and the stale cache is simply not used (it is not deleted). Caches are written to
-a temporary file and renamed, so a killed run never leaves a broken one; an unreadable cache is
-ignored with a warning and rebuilt. A cache hit memory-maps the images (copy-on-write) instead of
-copying them: the second load of CIFAR-10 takes a fraction of a second, mostly listing the files.
+Each split is decoded straight into a .npy memory map in `data.cache_dir`, or by default in
+`<root>/.resnet_flax_cache/`, falling back to `~/.cache/resnet_flax/` when the root is read-only;
+with no writable place it is decoded into memory every time (a warning says so). So a split is never
+held in memory twice, and later loads map the file (copy-on-write) instead of reading it: pages come
+from the page cache as the pipeline touches them. The cache key hashes a format version, the size
+and resize policy, the class list and every file's relative path, size and mtime_ns (no file is
+read), so an added, removed or changed file makes a new key and the stale cache is simply not used
+(it is not deleted). The file is filled under a temporary name and renamed when complete, so a killed
+run never leaves a broken one; an unreadable cache is ignored with a warning and rebuilt.
 """
 
 from __future__ import annotations
@@ -31,45 +32,74 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import struct
 import tempfile
 import time
-import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
+from resnet_flax import images
 from resnet_flax.data import DataError, ImageData
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
-CACHE_FORMAT_VERSION = 1  # Bump when the cached arrays change meaning.
+CACHE_FORMAT_VERSION = 2  # Bump when the cached arrays change meaning.
+VALIDATION_DIRS = ('val', 'validation')
 _LAYOUT = '<root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg'
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitListing:
-  """The image files of one split, in label order, and their cache key."""
+  """The image files of one split, in label order, and a hash of their names, sizes and times."""
 
   directory: Path
   paths: list[str]
   labels: np.ndarray  # int32 [N]
   class_names: tuple[str, ...]
-  cache_key: str
+  files_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How a split's files become pixels: resized to `size` by `policy`, or (`reference` set) required
+  to have `size` already, the size of the `reference` image."""
+
+  size: images.Size
+  policy: str
+  reference: str | None = None
+
+  @classmethod
+  def of(cls, data_config: ml_collections.ConfigDict, first_image: str) -> Decoding:
+    if data_config.image_size:
+      return cls((data_config.image_size,) * 2, data_config.resize)
+    height, width, _ = images.load_image(first_image, None, data_config.resize).shape
+    return cls((height, width), data_config.resize, reference=first_image)
+
+  def key(self) -> str:
+    return f'{self.size} {"as is" if self.reference else f"{self.policy} {images.RESAMPLING.name}"}'
 
 
 def load(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
   root = _check_root(data_config.path)
   cache_dirs = _cache_dirs(root, data_config.cache_dir)
-  train = list_split(root, 'train')
-  test = list_split(root, 'test', train.class_names)
-  reference_image = train.paths[0]  # Both splits must have this image's size.
-  return {
-    'train': _load_split(train, reference_image, cache_dirs),
-    'test': _load_split(test, reference_image, cache_dirs),
-  }
+  listings = {'train': list_split(root, 'train')}
+  class_names = listings['train'].class_names
+  listings['test'] = list_split(root, 'test', class_names)
+  validation_dir = _validation_dir(root)
+  if validation_dir:
+    listings['validation'] = list_split(root, validation_dir, class_names)
+  decoding = Decoding.of(data_config, listings['train'].paths[0])
+  return {split: _load_split(listing, decoding, cache_dirs) for split, listing in listings.items()}
+
+
+def load_test(data_config: ml_collections.ConfigDict) -> ImageData:
+  """The test split alone, labelled by train's classes where `<root>/train` exists, else by its own."""
+  root = _check_root(data_config.path)
+  class_names = list_split(root, 'train').class_names if (root / 'train').is_dir() else None
+  listing = list_split(root, 'test', class_names)
+  decoding = Decoding.of(data_config, listing.paths[0])
+  return _load_split(listing, decoding, _cache_dirs(root, data_config.cache_dir))
 
 
 def _check_root(path: str) -> Path:
@@ -79,6 +109,13 @@ def _check_root(path: str) -> Path:
   if not root.is_dir():
     raise DataError(f'data.path {root} is not a directory: point --config.data.path at a folder with {_LAYOUT}')
   return root
+
+
+def _validation_dir(root: Path) -> str | None:
+  found = [name for name in VALIDATION_DIRS if (root / name).is_dir()]
+  if len(found) > 1:
+    raise DataError(f'{root} has both {" and ".join(found)}/: keep one validation folder')
+  return found[0] if found else None
 
 
 def list_split(root: Path, split: str, class_names: tuple[str, ...] | None = None) -> SplitListing:
@@ -93,23 +130,23 @@ def list_split(root: Path, split: str, class_names: tuple[str, ...] | None = Non
   unknown = sorted(set(found) - set(class_names))
   if unknown:
     raise DataError(
-      f'{directory} has classes {unknown} that {root / "train"} lacks: add them to train or remove them from test'
+      f'{directory} has classes {unknown} that {root / "train"} lacks: add them to train or remove them from {split}'
     )
   paths, labels, key = [], [], hashlib.sha256(f'{CACHE_FORMAT_VERSION}\n{class_names}\n'.encode())
   for label, name in enumerate(class_names):
     if name not in found:
-      continue  # A train class that test lacks.
+      continue  # A train class that this split lacks.
     for entry in _image_entries(directory / name):
       stat = entry.stat()
       key.update(f'{name}/{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n'.encode())
       paths.append(entry.path)
       labels.append(label)
-  return SplitListing(directory, paths, np.array(labels, np.int32), class_names, key.hexdigest()[:32])
+  return SplitListing(directory, paths, np.array(labels, np.int32), class_names, key.hexdigest())
 
 
 def is_image(name: str) -> bool:
   """The listing rule for a file: an image extension in any case, and a name that does not start with '.'."""
-  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+  return name.lower().endswith(images.IMAGE_EXTENSIONS) and not name.startswith('.')
 
 
 def _image_entries(class_dir: Path) -> list[os.DirEntry]:
@@ -117,7 +154,7 @@ def _image_entries(class_dir: Path) -> list[os.DirEntry]:
     (entry for entry in os.scandir(class_dir) if is_image(entry.name) and entry.is_file()), key=lambda entry: entry.name
   )
   if not entries:
-    raise DataError(f'{class_dir} has no {"/".join(IMAGE_EXTENSIONS)} images: add some or remove the directory')
+    raise DataError(f'{class_dir} has no images ({"/".join(images.IMAGE_EXTENSIONS)}): add some or remove it')
   return entries
 
 
@@ -128,52 +165,46 @@ def images_under(directory: str) -> list[str]:
     dirs[:] = [d for d in dirs if not d.startswith('.')]
     found += [os.path.join(root, name) for name in files if is_image(name)]
   if not found:
-    raise DataError(f'{directory} has no {"/".join(IMAGE_EXTENSIONS)} images: give another folder')
+    raise DataError(f'{directory} has no images ({"/".join(images.IMAGE_EXTENSIONS)}): give another folder')
   return sorted(found)
 
 
-def _load_split(listing: SplitListing, reference_image: str, cache_dirs: list[Path]) -> ImageData:
-  name = f'{listing.directory.name}-{listing.cache_key}.npz'
+def _load_split(listing: SplitListing, decoding: Decoding, cache_dirs: list[Path]) -> ImageData:
+  key = hashlib.sha256(f'{listing.files_key}\n{decoding.key()}'.encode()).hexdigest()[:32]
+  name = f'{listing.directory.name}-{key}.npy'
+  shape = (len(listing.paths), *decoding.size, 3)
   for cache_dir in cache_dirs:
-    data = read_cache(cache_dir / name)
-    if data is not None:
-      logging.info('loaded %d images from cache %s', len(data), cache_dir / name)
-      return data
+    cached = read_cache(cache_dir / name, shape)
+    if cached is not None:
+      logging.info('loaded %d images from cache %s', len(cached), cache_dir / name)
+      return ImageData(cached, listing.labels, listing.class_names)
   start = time.perf_counter()
-  data = ImageData(decode_images(listing.paths, reference_image), listing.labels, listing.class_names)
-  seconds = time.perf_counter() - start
-  cache_path = write_cache(data, cache_dirs, name)
+  with cache_array(cache_dirs, name, shape) as (array, cache_path):
+    decode_images(listing.paths, decoding, into=array)
   logging.info(
     'decoded %d images from %s in %.1f s; cached at %s',
-    len(data),
+    len(listing.paths),
     listing.directory,
-    seconds,
+    time.perf_counter() - start,
     cache_path or 'nowhere (no writable cache directory)',
   )
-  return data
+  pixels = array if cache_path is None else read_cache(cache_path, shape)
+  return ImageData(pixels, listing.labels, listing.class_names)
 
 
-def decode_images(paths: list[str], reference_image: str) -> np.ndarray:
-  """Decodes `paths` into one uint8 [N, H, W, 3] array; each must have `reference_image`'s size."""
-  height, width, _ = _decode(reference_image).shape
-  images = np.empty((len(paths), height, width, 3), np.uint8)
+def decode_images(paths: list[str], decoding: Decoding, into: np.ndarray | None = None) -> np.ndarray:
+  """Decodes `paths` into `into` (or a new uint8 [N, H, W, 3] array) as `decoding` says; returns it."""
+  into = np.empty((len(paths), *decoding.size, 3), np.uint8) if into is None else into
+  height, width = decoding.size
   for i, path in enumerate(paths):
-    image = _decode(path)
-    if image.shape != images.shape[1:]:
+    image = images.load_image(path, None if decoding.reference else decoding.size, decoding.policy)
+    if image.shape != into.shape[1:]:
       raise DataError(
-        f'{path} is {image.shape[1]}x{image.shape[0]} pixels but {reference_image} is '
-        f'{width}x{height}: all images must have one size; resize the folder beforehand'
+        f'{path} is {image.shape[1]}x{image.shape[0]} pixels but {decoding.reference} is {width}x{height}: '
+        'set --config.data.image_size=<pixels> to resize every image to one square size'
       )
-    images[i] = image
-  return images
-
-
-def _decode(path: str) -> np.ndarray:
-  try:
-    with Image.open(path) as image:
-      return np.asarray(image.convert('RGB'))
-  except (OSError, SyntaxError, ValueError) as e:  # Pillow's errors for broken files (SyntaxError: PNG).
-    raise DataError(f'cannot decode {path} ({e}): replace or delete the file') from e
+    into[i] = image
+  return into
 
 
 def _cache_dirs(root: Path, cache_dir: str) -> list[Path]:
@@ -182,67 +213,67 @@ def _cache_dirs(root: Path, cache_dir: str) -> list[Path]:
   return [root / '.resnet_flax_cache', Path.home() / '.cache' / 'resnet_flax']
 
 
-def read_cache(path: Path) -> ImageData | None:
-  """The split cached at `path`, or None when there is none or it cannot be read."""
+def read_cache(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+  """The images cached at `path` memory-mapped (copy-on-write), or None when absent or unreadable."""
   try:
-    with np.load(path, allow_pickle=False) as arrays:
-      labels, class_names = arrays['labels'], tuple(arrays['class_names'].tolist())
-      images = _map_stored_npy(path, arrays.zip.getinfo('images.npy'))
-    return ImageData(images, labels, class_names)
-  except FileNotFoundError:
+    cached = np.load(path, mmap_mode='c', allow_pickle=False)
+  except (FileNotFoundError, NotADirectoryError):
     return None
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+  except (OSError, ValueError, EOFError) as e:
     logging.warning('ignoring unreadable cache %s (%s); decoding the images again', path, e)
     return None
+  if cached.shape != shape or cached.dtype != np.uint8:
+    logging.warning(
+      'ignoring cache %s of %s %s, not uint8 %s; decoding the images again', path, cached.dtype, cached.shape, shape
+    )
+    return None
+  return cached
 
 
-def _map_stored_npy(path: Path, member: zipfile.ZipInfo) -> np.ndarray:
-  """Memory-maps (copy-on-write) an uncompressed .npy member of an .npz, which `np.load` cannot.
-
-  Reading would copy the images into fresh memory, and faulting in fresh memory is the slow part of a
-  cached load; mapped pages come from the page cache.
-  """
-  if member.compress_type != zipfile.ZIP_STORED:
-    raise ValueError(f'{member.filename} is compressed')
-  with open(path, 'rb') as f:
-    f.seek(member.header_offset)
-    local_header = f.read(30)  # The zip local file header; the name and an extra field follow it.
-    if local_header[:4] != b'PK\x03\x04':
-      raise ValueError(f'no zip member at offset {member.header_offset}')
-    name_length, extra_length = struct.unpack('<HH', local_header[26:30])
-    f.seek(member.header_offset + 30 + name_length + extra_length)
-    version = np.lib.format.read_magic(f)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(f)
-    offset = f.tell()
-  return np.asarray(np.memmap(path, dtype, 'c', offset, shape, 'F' if fortran_order else 'C'))
-
-
-def write_cache(data: ImageData, cache_dirs: list[Path], name: str) -> Path | None:
-  """Writes `data` as `name` in the first writable of `cache_dirs`; returns where, or None."""
+@contextlib.contextmanager
+def cache_array(cache_dirs: list[Path], name: str, shape: tuple[int, ...]) -> Iterator[tuple[np.ndarray, Path | None]]:
+  """An array to fill, memory-mapped from a temporary file in the first of `cache_dirs` with room for it,
+  and the path it is renamed to once filled; or an in-memory array and None where there is none."""
   for cache_dir in cache_dirs:
+    temp_path = None
     try:
       cache_dir.mkdir(parents=True, exist_ok=True)
-      return _write_atomically(data, cache_dir / name)
-    except OSError as e:
-      logging.info('cannot cache in %s (%s)', cache_dir, e)
-  logging.warning(
-    'no writable cache directory among %s: the images will be decoded again next time; '
-    'set --config.data.cache_dir to a writable directory',
-    [str(d) for d in cache_dirs],
-  )
-  return None
-
-
-def _write_atomically(data: ImageData, path: Path) -> Path:
-  fd, temp_path = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
+      fd, temp_path = tempfile.mkstemp(dir=cache_dir, prefix=f'.{name}.', suffix='.tmp')
+      os.close(fd)
       os.chmod(temp_path, 0o644)  # mkstemp makes it private; whoever may read the images may read this.
-      np.savez(f, images=data.images, labels=data.labels, class_names=np.array(data.class_names))
-    os.replace(temp_path, path)
+      array = np.lib.format.open_memmap(temp_path, 'w+', np.uint8, shape)
+      _reserve_disk_space(temp_path)
+      break
+    except OSError as e:
+      _remove(temp_path)
+      logging.info('cannot cache in %s (%s)', cache_dir, e)
+  else:
+    logging.warning(
+      'no cache directory among %s is writable with room for %.1f GB: the images will be decoded again next '
+      'time; set --config.data.cache_dir to a writable directory',
+      [str(d) for d in cache_dirs],
+      np.prod(shape) / 1e9,
+    )
+    yield np.empty(shape, np.uint8), None
+    return
+  try:
+    yield array, cache_dir / name
+    array.flush()
+    os.replace(temp_path, cache_dir / name)
   except BaseException:
-    with contextlib.suppress(OSError):
-      os.unlink(temp_path)
+    _remove(temp_path)
     raise
-  return path
+
+
+def _remove(path: str | None) -> None:
+  if path:
+    with contextlib.suppress(OSError):
+      os.unlink(path)
+
+
+def _reserve_disk_space(path: str) -> None:
+  """Allocates the file's blocks now: writing a memory map onto a full disk would kill the process
+  (SIGBUS) instead of raising an error."""
+  if hasattr(os, 'posix_fallocate'):
+    with open(path, 'r+b') as f:
+      os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))

@@ -1,0 +1,125 @@
+"""The Python API: `resnet_flax.load(workdir)` hands back a trained model that takes any image.
+
+    import resnet_flax
+
+    model = resnet_flax.load('runs/r34')
+    probabilities = model.predict(['cat.jpg', 'dog.png'], tta='flip')  # [2, num_classes]
+    print(model.predict_classes('photos/'))  # Every image under a folder.
+
+Images are file paths, folders, encoded bytes, PIL images or uint8 arrays ([H, W, 3], [H, W] or a
+batch [N, H, W, 3]) of any size: each is decoded, turned upright, made RGB and resized by the run's
+recorded policy (`images.load_image`), then normalised as in training. It runs the weights evaluation
+uses (the EMA when training kept one) through the same compiled forward pass as `--mode=evaluate`,
+which is how `--mode=predict` runs too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+from PIL import Image
+
+from resnet_flax import augment, distributed, evaluate, images
+from resnet_flax.data import DataError, ImageData, folder
+
+MAX_BATCH = 256  # Inputs go through in batches of a power of two up to this: few shapes, few compilations.
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+@dataclasses.dataclass
+class Model:
+  """A trained run's model, ready to classify images (see the module docstring)."""
+
+  restored: evaluate.Restored
+  mesh: Mesh
+  _compiled: dict[str, Callable] = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return self.restored.run.info.class_names
+
+  @property
+  def image_size(self) -> tuple[int, int]:
+    """(height, width) of the model's input; any image is resized to it by `resize_policy`."""
+    height, width, _ = self.restored.run.info.image_shape
+    return height, width
+
+  @property
+  def resize_policy(self) -> str:
+    return self.restored.run.info.resize
+
+  @property
+  def step(self) -> int:
+    """The training step of the checkpoint the weights come from."""
+    return self.restored.step
+
+  def pixels(self, inputs: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+    """uint8 [N, H, W, 3]: `inputs` as the model sees them, before normalisation."""
+    return np.stack([self._load(item) for item in _flatten(inputs)])
+
+  def predict(self, inputs: ImageInput | Sequence[ImageInput], tta: str = 'none') -> np.ndarray:
+    """Class probabilities [N, num_classes] of each image; `tta` as `eval.tta` (none | flip | flip+translate)."""
+    if tta not in augment.TTA_VIEWS:
+      raise ValueError(f'tta={tta!r}: choose one of {", ".join(augment.TTA_VIEWS)}')
+    pixels = self.pixels(inputs)
+    split = ImageData(pixels, np.zeros(len(pixels), np.int32), self.class_names)
+    if tta not in self._compiled:
+      self._compiled[tta] = evaluate.compile_forward(self.restored, tta, self.mesh)
+    outputs = evaluate.forward(self.restored, split, _batch_size(len(pixels)), tta, self.mesh, self._compiled[tta])
+    if 'tta_probabilities' in outputs:
+      return outputs['tta_probabilities']
+    return np.exp(evaluate.log_softmax(outputs['logits'])).astype(np.float32)
+
+  def predict_classes(self, inputs: ImageInput | Sequence[ImageInput], tta: str = 'none') -> list[str]:
+    """The most probable class name of each image."""
+    return [self.class_names[i] for i in self.predict(inputs, tta).argmax(axis=1)]
+
+  def _load(self, item: ImageInput) -> np.ndarray:
+    if isinstance(item, Image.Image):
+      item = np.asarray(item)
+    if isinstance(item, np.ndarray):
+      return images.to_model_input(item, self.image_size, self.resize_policy)
+    return images.load_image(item, self.image_size, self.resize_policy)
+
+
+def _flatten(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+  """One list of single images from an image, a batch array, or a sequence of images, paths and folders."""
+  if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
+    return list(inputs)
+  if isinstance(inputs, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
+    inputs = [inputs]
+  flat = []
+  for item in inputs:
+    is_folder = isinstance(item, (str, os.PathLike)) and os.path.isdir(item)
+    flat.extend(folder.images_under(os.fspath(item)) if is_folder else [item])
+  if not flat:
+    raise DataError('no images given: pass paths, folders, PIL images or uint8 arrays')
+  return flat
+
+
+def _batch_size(num_images: int) -> int:
+  """The smallest power of two (at least the device count) that holds `num_images`, up to MAX_BATCH."""
+  devices = jax.device_count()
+  size = max(devices, 1 << max(num_images - 1, 0).bit_length())
+  return min(size, max(MAX_BATCH, devices)) // devices * devices
+
+
+def load(workdir: str, checkpoint: str | int = 'best', config: ml_collections.ConfigDict | None = None) -> Model:
+  """The model of the trained run in `workdir`, at checkpoint 'best' (by validation accuracy; the
+  final one where the run had no validation split), 'latest' or a step number."""
+  from configs import default  # The fields a run's config.json may predate.
+
+  config = config or default.get_config()
+  with contextlib.closing(evaluate.open_checkpoints(workdir)) as manager:
+    run = evaluate.load_trained_run(workdir, config)
+    step = evaluate.choose_step(manager, str(checkpoint), run.info)
+    mesh = distributed.create_mesh()
+    return Model(evaluate.restore(manager, run, step, mesh), mesh)
