@@ -1,6 +1,6 @@
 """Orbax checkpoints of the train state: save, keep latest + best, resume.
 
-Kept: the latest `keep` checkpoints plus the best by eval accuracy. `AnyPreservationPolicy`
+Kept: the latest `keep` checkpoints plus the best by validation accuracy. `AnyPreservationPolicy`
 with `LatestN` can never delete the newest checkpoint (legacy `max_to_keep` + `best_fn` can,
 and then a resume goes backwards).
 """

@@ -80,6 +80,8 @@ def quiet_library_logs() -> None:
 def exit_with_error(message: str):
   """Prints `message` as the last line and exits 1: what library threads print while the process
   shuts down (about the same failure) goes nowhere, so the error stays the last thing a user sees."""
+  std_logging.disable(std_logging.CRITICAL)  # Also records logged between this print and the redirection.
+  sys.unraisablehook = lambda unraisable: None
   print(f'error: {" ".join(message.split())}', file=sys.stderr, flush=True)
   sys.stdout.flush()
   devnull = os.open(os.devnull, os.O_WRONLY)

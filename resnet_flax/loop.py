@@ -108,6 +108,10 @@ class TrainLoop:
 
   def run(self, state: TrainState, start_step: int) -> dict[str, float]:
     config, steps = self.config, self.steps
+    early_stopping = EarlyStopping.resumed(config.early_stopping_patience, steps.eval_every, self.manager)
+    if self.validates and early_stopping.should_stop(start_step):
+      logging.info('Training already ended, %s. Nothing to do.', early_stopping.reason(start_step))
+      return {}
     progress = Progress(start_step, steps.total, config.batch_size)
     unlogged_metrics, eval_metrics = [], {}
     ends_every = (config.log_every_steps, steps.eval_every, config.checkpoint_every_steps, steps.per_epoch)
@@ -120,10 +124,6 @@ class TrainLoop:
       len(lengths),
       config.steps_per_call,
     )
-    early_stopping = EarlyStopping.resumed(config.early_stopping_patience, steps.eval_every, self.manager)
-    if self.validates and early_stopping.should_stop(start_step):
-      logging.info('Training already ended, %s. Nothing to do.', early_stopping.reason(start_step))
-      return {}
     with preemption.StopRequest() as stop:
       batches = self.pipeline.train_batches(start_step, lengths)
       step = start_step

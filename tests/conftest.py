@@ -3,9 +3,14 @@
 import subprocess
 from pathlib import Path
 
+import jax
 import pytest
 
-from helpers import run_smoke
+from helpers import COMPILATION_CACHE, run_smoke
+
+# In-process runs share compiled programs too (the smoke runs of many tests compile the same steps).
+jax.config.update('jax_compilation_cache_dir', str(COMPILATION_CACHE))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
