@@ -3,6 +3,7 @@
   python main.py --config=configs/resnet34.py --workdir=runs/r34 [--config.field=value ...]
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=evaluate [--config.eval.tta=flip]
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=predict --predict_paths=a.png,dir/
+  python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=export [--export_formats=tflite,onnx]
 
 Running the same command again resumes from the checkpoints in the workdir.
 """
@@ -12,15 +13,17 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_flax import cli, evaluate, predict, train
+from resnet_flax import cli, evaluate, export, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and reports.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'], 'What to do with the workdir.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'export'], 'What to do with the workdir.')
 flags.DEFINE_list('predict_paths', [], '--mode=predict: image files and folders, comma-separated.')
 flags.DEFINE_integer('top_k', 5, '--mode=predict: how many classes to show per image.', lower_bound=1)
 flags.DEFINE_string('predict_output', None, '--mode=predict: JSON output (default <workdir>/predictions.json).')
+flags.DEFINE_list('export_formats', [], f'--mode=export: of {",".join(export.FORMATS)} (default: all installed).')
+flags.DEFINE_integer('export_test_images', None, '--mode=export: test images to score (default all).', lower_bound=0)
 flags.DEFINE_string(
   'compilation_cache_dir',
   os.path.expanduser('~/.cache/resnet_flax/jax'),
@@ -37,6 +40,7 @@ MODES = {
   'predict': lambda: predict.run_predict(
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output
   ),
+  'export': lambda: export.run_export(FLAGS.config, FLAGS.workdir, FLAGS.export_formats, FLAGS.export_test_images),
 }
 
 

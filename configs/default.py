@@ -82,6 +82,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.checkpoint = 'best'  # evaluate|predict: best (by validation accuracy; else the last) | latest | a step.
   config.eval.tta = 'none'  # Test-time augmentation: none | flip (2 views) | flip+translate (6 views).
 
+  config.distill = ml_collections.ConfigDict()  # Knowledge distillation (resnet_flax/distill.py).
+  config.distill.teacher = ''  # Distil from this run (its workdir or a checkpoint directory); '' = off.
+  config.distill.teacher_checkpoint = 'best'  # teacher a workdir: best (as eval.checkpoint chooses) | latest | a step.
+  config.distill.alpha = 0.9  # Loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.
+  config.distill.temperature = 4.0  # T, softening both softmaxes (CRD's KD baseline: alpha 0.9, T 4).
+
+  config.prune = ml_collections.ConfigDict()  # Gradual magnitude pruning (resnet_flax/prune.py).
+  config.prune.sparsity = 0.0  # Fraction of each pruned kernel's weights set to 0 by the end; 0 = off.
+  config.prune.start_fraction = 0.0  # Pruning starts this far into the run (a fraction of its steps) ...
+  config.prune.end_fraction = 0.75  # ... and reaches prune.sparsity here, on Zhu & Gupta's cubic ramp.
+  config.prune.every_steps = 10  # Recompute the masks from the weight magnitudes this often while pruning.
+  config.prune.scope = 'hidden'  # hidden (kernels but stem, classifier) | hidden+stem | hidden+classifier | all.
+
+  config.quantize = ml_collections.ConfigDict()  # int8 weights and activations with qwix (resnet_flax/quantize.py).
+  config.quantize.mode = 'none'  # none | ptq (evaluate/predict a float run in int8) | qat (train through int8).
+  config.quantize.stem = True  # Quantize the stem convolution too; False keeps it float (a whitening stem always is).
+  config.quantize.classifier = True  # Quantize the classifier too; False keeps it float.
+
   config.num_epochs = 200.0  # Length of training; fractional epochs are allowed.
   config.batch_size = 512  # Global batch size, over all devices and hosts.
   config.eval_batch_size = 1000  # Global evaluation batch size (the last batch is padded).

@@ -10,7 +10,8 @@ Images are file paths, folders, encoded bytes, PIL images or uint8 arrays ([H, W
 batch [N, H, W, 3]) of any size: each is decoded, turned upright, made RGB and resized by the run's
 recorded policy (`images.load_image`), then normalised as in training. It runs the weights evaluation
 uses (the EMA when training kept one) through the same compiled forward pass as `--mode=evaluate`,
-which is how `--mode=predict` runs too.
+which is how `--mode=predict` runs too. `resnet_flax.load(workdir, quantize='ptq')` serves a float
+run in int8; a run trained with `quantize.mode=qat` always serves in int8 (see `quantize`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
-from resnet_flax import augment, distributed, evaluate, images
+from resnet_flax import augment, distributed, evaluate, images, quantize
 from resnet_flax.data import DataError, ImageData, folder
 
 MAX_BATCH = 256  # Inputs go through in batches of a power of two up to this: few shapes, few compilations.
@@ -60,6 +61,17 @@ class Model:
   def step(self) -> int:
     """The training step of the checkpoint the weights come from."""
     return self.restored.step
+
+  @property
+  def quantization(self) -> str:
+    """How the model serves: none (float32) | ptq | qat (int8 weights and activations; `quantize`)."""
+    return 'none' if self.restored.quantized is None else self.restored.quantized.mode
+
+  @property
+  def parameter_bytes(self) -> int:
+    """Bytes of the arrays the model serves with: weights (int8 and their scales where quantized),
+    biases, BatchNorm parameters and statistics."""
+    return quantize.served_bytes(self.restored.variables)
 
   def pixels(self, inputs: ImageInput | Sequence[ImageInput]) -> np.ndarray:
     """uint8 [N, H, W, 3]: `inputs` as the model sees them, before normalisation."""
@@ -112,14 +124,22 @@ def _batch_size(num_images: int) -> int:
   return min(size, max(MAX_BATCH, devices)) // devices * devices
 
 
-def load(workdir: str, checkpoint: str | int = 'best', config: ml_collections.ConfigDict | None = None) -> Model:
+def load(
+  workdir: str,
+  checkpoint: str | int = 'best',
+  config: ml_collections.ConfigDict | None = None,
+  quantize: str | None = None,
+) -> Model:
   """The model of the trained run in `workdir`, at checkpoint 'best' (by validation accuracy; the
-  final one where the run had no validation split), 'latest' or a step number."""
+  final one where the run had no validation split), 'latest' or a step number. `quantize='ptq'`
+  serves it in int8 (a QAT run always is); None takes `config.quantize.mode`."""
   from configs import default  # The fields a run's config.json may predate.
 
   config = config or default.get_config()
+  quantize_config = ml_collections.ConfigDict(config.quantize.to_dict())  # A copy: the caller's stays as it is.
+  quantize_config.mode = quantize or quantize_config.mode
   with contextlib.closing(evaluate.open_checkpoints(workdir)) as manager:
     run = evaluate.load_trained_run(workdir, config)
     step = evaluate.choose_step(manager, str(checkpoint), run.info)
     mesh = distributed.create_mesh()
-    return Model(evaluate.restore(manager, run, step, mesh), mesh)
+    return Model(evaluate.restore(manager, run, step, mesh, quantize_config), mesh)

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_flax import augment, data, images, input_pipeline, models, optim, policies
+from resnet_flax import augment, data, images, input_pipeline, models, optim, policies, prune, quantize
 from resnet_flax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -37,6 +37,10 @@ def _non_negative(v) -> str | None:
 
 def _fraction(v) -> str | None:
   return None if _is_number(v) and 0 <= v < 1 else 'must be in [0, 1)'
+
+
+def _probability(v) -> str | None:
+  return None if _is_number(v) and 0 <= v <= 1 else 'must be in [0, 1]'
 
 
 def _checkpoint_choice(v) -> str | None:
@@ -83,7 +87,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'augment.randaugment_magnitude': _magnitude,
   'augment.mixup_alpha': _non_negative,
   'augment.cutmix_alpha': _non_negative,
-  'augment.mix_prob': lambda v: None if _is_number(v) and 0 <= v <= 1 else 'must be in [0, 1]',
+  'augment.mix_prob': _probability,
   'optim.name': _choice(optim.OPTIMIZERS),
   'optim.learning_rate': _non_negative,
   'optim.momentum': _fraction,
@@ -101,7 +105,18 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'optim.freeze': _choice(optim.FREEZE),
   'init_from_checkpoint': _checkpoint_choice,
   'eval.checkpoint': _checkpoint_choice,
+  'distill.teacher_checkpoint': _checkpoint_choice,
+  'distill.alpha': _probability,
+  'distill.temperature': _positive,
   'eval.tta': _choice(augment.TTA_VIEWS),
+  'prune.sparsity': _fraction,
+  'prune.start_fraction': _fraction,
+  'prune.end_fraction': _probability,
+  'prune.every_steps': _positive,
+  'prune.scope': _choice(prune.SCOPES),
+  'quantize.mode': _choice(quantize.MODES),
+  'quantize.stem': _choice((False, True)),
+  'quantize.classifier': _choice((False, True)),
   'num_epochs': _positive,
   'batch_size': _positive,
   'eval_batch_size': _positive,
@@ -132,6 +147,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_optimizer_options(config.optim)
   _check_augment_ops(config.augment)
   _check_frozen_backbone(config)
+  prune.check_config(config)
+  quantize.check_config(config)
   for field in ('batch_size', 'eval_batch_size'):
     if _get(config, field) % jax.device_count():
       raise ConfigError(

@@ -7,6 +7,7 @@ masked batches), and computes the report on the host in float64 numpy, so the sa
 gives the identical report on any number of devices. It writes `<workdir>/eval/<name>/`:
 `report.json`, `predictions.npz`, `confusion_matrix.png`, `per_class.png`; and
 `<workdir>/training_curves.png` (see `report`). Any image is resized as the run's were (run.json).
+A model served in int8 (`quantize`: PTQ on request, a QAT run always) reports in `<name>-int8-<mode>/`.
 
 Classes are matched by name: the evaluated data may hold a subset or a reordering of the model's
 classes. Predictions are over all the model's classes (predicting a class the data lacks is an
@@ -51,7 +52,18 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import augment, checkpoint, config_checks, data, distributed, input_pipeline, models, report
+from resnet_flax import (
+  augment,
+  checkpoint,
+  config_checks,
+  data,
+  distributed,
+  input_pipeline,
+  models,
+  prune,
+  quantize,
+  report,
+)
 from resnet_flax.data import DataError, ImageData
 from resnet_flax.errors import ConfigError
 from resnet_flax.workdir import CONFIG_FILE, RUN_FILE, RunInfo, steps_per_epoch
@@ -76,6 +88,7 @@ class Restored:
   model: nn.Module
   variables: dict[str, Any]  # {'params', 'batch_stats'}, replicated over the mesh.
   step: int
+  quantized: quantize.Recipe | None = None  # How `model` and `variables` serve in int8; None: float.
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -87,7 +100,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     split = load_test_split(config.data, run.info)
     label_to_model = model_indices(split.class_names, run.info.class_names)
     mesh = distributed.create_mesh()
-    restored = restore(manager, run, step, mesh)
+    restored = restore(manager, run, step, mesh, config.quantize)
   start = time.perf_counter()
   outputs = forward(restored, split, config.eval_batch_size, config.eval.tta, mesh)
   logging.info('Evaluated %d images in %.1f s', len(split), time.perf_counter() - start)
@@ -99,8 +112,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     'data': {'source': config.data.source, 'name': config.data.name, 'path': config.data.path, 'split': 'test'},
     **classification_metrics(outputs, split.labels, label_to_model, split.class_names, run.info.class_names),
     **tta_metrics(outputs, split.labels, label_to_model, config.eval.tta),
+    'sparsity': prune.sparsity_report(quantize.stored_values(restored.variables['params']), run.config),
+    'quantize': quantize.summary(restored.variables, restored.quantized),
   }
-  directory = os.path.join(workdir, 'eval', report.report_name(config.data))
+  name = report.report_name(config.data) + quantize.report_suffix(restored.quantized)  # int8 apart from float.
+  directory = os.path.join(workdir, 'eval', name)
   if jax.process_index() == 0:
     report.write_report(results, directory)
     write_predictions(outputs, split.labels, label_to_model, os.path.join(directory, PREDICTIONS_FILE))
@@ -211,11 +227,20 @@ def chosen_by(info: RunInfo) -> str:
   return 'none: the run had no validation split, so best is the final checkpoint (never chosen by test accuracy)'
 
 
-def restore(manager: ocp.CheckpointManager, run: TrainedRun, step: int, mesh: Mesh) -> Restored:
+def restore(
+  manager: ocp.CheckpointManager,
+  run: TrainedRun,
+  step: int,
+  mesh: Mesh,
+  quantize_config: ml_collections.ConfigDict | None = None,
+) -> Restored:
   """The weights evaluation uses from checkpoint `step`, replicated over `mesh`: the EMA of the weights
   when training kept one (as the evaluation during training does), else the weights themselves.
 
   Only those are restored (`checkpoint.restore_subset`): the optimizer and its state play no part.
+  With `quantize_config` (the `quantize` section of the config that evaluates or serves) they serve
+  as `quantize.served_recipe` says: in int8 for PTQ and for a QAT run. Without it, float as trained
+  (the weights a fine-tune or a teacher starts from).
   """
   config = run.config
   model = models.create_model_from_config(config, run.info.num_classes)
@@ -225,8 +250,13 @@ def restore(manager: ocp.CheckpointManager, run: TrainedRun, step: int, mesh: Me
     dict(models.init_variables(model, run.info.image_shape)),
   )
   if config.ema_decay > 0:
-    return Restored(run, model, checkpoint.restore_subset(manager, {'ema': variables}, step)['ema'], step)
-  return Restored(run, model, checkpoint.restore_subset(manager, variables, step), step)
+    variables = checkpoint.restore_subset(manager, {'ema': variables}, step)['ema']
+  else:
+    variables = checkpoint.restore_subset(manager, variables, step)
+  if quantize_config is None:
+    return Restored(run, model, variables, step)
+  recipe = quantize.served_recipe(quantize_config, run.info.quantize)
+  return Restored(run, *quantize.serving_model(model, variables, run.info.image_shape, recipe), step, recipe)
 
 
 # Data.

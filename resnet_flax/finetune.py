@@ -112,26 +112,36 @@ def apply_init_from(
 
 def restore_source(config: ml_collections.ConfigDict) -> tuple[str, int, evaluate.TrainedRun, dict[LeafPath, Any]]:
   """The workdir, step, run and flattened weights (host arrays) of the checkpoint `init_from` names."""
-  source_dir, step_of_dir = locate(config.init_from)
-  with contextlib.closing(_open_checkpoints(config.init_from, source_dir)) as manager:
-    run = evaluate.load_trained_run(source_dir, config)
-    step = evaluate.choose_step(manager, _step_choice(config, step_of_dir), run.info, field='init_from_checkpoint')
-    restored = evaluate.restore(manager, run, step, distributed.create_mesh())
-  return source_dir, step, run, flax.traverse_util.flatten_dict(jax.device_get(restored.variables))
+  source_dir, restored = restore_run(config.init_from, config.init_from_checkpoint, 'init_from', config)
+  return source_dir, restored.step, restored.run, flax.traverse_util.flatten_dict(jax.device_get(restored.variables))
 
 
-def locate(path: str) -> tuple[str, int | None]:
+def restore_run(path: str, choice: str, field: str, config: ml_collections.ConfigDict) -> tuple[str, evaluate.Restored]:
+  """The workdir of the run `path` names (`locate`) and the weights evaluation uses of its checkpoint
+  `choice` (best | latest | a step), replicated over all devices. `field` is the config field of
+  `path` (init_from, distill.teacher), `<field>_checkpoint` that of `choice`; `config` supplies the
+  fields the run's config.json predates."""
+  workdir, step_of_dir = locate(path, field)
+  with contextlib.closing(_open_checkpoints(path, workdir, field)) as manager:
+    run = evaluate.load_trained_run(workdir, config)
+    choice = _step_choice(path, choice, step_of_dir, field)
+    step = evaluate.choose_step(manager, choice, run.info, field=f'{field}_checkpoint')
+    return workdir, evaluate.restore(manager, run, step, distributed.create_mesh())
+
+
+def locate(path: str, field: str = 'init_from') -> tuple[str, int | None]:
   """The workdir of `path` (a trained run's workdir, or a checkpoint directory inside its
-  `checkpoints/`, found by walking up to its run.json) and, for a checkpoint directory, its step."""
+  `checkpoints/`, found by walking up to its run.json) and, for a checkpoint directory, its step.
+  `field` is the config field that holds `path`, for errors."""
   given = os.path.abspath(path)
   where = "a trained run's workdir or one of its checkpoints (<workdir>/checkpoints/<step>)"
   if not os.path.exists(given):
-    raise ConfigError(f'--config.init_from={path!r} does not exist: point it at {where}')
+    raise ConfigError(f'--config.{field}={path!r} does not exist: point it at {where}')
   workdir = given
   while not os.path.isfile(os.path.join(workdir, RUN_FILE)):
     if os.path.dirname(workdir) == workdir:
       raise ConfigError(
-        f'--config.init_from={path!r} holds no trained run (no {RUN_FILE} in or above it): point it at {where}'
+        f'--config.{field}={path!r} holds no trained run (no {RUN_FILE} in or above it): point it at {where}'
       )
     workdir = os.path.dirname(workdir)
   inside = os.path.relpath(given, workdir).split(os.sep)
@@ -139,30 +149,27 @@ def locate(path: str) -> tuple[str, int | None]:
     return workdir, None
   if inside[0] == 'checkpoints' and inside[1].isdigit():
     return workdir, int(inside[1])
-  raise ConfigError(
-    f'--config.init_from={path!r} is inside the run {workdir} but not a checkpoint: point it at {where}'
-  )
+  raise ConfigError(f'--config.{field}={path!r} is inside the run {workdir} but not a checkpoint: point it at {where}')
 
 
-def _open_checkpoints(path: str, workdir: str) -> ocp.CheckpointManager:
+def _open_checkpoints(path: str, workdir: str, field: str) -> ocp.CheckpointManager:
   try:
     return evaluate.open_checkpoints(workdir)
   except ConfigError:
     raise ConfigError(
-      f'--config.init_from={path!r}: {workdir} has no checkpoint; train it first or point init_from at a trained run'
+      f'--config.{field}={path!r}: {workdir} has no checkpoint; train it first or point {field} at a trained run'
     ) from None
 
 
-def _step_choice(config: ml_collections.ConfigDict, step_of_dir: int | None) -> str:
-  """`init_from_checkpoint`, or the step of the checkpoint directory `init_from` names."""
-  choice = config.init_from_checkpoint
+def _step_choice(path: str, choice: str, step_of_dir: int | None, field: str) -> str:
+  """`choice` (`<field>_checkpoint`), or the step of the checkpoint directory `path` names."""
   if step_of_dir is None:
     return choice
   if choice not in ('best', str(step_of_dir)):
     raise ConfigError(
-      f'--config.init_from={config.init_from!r} is the checkpoint of step {step_of_dir}, but '
-      f'--config.init_from_checkpoint={choice!r} names another: point init_from at the workdir, or leave '
-      'init_from_checkpoint at best'
+      f'--config.{field}={path!r} is the checkpoint of step {step_of_dir}, but '
+      f'--config.{field}_checkpoint={choice!r} names another: point {field} at the workdir, or leave '
+      f'{field}_checkpoint at best'
     )
   return str(step_of_dir)
 

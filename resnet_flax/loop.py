@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from resnet_flax import checkpoint, input_pipeline, preemption
+from resnet_flax import checkpoint, input_pipeline, preemption, prune
 from resnet_flax.errors import NonFiniteError
 from resnet_flax.workdir import Steps
 
@@ -68,10 +68,11 @@ class EarlyStopping:
   best_accuracy: float = -math.inf
 
   @classmethod
-  def resumed(cls, patience: int, eval_every: int, manager: Any) -> EarlyStopping:
+  def resumed(cls, patience: int, eval_every: int, manager: Any, ranks_from: int = 0) -> EarlyStopping:
+    """From the best checkpoint; without one, the count of evaluations starts at `ranks_from`."""
     best = checkpoint.best_step(manager)
     if best is None:
-      return cls(patience, eval_every)
+      return cls(patience, eval_every, best_step=ranks_from)
     return cls(patience, eval_every, best, manager.metrics(best)[checkpoint.BEST_METRIC])
 
   def evaluations_since_best(self, step: int) -> int:
@@ -105,10 +106,13 @@ class TrainLoop:
   manager: Any  # An Orbax CheckpointManager.
   writer: Any  # A clu MetricWriter.
   validates: bool  # Whether `evaluate_fn` evaluates a validation split: only then may it choose a checkpoint.
+  ranks_from: int = 0  # Earlier evaluations neither rank checkpoints nor stop early (pruning: its target step).
 
   def run(self, state: TrainState, start_step: int) -> dict[str, float]:
     config, steps = self.config, self.steps
-    early_stopping = EarlyStopping.resumed(config.early_stopping_patience, steps.eval_every, self.manager)
+    early_stopping = EarlyStopping.resumed(
+      config.early_stopping_patience, steps.eval_every, self.manager, self.ranks_from
+    )
     if self.validates and early_stopping.should_stop(start_step):
       logging.info('Training already ended, %s. Nothing to do.', early_stopping.reason(start_step))
       return {}
@@ -137,18 +141,18 @@ class TrainLoop:
           self._log_train_metrics(state, step, unlogged_metrics, progress)
           unlogged_metrics = []
         is_eval_step = step % steps.eval_every == 0 or is_last
+        ranks = is_eval_step and self.validates and step >= self.ranks_from  # Test metrics never rank.
         stopping_early = False
         if is_eval_step:
           eval_metrics = self.evaluate_fn(state)
           self.writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
-          stopping_early = self.validates and early_stopping.update(step, eval_metrics[checkpoint.BEST_METRIC])
+          stopping_early = ranks and early_stopping.update(step, eval_metrics[checkpoint.BEST_METRIC])
         # With several processes, agreeing on a stop costs an all-gather: do it at log steps only.
         stopping = (is_log_step or jax.process_count() == 1) and stop.requested()
         force_save = is_last or is_eval_step or stopping
         if force_save or self.manager.should_save(step):
           self._check_finite(state)
-          ranking = eval_metrics if is_eval_step and self.validates else None  # Test metrics never rank.
-          checkpoint.save(self.manager, step, state, metrics=ranking, force=force_save)
+          checkpoint.save(self.manager, step, state, metrics=eval_metrics if ranks else None, force=force_save)
         if stopping_early:
           logging.warning('Stopped: %s. The checkpoint of step %d is saved.', early_stopping.reason(step), step)
           break
@@ -165,6 +169,8 @@ class TrainLoop:
     scalars = {f'train_{k}': float(v) for k, v in jax.device_get(merged.compute()).items()}
     if self.config.skip_nonfinite_updates:
       scalars['train_nonfinite_steps'] = int(jax.device_get(state.nonfinite_steps))
+    if self.config.prune.sparsity:
+      scalars['train_sparsity'] = prune.sparsity_report(state.params, self.config)['kernels']
     scalars.update(progress.rates(step))
     self.writer.write_scalars(step, scalars)
     progress.log(step, {k.removeprefix('train_'): v for k, v in scalars.items()})

@@ -22,6 +22,7 @@ ModuleDef = Any
 BATCH_NORM_MOMENTUM = 0.9  # The recipes' value; flax defaults to 0.99.
 BATCH_NORM_EPSILON = 1e-5
 HEAD = 'Dense_0'  # The classifier of every model: the `nn.Dense` of `_classify`, named by flax.
+STEM = 'stem_conv'  # The first convolution of every model (`ResNet._stem`, `DenseNet`).
 
 
 def _conv_and_norm(dtype: Any, train: bool, dirac_init: bool = False) -> tuple[ModuleDef, ModuleDef]:

@@ -28,6 +28,7 @@ from resnet_flax import (
   checkpoint,
   config_checks,
   data,
+  distill,
   distributed,
   finetune,
   input_pipeline,
@@ -36,6 +37,8 @@ from resnet_flax import (
   mixing,
   models,
   optim,
+  prune,
+  quantize,
   report,
   writers,
 )
@@ -112,6 +115,7 @@ def cross_entropy(
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
+  teacher_variables: Any = None,
   *,
   config: ml_collections.ConfigDict,
   learning_rate_fn: optax.Schedule,
@@ -120,12 +124,14 @@ def train_step(
   num_classes: int,
   steps_per_epoch: int,
   class_weights: np.ndarray | None = None,
+  teacher_logits_fn: distill.TeacherLogitsFn | None = None,
 ) -> tuple[TrainState, TrainMetrics]:
   """One step on a uint8 batch; augmentation, forward, backward and update in one program.
 
   The loss is the batch mean of the class-weighted cross-entropies (`cross_entropy`), a sum over the
   batch divided by its size, not by the sum of its weights: a batch rich in up-weighted classes
-  moves the weights more, as it should.
+  moves the weights more, as it should. With a teacher (`teacher_logits_fn` of its `teacher_variables`)
+  the loss is `distill.student_loss`.
   """
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
@@ -150,6 +156,8 @@ def train_step(
       cutmix_alpha=config.augment.cutmix_alpha,
       prob=config.augment.mix_prob,
     )
+  # Once per step, outside the differentiated loss: SAM neither recomputes nor differentiates the teacher.
+  teacher_logits = None if teacher_logits_fn is None else teacher_logits_fn(teacher_variables, images)
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
@@ -159,6 +167,8 @@ def train_step(
       variables, images, train=train, mutable=['batch_stats'], rngs={'dropout': dropout_key}
     )
     loss = cross_entropy(logits, targets, config.optim.label_smoothing, class_weights).mean()
+    if teacher_logits is not None:
+      loss = distill.student_loss(loss, logits, teacher_logits, config.distill)
     return loss, (logits, updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -167,7 +177,8 @@ def train_step(
     grads = optim.sam_gradients(grad_fn, state.params, grads, config.optim.sam_rho, config.optim.sam_adaptive)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if state.ema is not None:
-    new_state = new_state.replace(ema=optim.update_ema(state.ema, new_state.params, batch_stats, config.ema_decay))
+    ema = optim.update_ema(state.ema, new_state.params, batch_stats, config.ema_decay)
+    new_state = new_state.replace(ema=prune.mask_ema(ema, new_state.opt_state))
   new_state = skip_if_nonfinite(state, new_state, loss, grads)
   step_metrics = TrainMetrics.single_from_model_output(
     loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step)
@@ -175,7 +186,9 @@ def train_step(
   return new_state, step_metrics
 
 
-def train_stack(state: TrainState, stack: dict[str, jax.Array], **step_kwargs) -> tuple[TrainState, TrainMetrics]:
+def train_stack(
+  state: TrainState, stack: dict[str, jax.Array], teacher_variables: Any = None, **step_kwargs
+) -> tuple[TrainState, TrainMetrics]:
   """`train_step` on each batch of a stack [steps, B, ...] in one program, their metrics merged as the
   loop merges single steps' metrics.
 
@@ -183,11 +196,11 @@ def train_stack(state: TrainState, stack: dict[str, jax.Array], **step_kwargs) -
   runs without a loop: XLA:CPU runs convolutions inside loops tens of times slower (jax#12868).
   """
   if stack['label'].shape[0] == 1:
-    return train_step(state, jax.tree.map(lambda x: x[0], stack), **step_kwargs)
+    return train_step(state, jax.tree.map(lambda x: x[0], stack), teacher_variables, **step_kwargs)
 
   def step(carry, batch):
     state, merged = carry
-    state, step_metrics = train_step(state, batch, **step_kwargs)
+    state, step_metrics = train_step(state, batch, teacher_variables, **step_kwargs)
     return (state, merged.merge(step_metrics)), None
 
   (state, merged), _ = jax.lax.scan(step, (state, TrainMetrics.empty()), stack)
@@ -233,18 +246,30 @@ def jit_steps(
   num_classes: int,
   steps_per_epoch: int,
   class_weights: np.ndarray | None = None,
+  teacher: distill.Teacher | None = None,
 ) -> tuple[Callable, Callable]:
   """The sharded train and eval steps. The state is replicated and donated to the train step, which
   takes a stack of batches (`train_stack`); the eval step takes one batch. `class_weights` (of
-  `optim.class_weight_vector`) weigh the training loss only: the evaluation loss stays unweighted."""
+  `optim.class_weight_vector`) weigh the training loss only: the evaluation loss stays unweighted.
+  A `teacher` (of `distill.load_teacher`) is distilled from: its weights enter the train step as an
+  argument (replicated, never donated; not constants compiled into the program), bound here."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   step_kwargs = dict(config=config, learning_rate_fn=learning_rate_fn, mean=mean, std=std, num_classes=num_classes)
-  train_fn = jax.jit(
-    functools.partial(train_stack, **step_kwargs, steps_per_epoch=steps_per_epoch, class_weights=class_weights),
-    in_shardings=(replicated, input_pipeline.stacked_data_sharding(mesh)),
+  teacher_logits_fn = None if teacher is None else teacher.logits_fn(mean, std)
+  teacher_variables = None if teacher is None else teacher.variables
+  train_stack_fn = jax.jit(
+    functools.partial(
+      train_stack,
+      **step_kwargs,
+      steps_per_epoch=steps_per_epoch,
+      class_weights=class_weights,
+      teacher_logits_fn=teacher_logits_fn,
+    ),
+    in_shardings=(replicated, input_pipeline.stacked_data_sharding(mesh), replicated),
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
+  train_fn = lambda state, stack: train_stack_fn(state, stack, teacher_variables)
   eval_fn = jax.jit(
     functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes),
     in_shardings=(replicated, sharded),
@@ -296,16 +321,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps = Steps.of(config, len(train_split))
   num_classes = len(train_split.class_names)
   class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
-  model = models.create_model_from_config(config, num_classes)
+  model = quantize.training_model(models.create_model_from_config(config, num_classes), config.quantize)
   mean, std = augment.channel_stats(train_split.images)
   variables = initial_variables(config, model, train_split, mean, std)
   variables, mean, std, init_from = finetune.apply_init_from(
     config, workdir, variables, train_split.class_names, mean, std
   )
+  teacher = distill.load_teacher(config, train_split)
 
   learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps)
   mesh = distributed.create_mesh()
-  tx = optim.create_optimizer(config.optim, learning_rate_fn)
+  tx = prune.wrap_optimizer(optim.create_optimizer(config.optim, learning_rate_fn), config, steps)
   state = create_train_state(model, variables, tx, ema=config.ema_decay > 0)
   state = jax.device_put(state, NamedSharding(mesh, P()))
 
@@ -321,6 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init_from=init_from,
     resize=config.data.resize,
     validation=validation,
+    teacher=None if teacher is None else teacher.identity,
+    quantize=quantize.run_record(config.quantize),
+    prune=prune.run_record(config.prune),
   )
   check_resumable(workdir, run)
   os.makedirs(workdir, exist_ok=True)
@@ -343,14 +372,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
 
     train_fn, eval_fn = jit_steps(
-      config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch, class_weights=class_weights
+      config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch, class_weights, teacher
     )
     pipeline = input_pipeline.create_pipeline(
       config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
     )
     evaluate_fn = lambda s: compute_eval_metrics(eval_fn, s, pipeline.eval_batches(eval_split, config.eval_batch_size))
     train_loop = loop.TrainLoop(
-      config, steps, pipeline, train_fn, evaluate_fn, manager, writer, validates=bool(validation)
+      config,
+      steps,
+      pipeline,
+      train_fn,
+      evaluate_fn,
+      manager,
+      writer,
+      validates=bool(validation),
+      ranks_from=prune.first_ranked_step(config, steps),
     )
     eval_metrics = train_loop.run(state, start_step)
   finally:

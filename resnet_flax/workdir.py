@@ -1,9 +1,10 @@
 """The run contract of a workdir: `run.json`, the resume and writable checks, and the step arithmetic.
 
 `run.json` records what the checkpoints belong to (the model, the classes, the image shape) and
-what evaluation needs once the training data is gone (the normalisation, the epoch length), and
-where a fine-tuned run's starting weights came from (`init_from`). Its
-keys are part of the contract: workdirs of earlier versions must keep working.
+what evaluation needs once the training data is gone (the normalisation, the epoch length),
+where a fine-tuned run's starting weights came from (`init_from`), which teacher a distilled run
+learns from (`teacher`) and the recipe of quantization-aware training (`quantize`). Its keys are
+part of the contract: workdirs of earlier versions must keep working.
 
 `Steps` is the one place where epochs become steps; the trainer, the schedules, the pipelines and
 the reports read it from here.
@@ -79,6 +80,15 @@ class RunInfo:
   init_from: dict[str, Any] | None = None
   resize: str = 'shorter_side_then_center_crop'  # images.RESIZE_POLICIES: how any image becomes image_shape.
   validation: str = ''  # What the validation split (which chose the best checkpoint) was; '' for none.
+  # A distilled run's teacher, {'path': its workdir, 'step': its checkpoint}; None without one. In the
+  # resume fingerprint: every step learns from it.
+  teacher: dict[str, Any] | None = None
+  # Quantization-aware training's recipe (quantize.Recipe: mode, stem, classifier); None for float training.
+  # In the resume fingerprint: every step trains through it, and evaluation serves the run in int8 by it.
+  quantize: dict[str, Any] | None = None
+  # Pruning's config (prune.run_record); None for dense training. In the resume fingerprint: the masks
+  # live in the optimizer state, whose layout pruning changes.
+  prune: dict[str, Any] | None = None
 
   @property
   def num_classes(self) -> int:
@@ -93,6 +103,9 @@ class RunInfo:
       'image_shape': list(self.image_shape),
       'num_classes': self.num_classes,
       'class_names': list(self.class_names),
+      'teacher': self.teacher,
+      'quantize': self.quantize,
+      'prune': self.prune,
     }
 
   def to_json(self) -> dict[str, Any]:
@@ -115,6 +128,9 @@ class RunInfo:
       init_from=saved.get('init_from'),
       resize=saved.get('resize', cls.resize),
       validation=saved.get('validation', cls.validation),
+      teacher=saved.get('teacher'),
+      quantize=saved.get('quantize'),
+      prune=saved.get('prune'),
     )
 
   @classmethod
@@ -139,7 +155,8 @@ class RunInfo:
 
 
 def check_resumable(workdir: str, run: RunInfo) -> None:
-  """Refuses to resume a workdir whose checkpoints were made for another model or data shape."""
+  """Refuses to resume a workdir whose checkpoints were made for another model, data shape, teacher,
+  quantization or pruning."""
   path = os.path.join(workdir, RUN_FILE)
   if not os.path.exists(path):
     return
@@ -148,7 +165,7 @@ def check_resumable(workdir: str, run: RunInfo) -> None:
   changed = [f'{k}: {saved.get(k)} -> {v}' for k, v in run.resume_fingerprint().items() if saved.get(k) != v]
   if changed:
     raise ConfigError(
-      f'workdir {workdir} holds checkpoints of another model or data shape '
+      f'workdir {workdir} holds checkpoints of another model, data shape, teacher, quantization or pruning '
       f'({"; ".join(changed)}); use a new --workdir or restore those values'
     )
 

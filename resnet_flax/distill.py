@@ -1,0 +1,160 @@
+"""Knowledge distillation: a student trains on the softened outputs of a frozen teacher run.
+
+With `distill.teacher=<workdir or checkpoint directory>` the student's loss is
+
+    alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * cross_entropy
+
+(Hinton et al. 2015), the KL a batch mean of per-example divergences in float32, and the cross-entropy
+the project's own (label smoothing, class weights, mixed targets). The defaults, alpha = 0.9 and
+T = 4, are the KD baseline of CRD on CIFAR (Tian et al. 2020, "Contrastive Representation
+Distillation": resnet56 -> resnet20 on CIFAR-100, 69.06% from labels, 70.66% distilled).
+
+The teacher is restored as evaluation restores a run (`finetune.restore_run`: the weights evaluation
+uses, its EMA when it kept one) and is frozen: it runs in inference mode (BatchNorm running
+statistics, no dropout) on the very batch the student sees, after augmentation and mixup/CutMix,
+inside the same jitted step, once per step and outside the differentiated loss (SAM neither
+recomputes nor differentiates it): big_vision's "consistent" teaching (Beyer et al. 2022). Its
+weights enter that step as an argument, replicated and never donated. The pitfalls this avoids: a
+missing T^2, which shrinks the soft gradients by 1/T^2 (keras-io#869); a teacher left in training
+mode; teacher outputs cached ahead of time, misaligned once the data is shuffled or augmented.
+
+Teacher and student may be different architectures, but they must share the class names (in order)
+and the image size. The teacher keeps its own normalisation: the student's normalised batch is mapped
+back to pixels and normalised with the teacher's statistics. run.json records the teacher ({'path',
+'step'}) in the resume fingerprint, so a resume with another teacher, or another step of it, is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from resnet_flax import augment, evaluate, finetune
+from resnet_flax.data import ImageData
+from resnet_flax.errors import ConfigError
+
+TeacherLogitsFn = Callable[[Any, jax.Array], jax.Array]  # (teacher variables, student's batch) -> logits.
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A trained run that a student learns from."""
+
+  path: str  # Its workdir.
+  restored: evaluate.Restored  # Its model, run.json, checkpoint step and the weights evaluation uses.
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return self.restored.variables
+
+  @property
+  def identity(self) -> dict[str, Any]:
+    """run.json's record of the teacher: a resumed run must find the same one."""
+    return {'path': self.path, 'step': self.restored.step}
+
+  def logits_fn(self, student_mean: Sequence[float], student_std: Sequence[float]) -> TeacherLogitsFn:
+    """`teacher_logits` of this teacher, for a student that normalises with `student_mean`/`student_std`."""
+    info = self.restored.run.info
+    return functools.partial(
+      teacher_logits,
+      model=self.restored.model,
+      student_stats=(tuple(student_mean), tuple(student_std)),
+      teacher_stats=(tuple(info.pixel_mean), tuple(info.pixel_std)),
+    )
+
+
+def load_teacher(config: ml_collections.ConfigDict, train_split: ImageData) -> Teacher | None:
+  """The teacher `config.distill.teacher` names, checked against the student's data; None without one."""
+  if not config.distill.teacher:
+    _check_unused(config.distill)
+    return None
+  path, restored = finetune.restore_run(
+    config.distill.teacher, config.distill.teacher_checkpoint, 'distill.teacher', config
+  )
+  info, image_shape = restored.run.info, tuple(train_split.images.shape[1:])
+  refuse = f'--config.distill.teacher={config.distill.teacher!r}'
+  if tuple(info.class_names) != tuple(train_split.class_names):
+    raise ConfigError(
+      f'{refuse} was trained on the classes {list(info.class_names)}, this run has '
+      f'{list(train_split.class_names)}: distil from a teacher of the same classes, in the same order'
+    )
+  if tuple(info.image_shape) != image_shape:
+    raise ConfigError(
+      f'{refuse} was trained on {"x".join(map(str, info.image_shape))} images, this run has '
+      f"{'x'.join(map(str, image_shape))}: set --config.data.image_size to the teacher's"
+    )
+  logging.info(
+    'Distilling from %s, step %d (%s, its %s), alpha %g, temperature %g',
+    path,
+    restored.step,
+    restored.run.config.model.name,
+    'EMA of the weights' if restored.run.config.ema_decay > 0 else 'weights',
+    config.distill.alpha,
+    config.distill.temperature,
+  )
+  return Teacher(path, restored)
+
+
+def _check_unused(distill_config: ml_collections.ConfigDict) -> None:
+  """Without a teacher the other distill fields do nothing: one set to another value is a mistake."""
+  from configs import default  # The values that do nothing.
+
+  for name, inert in default.get_config().distill.items():
+    if distill_config[name] != inert:
+      raise ConfigError(
+        f'--config.distill.{name}={distill_config[name]!r} does nothing without distill.teacher: '
+        f'set --config.distill.teacher=<a trained run> or leave it at {inert!r}'
+      )
+
+
+def teacher_logits(
+  variables: Any,
+  images: jax.Array,
+  *,
+  model: nn.Module,
+  student_stats: tuple[Sequence[float], Sequence[float]],
+  teacher_stats: tuple[Sequence[float], Sequence[float]],
+) -> jax.Array:
+  """The frozen teacher's float32 logits of the student's normalised batch `images`, in inference mode.
+
+  The teacher sees the same pixels as the student, normalised with its own (mean, std): the mapping is
+  affine per channel, so it commutes with mixup and CutMix, and a Cutout hole stays the same colour.
+  """
+  if teacher_stats != student_stats:
+    mean, std = student_stats
+    pixels = images * (jnp.asarray(std, jnp.float32) * 255) + jnp.asarray(mean, jnp.float32) * 255
+    images = augment.normalize(pixels, *teacher_stats)
+  logits = model.apply(variables, images, train=False)
+  return jax.lax.stop_gradient(logits.astype(jnp.float32))
+
+
+def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+  """T^2 times the batch mean of KL(softmax(teacher / T) || softmax(student / T)), in float32.
+
+  The T^2 keeps the soft targets' gradients (which scale as 1/T^2) on the scale of the cross-entropy's.
+  """
+  log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature)
+  log_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature)
+  return temperature**2 * optax.losses.kl_divergence_with_log_targets(log_student, log_teacher).mean()
+
+
+def student_loss(
+  cross_entropy: jax.Array,
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  distill_config: ml_collections.ConfigDict,
+) -> jax.Array:
+  """alpha * `distillation_loss` + (1 - alpha) * `cross_entropy` (the batch mean of the project's loss)."""
+  alpha = distill_config.alpha
+  return (
+    alpha * distillation_loss(student_logits, teacher_logits, distill_config.temperature) + (1 - alpha) * cross_entropy
+  )
