@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import importlib.metadata
 import itertools
 import json
@@ -141,6 +142,26 @@ def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> J
   )
   train_fn, _ = train.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch)
   return JaxTrainer(config, mesh, train_fn, state, mean, std)
+
+
+# Configs.
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+  """get_config() of configs/<name>.py."""
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config's recipe for 4 steps of resnet_tiny on 64 synthetic images."""
+  config.model.name = 'resnet_tiny'
+  config.data.source = 'synthetic'
+  config.data.synthetic_train_size = 64
+  config.data.synthetic_test_size = 20
+  config.batch_size = config.eval_batch_size = 16
+  config.num_epochs = config.eval_every_epochs = 1.0
+  config.log_every_steps = 2
+  return config
 
 
 def jax_device() -> str:

@@ -25,7 +25,6 @@ run `train.train_and_evaluate` in a fresh temporary workdir. Per seed it measure
 Then the mean, sample standard deviation, min and max of each over the seeds.
 """
 
-import importlib
 import json
 import os
 import statistics
@@ -56,23 +55,6 @@ flags.DEFINE_float('num_epochs', None, "Replaces num_epochs (default: the config
 FLAGS = flags.FLAGS
 
 FIGURES = ('train_s', 'compile_s', 'wall_s', 'accuracy', 'tta_accuracy')
-
-
-def load_config(name: str) -> ml_collections.ConfigDict:
-  """get_config() of configs/<name>.py."""
-  return importlib.import_module(f'configs.{name}').get_config()
-
-
-def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config's recipe for 4 steps of resnet_tiny on 64 synthetic images."""
-  config.model.name = 'resnet_tiny'
-  config.data.source = 'synthetic'
-  config.data.synthetic_train_size = 64
-  config.data.synthetic_test_size = 20
-  config.batch_size = config.eval_batch_size = 16
-  config.num_epochs = config.eval_every_epochs = 1.0
-  config.log_every_steps = 2
-  return config
 
 
 def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
@@ -148,9 +130,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   common.apply_tiny({'seeds': 1})
-  config = load_config(FLAGS.config)
+  config = common.load_config(FLAGS.config)
   if FLAGS.tiny:
-    config = tiny(config)
+    config = common.tiny(config)
   elif FLAGS.data_path:
     config.data.path = FLAGS.data_path
   if FLAGS.num_epochs is not None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from resnet_flax.workdir import RunInfo
+
 ROOT = Path(__file__).resolve().parents[1]
 # Shared by the test runs of main.py, so that only the first one of each program compiles it.
 COMPILATION_CACHE = Path(tempfile.gettempdir()) / 'resnet_flax_tests_jax_cache'
@@ -76,3 +78,18 @@ def checkpoint_layout(workdir, step: int) -> dict[str, list]:
     metadata = checkpointer.metadata(path).item_metadata
   leaves = jax.tree_util.tree_flatten_with_path(metadata)[0]
   return {jax.tree_util.keystr(path): [list(m.shape), str(m.dtype)] for path, m in leaves}
+
+
+def tiny_run_info(**fields) -> RunInfo:
+  """The run.json facts of a small two-class run, with `fields` (RunInfo's) replaced."""
+  facts = dict(
+    model_name='resnet_tiny',
+    se_ratio=0.0,
+    stem='cifar',
+    image_shape=(32, 32, 3),
+    class_names=('a', 'b'),
+    pixel_mean=(0.5,) * 3,
+    pixel_std=(0.2,) * 3,
+    steps_per_epoch=8,
+  )
+  return RunInfo(**{**facts, **fields})

@@ -44,7 +44,14 @@ EXPECTED_RESULTS = {
     ('summary', 'accuracy', 'mean'),
     ('summary', 'accuracy', 'std'),
   ],
+  'compression': [
+    ('artifacts', 0, 'test_accuracy'),
+    ('artifacts', 0, 'gzip_bytes'),
+    ('artifacts', -1, 'latency_ms_batch_64', 'median'),
+  ],
 }
+# Seconds per script, 300 for the others: compression trains five tiny runs and converts 16 artifacts.
+TIMEOUT_S = {'compression': 900}
 
 
 @pytest.mark.slow
@@ -57,7 +64,7 @@ def test_benchmark_runs_tiny_and_writes_results(script, tmp_path):
     env=env,
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=TIMEOUT_S.get(script, 300),
   )
   assert run.returncode == 0, run.stdout + run.stderr
   assert 'results: ' in run.stdout

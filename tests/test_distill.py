@@ -23,7 +23,7 @@ from resnet_flax import augment, config_checks, data, distill, models, train
 from resnet_flax.errors import ConfigError
 from resnet_flax.workdir import RUN_FILE, RunInfo, check_resumable
 
-from helpers import finished_steps, load_checkpoint, run_main
+from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 
 STEPS = 8  # One epoch of the smoke config.
 HEAD_KERNEL = f"['params']['{models.HEAD}']['kernel']"  # A leaf path of `leaves`.
@@ -249,16 +249,7 @@ def test_distill_fields_without_a_teacher_are_refused():
 
 
 def test_an_old_run_json_without_a_teacher_still_loads_and_resumes(tmp_path):
-  info = RunInfo(
-    model_name='resnet_tiny',
-    se_ratio=0.0,
-    stem='cifar',
-    image_shape=(32, 32, 3),
-    class_names=('a', 'b'),
-    pixel_mean=(0.5,) * 3,
-    pixel_std=(0.2,) * 3,
-    steps_per_epoch=8,
-  )
+  info = tiny_run_info()
   saved = info.to_json()
   del saved['teacher']  # The run.json of earlier versions.
   assert RunInfo.from_json(saved) == info

@@ -17,7 +17,7 @@ from resnet_flax import config_checks, data, finetune, models, train
 from resnet_flax.errors import ConfigError
 from resnet_flax.workdir import RunInfo
 
-from helpers import finished_steps, load_checkpoint, run_main
+from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 
 HEAD = ('params', models.HEAD)
 PROBE = {'optim.freeze': 'backbone', 'data.synthetic_image_size': 24}  # On larger images than the source's.
@@ -195,17 +195,7 @@ def test_config_rules():
 
 
 def test_run_json_records_the_source_outside_the_resume_fingerprint():
-  info = RunInfo(
-    model_name='resnet_tiny',
-    se_ratio=0.0,
-    stem='cifar',
-    image_shape=(32, 32, 3),
-    class_names=('a', 'b'),
-    pixel_mean=(0.5,) * 3,
-    pixel_std=(0.2,) * 3,
-    steps_per_epoch=8,
-    init_from={'path': '/r', 'step': 4},
-  )
+  info = tiny_run_info(init_from={'path': '/r', 'step': 4})
   saved = info.to_json()
   assert RunInfo.from_json(saved) == info and 'init_from' not in info.resume_fingerprint()
   del saved['init_from']  # The run.json of earlier versions.

@@ -25,9 +25,9 @@ from flax.traverse_util import flatten_dict
 from configs import smoke
 from resnet_flax import checkpoint, config_checks, evaluate, loop, models, optim, prune, train, writers
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import RUN_FILE, RunInfo, Steps, check_resumable
+from resnet_flax.workdir import RUN_FILE, Steps, check_resumable
 
-from helpers import finished_steps, load_checkpoint, run_main
+from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 
 TARGET_STEP = 8
 SCHEDULE = prune.Schedule(sparsity=0.8, start=0, end=TARGET_STEP, every=2)  # The run's, for 16 steps.
@@ -283,17 +283,7 @@ def test_a_resume_that_switches_or_changes_pruning_is_refused(tmp_path, before, 
   def run_info(sparsity):
     config = smoke.get_config()
     config.prune.sparsity = sparsity
-    return RunInfo(
-      model_name='resnet_tiny',
-      se_ratio=0.0,
-      stem='cifar',
-      image_shape=(32, 32, 3),
-      class_names=('a', 'b'),
-      pixel_mean=(0.5,) * 3,
-      pixel_std=(0.2,) * 3,
-      steps_per_epoch=8,
-      prune=prune.run_record(config.prune),
-    )
+    return tiny_run_info(prune=prune.run_record(config.prune))
 
   (tmp_path / RUN_FILE).write_text(json.dumps(run_info(before).to_json()))
   check_resumable(str(tmp_path), run_info(before))
