@@ -60,7 +60,9 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool('measure', True, '--nomeasure: train the missing runs only (measure later, on an idle machine).')
 flags.DEFINE_integer('repeats', 30, 'Timed calls per latency figure.')
-flags.DEFINE_string('plot', 'compression.png', 'Accuracy against size, one point per artifact.')
+flags.DEFINE_string(
+  'plot', str(common.RESULTS_DIR / 'compression.png'), 'Accuracy against size, one point per artifact.'
+)
 FLAGS = flags.FLAGS
 
 LATENCY_BATCHES = (1, 64)
@@ -202,9 +204,11 @@ def plot(rows: Sequence[dict[str, Any]], path: str) -> None:
     chosen = [row for row in rows if row['runtime'] == runtime]
     sizes, accuracies = [row['gzip_bytes'] / 1024 for row in chosen], [100 * row['test_accuracy'] for row in chosen]
     axes.scatter(sizes, accuracies, marker=marker, label=runtime, alpha=0.8)
-  for label, row in {row['label']: row for row in reversed(rows)}.items():  # The first row of each label.
+  first_rows = {row['label']: row for row in reversed(rows)}  # The first row of each label.
+  for index, (label, row) in enumerate(reversed(first_rows.items())):
     point = (row['gzip_bytes'] / 1024, 100 * row['test_accuracy'])
-    axes.annotate(label, point, fontsize=8, xytext=(4, 4), textcoords='offset points')
+    offset = (4, 4) if index % 2 == 0 else (4, -11)  # Neighbours' names apart.
+    axes.annotate(label, point, fontsize=8, xytext=offset, textcoords='offset points')
   axes.set_xscale('log')
   axes.set(
     xlabel='artifact size, gzip-compressed (KiB, log scale)',

@@ -58,6 +58,7 @@ import datetime
 import importlib
 import importlib.metadata
 import json
+import logging as std_logging
 import os
 import shlex
 import shutil
@@ -146,7 +147,12 @@ def export_saved_model(model: api.Model, path: str) -> None:
 
   module = tf.Module()
   module.serve = _tf_function(model, None, tf.uint8, PLATFORMS)
-  tf.saved_model.save(module, path, signatures={'serving_default': module.serve})
+  absl_logger = std_logging.getLogger('absl')
+  level = absl_logger.level
+  try:
+    tf.saved_model.save(module, path, signatures={'serving_default': module.serve})
+  finally:
+    absl_logger.setLevel(level)  # TensorFlow's save sets it to WARNING: the rest of the process would log no INFO.
 
 
 def _tflite(model: api.Model, calibration: np.ndarray | None = None) -> bytes:

@@ -170,3 +170,12 @@ def test_the_command_exports_every_format(straight_run, tmp_path):
     card = json.load(f)
   assert list(card['artifacts']) == list(export.FORMATS) and card['test']['num_examples'] == 50
   assert card['command'].startswith('python main.py --workdir=') and '--mode=export' in card['command']
+
+
+def test_exporting_leaves_the_processes_log_level_as_it_was(exported, tmp_path):
+  """TensorFlow's SavedModel writer sets absl's logger to WARNING: a process that exports and then
+  trains (the Python API, these tests) would log no INFO line after it."""
+  absl_logger = logging.getLogger('absl')
+  absl_logger.setLevel(logging.INFO)
+  export.export_artifact(exported[2], 'saved_model', str(tmp_path / 'saved_model'))
+  assert absl_logger.level == logging.INFO
