@@ -11,7 +11,7 @@ or skips them), each a normal workdir that `main.py --mode=evaluate` reads too:
 - `qat`: the same fine-tuning with quantization-aware training (`quantize.mode=qat`);
 - `distilled`: the config's recipe from scratch, distilled from `--teacher` (`distill.teacher`), when
   one is given.
-Then every artifact (`ARTIFACTS`) is exported (`resnet_flax.export`) to `<runs_dir>/artifacts/` and
+Then every artifact (`artifacts`) is exported (`resnet_flax.export`) to `<runs_dir>/artifacts/` and
 run by its own runtime, JAX included (the `jax.export` artifact, jitted), measuring:
 - test accuracy on the whole test split of the dense run's data;
 - size: the artifact's bytes on disk, and gzip-compressed (what pruning saves until a runtime stores
@@ -159,10 +159,13 @@ def accuracy(predict: export.Predict, split: data.ImageData, targets: np.ndarray
   return float(np.mean(np.concatenate(predictions) == targets))
 
 
-def measure(artifact: Artifact, workdir: str, directory: str, split: data.ImageData, calibration: np.ndarray):
+def measure(
+  artifact: Artifact, workdir: str, directory: str, split: data.ImageData, calibration: np.ndarray
+) -> dict[str, Any]:
+  """Exports `artifact` of `workdir` to `directory` and measures it (see the module docstring)."""
   model = api.load(workdir, quantize=artifact.quantize)
-  name = f'{artifact.label.replace(" ", "_").replace("%", "")}{os.path.splitext(export.FORMATS[artifact.export_format].path)[1]}'
-  path = os.path.join(directory, f'{artifact.variant}-{artifact.export_format}-{name}')
+  served_as = artifact.quantize or 'float'
+  path = os.path.join(directory, f'{artifact.variant}-{served_as}-{export.FORMATS[artifact.export_format].path}')
   export.export_artifact(model, artifact.export_format, path, calibration)
   predict = export.load_artifact(artifact.export_format, path)
   targets = evaluate.model_indices(split.class_names, model.class_names)[split.labels]
@@ -230,10 +233,12 @@ def run(dense: str, runs_dir: str, teacher: str | None) -> list[dict[str, Any]]:
     train_if_needed(config, workdirs[variant])
   if not FLAGS.measure:
     return []
-  info = evaluate.load_trained_run(dense, base_config()).info
-  split = evaluate.load_test_split(base_config().data, info)
-  train_images = data.load_splits(evaluate.resized_as_trained(base_config().data, info))['train'].images
-  calibration = export.calibration_images(train_images)
+  config = base_config()
+  info = evaluate.load_trained_run(dense, config).info
+  split = evaluate.load_test_split(config.data, info)
+  calibration = export.calibration_images(
+    data.load_splits(evaluate.resized_as_trained(config.data, info))['train'].images
+  )
   directory = os.path.join(runs_dir, 'artifacts')
   os.makedirs(directory, exist_ok=True)
   rows = []

@@ -36,7 +36,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # Not this folder: see benchmarks/compression.py.
 
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
