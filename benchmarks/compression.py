@@ -277,6 +277,8 @@ def main(argv):
     'config': f'configs/{FLAGS.config}.py',
     'dense': dense,
     'teacher': teacher,
+    'data_path': FLAGS.data_path,
+    'validation_size': FLAGS.validation_size,
     'finetune_epochs': FLAGS.finetune_epochs,
     'finetune_learning_rate': FLAGS.finetune_learning_rate,
     'repeats': FLAGS.repeats,

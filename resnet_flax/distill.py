@@ -10,7 +10,7 @@ T = 4, are the KD baseline of CRD on CIFAR (Tian et al. 2020, "Contrastive Repre
 Distillation": resnet56 -> resnet20 on CIFAR-100, 69.06% from labels, 70.66% distilled).
 
 The teacher is restored as evaluation restores a run (`finetune.restore_run`: the weights evaluation
-uses, its EMA when it kept one) and is frozen: it runs in inference mode (BatchNorm running
+uses, its EMA when it kept one; a QAT-trained teacher runs as its float model) and is frozen: it runs in inference mode (BatchNorm running
 statistics, no dropout) on the very batch the student sees, after augmentation and mixup/CutMix,
 inside the same jitted step, once per step and outside the differentiated loss (SAM neither
 recomputes nor differentiates it): big_vision's "consistent" teaching (Beyer et al. 2022). Its

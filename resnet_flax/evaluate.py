@@ -239,8 +239,8 @@ def restore(
 
   Only those are restored (`checkpoint.restore_subset`): the optimizer and its state play no part.
   With `quantize_config` (the `quantize` section of the config that evaluates or serves) they serve
-  as `quantize.served_recipe` says: in int8 for PTQ and for a QAT run. Without it, float as trained
-  (the weights a fine-tune or a teacher starts from).
+  as `quantize.served_recipe` says: in int8 for PTQ and for a QAT run. Without it, the float model
+  and weights, a QAT run's too (what a fine-tune starts from and a teacher runs).
   """
   config = run.config
   model = models.create_model_from_config(config, run.info.num_classes)

@@ -3,7 +3,8 @@
 `run.json` records what the checkpoints belong to (the model, the classes, the image shape) and
 what evaluation needs once the training data is gone (the normalisation, the epoch length),
 where a fine-tuned run's starting weights came from (`init_from`), which teacher a distilled run
-learns from (`teacher`) and the recipe of quantization-aware training (`quantize`). Its keys are
+learns from (`teacher`), the recipe of quantization-aware training (`quantize`) and pruning's
+config (`prune`). Its keys are
 part of the contract: workdirs of earlier versions must keep working.
 
 `Steps` is the one place where epochs become steps; the trainer, the schedules, the pipelines and

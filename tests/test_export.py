@@ -20,7 +20,7 @@ import resnet_flax
 from configs import smoke
 from resnet_flax import api, evaluate, export, models
 from resnet_flax.distributed import create_mesh
-from resnet_flax.errors import ConfigError
+from resnet_flax.errors import ConfigError, UserError
 from resnet_flax.workdir import RunInfo
 
 from helpers import SMOKE_TOTAL_STEPS, run_main
@@ -179,3 +179,15 @@ def test_exporting_leaves_the_processes_log_level_as_it_was(exported, tmp_path):
   absl_logger.setLevel(logging.INFO)
   export.export_artifact(exported[2], 'saved_model', str(tmp_path / 'saved_model'))
   assert absl_logger.level == logging.INFO
+
+
+def test_a_data_error_leaves_the_last_export_as_it_was(exported, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(exported[0], workdir)
+  before = {path.name: path.read_bytes() for path in (workdir / export.EXPORT_DIR).iterdir() if path.is_file()}
+  config = smoke.get_config()
+  config.data.source, config.data.path = 'folder', str(tmp_path / 'nowhere')
+  with pytest.raises(UserError):
+    export.run_export(config, str(workdir), ['jax'])
+  after = {path.name: path.read_bytes() for path in (workdir / export.EXPORT_DIR).iterdir() if path.is_file()}
+  assert after == before
