@@ -19,7 +19,7 @@ run by its own runtime, JAX included (the `jax.export` artifact, jitted), measur
 - latency: one image, and a batch of 64, median (and spread) over `--repeats` calls after a warm-up,
   the inputs already in host memory, the outputs back in host memory (numpy).
 It prints a Markdown table, writes the JSON to benchmarks/results/ and plots accuracy against size
-to `--plot` (one point per artifact). `--tiny` runs the whole chain on tiny synthetic data in a
+to `--plot` (one point per artifact; default `<runs_dir>/compression.png`, outside the repository). `--tiny` runs the whole chain on tiny synthetic data in a
 temporary directory: its figures mean nothing.
 """
 
@@ -60,9 +60,7 @@ flags.DEFINE_float(
 )
 flags.DEFINE_bool('measure', True, '--nomeasure: train the missing runs only (measure later, on an idle machine).')
 flags.DEFINE_integer('repeats', 30, 'Timed calls per latency figure.')
-flags.DEFINE_string(
-  'plot', str(common.RESULTS_DIR / 'compression.png'), 'Accuracy against size, one point per artifact.'
-)
+flags.DEFINE_string('plot', None, 'Accuracy against size, one point per artifact (default <runs_dir>/compression.png).')
 FLAGS = flags.FLAGS
 
 LATENCY_BATCHES = (1, 64)
@@ -252,7 +250,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  common.apply_tiny({'repeats': 2, 'plot': ''})
+  common.apply_tiny({'repeats': 2})
   device = common.jax_device()
   try:
     with tempfile.TemporaryDirectory() as scratch:
@@ -265,14 +263,14 @@ def main(argv):
       runs_dir = FLAGS.runs_dir or (os.path.join(scratch, 'runs') if FLAGS.tiny else f'{dense.rstrip("/")}-compression')
       teacher = dense if FLAGS.tiny else FLAGS.teacher
       rows = run(dense, runs_dir, teacher)
+      if rows:
+        plot_path = FLAGS.plot or os.path.join(runs_dir, 'compression.png')
+        plot(rows, plot_path)
   except UserError as e:
     sys.exit(f'error: {e}')
   if not rows:
     return
-  print(f'\n{table(rows)}\n')
-  if FLAGS.plot:
-    plot(rows, FLAGS.plot)
-    print(f'plot: {FLAGS.plot}')
+  print(f'\n{table(rows)}\nplot: {plot_path}')
   settings = {
     'config': f'configs/{FLAGS.config}.py',
     'dense': dense,
