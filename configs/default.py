@@ -81,6 +81,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.checkpoint = 'best'  # evaluate|predict: best (by validation accuracy; else the last) | latest | a step.
   config.eval.tta = 'none'  # Test-time augmentation: none | flip (2 views) | flip+translate (6 views).
+  config.eval.attacks = ()  # evaluate: attacks (resnet_flax/attacks.py), e.g. "('pgd20', 'apgd_ce', 'apgd_dlr')".
+  config.eval.epsilon = 8 / 255  # Attacks: radius, pixels in [0, 1] (tables: L-inf 8/255, L2 0.5); 8/255 allowed.
+  config.eval.attack_norm = 'linf'  # Attacks: linf | l2.
+  config.eval.attack_examples = 1000  # Attacks: test images attacked (a seeded subset, the same every run); 0 = all.
+  config.eval.epsilon_curve = (0.25, 0.5, 2.0)  # Attacks: more radii (x epsilon) for the plot; each is one more attack.
+  config.eval.corruptions = ''  # evaluate: CIFAR-10-C corruptions (resnet_flax/corruptions.py): '' | all | 'fog,snow'.
+  config.eval.corruption_examples = 1000  # Corruptions: test images scored (class-stratified by the seed); 0 = all.
+  config.eval.corruption_seed = 0  # Corruptions: chooses the images and draws the corruptions (not config.seed).
+  config.eval.corruption_baseline = ''  # Corruptions: a workdir evaluated with them before; CE and mCE relative to it.
+  config.eval.corruption_cache_dir = '~/.cache/resnet_flax/corruptions'  # Corruptions: generated sets; '' = no cache.
 
   config.distill = ml_collections.ConfigDict()  # Knowledge distillation (resnet_flax/distill.py).
   config.distill.teacher = ''  # Distil from this run (its workdir or a checkpoint directory); '' = off.
@@ -99,6 +109,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.quantize.mode = 'none'  # none | ptq (evaluate/predict a float run in int8) | qat (train through int8).
   config.quantize.stem = True  # Quantize the stem convolution too; False keeps it float (a whitening stem always is).
   config.quantize.classifier = True  # Quantize the classifier too; False keeps it float.
+
+  config.adversarial = ml_collections.ConfigDict()  # Adversarial training, L-inf (resnet_flax/adversarial.py).
+  config.adversarial.method = 'none'  # none | fgsm_rs (Wong et al. 2020) | pgd (Madry et al. 2018) | trades (Zhang).
+  config.adversarial.epsilon = 8 / 255  # Radius, pixels in [0, 1]; 8/255 is accepted on the command line.
+  config.adversarial.step_size = 0.0  # 0: the method's own (fgsm_rs 1.25 epsilon; pgd, trades 2.5 epsilon / steps).
+  config.adversarial.steps = 10  # pgd, trades: ascent steps per training step (fgsm_rs takes one).
+  config.adversarial.trades_beta = 6.0  # trades: weight of KL(f(clean) || f(adversarial)), Zhang et al.'s 6.
+  config.adversarial.guard_drop = 0.2  # Stop when PGD-5 accuracy of a held-out batch falls this below its best; 0 off.
 
   config.num_epochs = 200.0  # Length of training; fractional epochs are allowed.
   config.batch_size = 512  # Global batch size, over all devices and hosts.

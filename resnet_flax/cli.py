@@ -20,7 +20,7 @@ from resnet_flax.errors import UserError
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with every mistake told in one line (a mistyped config field included)."""
   try:
-    args = flags.FLAGS(argv)
+    args = flags.FLAGS([with_fractions(arg) for arg in argv])
     flags.FLAGS.config.keys()  # A config file that failed to load raises only when first used.
     return args
   except flags.Error as e:  # Its message may hold a config file's traceback: the first and last lines tell.
@@ -32,6 +32,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f'error: cannot load the --config file: {str(e).splitlines()[-1].strip()}')
   except Exception as e:  # The config file itself raised.
     sys.exit(f'error: the --config file failed to load: {where_it_failed(e)}; fix the file')
+
+
+def with_fractions(arg: str) -> str:
+  """`--config.eval.epsilon=8/255` as `--config.eval.epsilon=0.03137...`: attack radii and step sizes
+  (the fields ending in `epsilon` or `step_size`) are written as fractions of 255 in papers and tables."""
+  match = re.fullmatch(r'(--config\.[\w.]*(?:epsilon|step_size))=(\d+(?:\.\d*)?)/(\d+(?:\.\d*)?)', arg)
+  if match is None or float(match[3]) == 0:
+    return arg
+  return f'{match[1]}={float(match[2]) / float(match[3])!r}'
 
 
 def where_it_failed(e: Exception) -> str:

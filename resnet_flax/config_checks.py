@@ -12,7 +12,20 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_flax import augment, data, images, input_pipeline, models, optim, policies, prune, quantize
+from resnet_flax import (
+  adversarial,
+  attacks,
+  augment,
+  corruptions,
+  data,
+  images,
+  input_pipeline,
+  models,
+  optim,
+  policies,
+  prune,
+  quantize,
+)
 from resnet_flax.errors import ConfigError
 
 DTYPES = ('float32', 'bfloat16')
@@ -35,6 +48,10 @@ def _non_negative(v) -> str | None:
   return None if _is_number(v) and v >= 0 else 'must be >= 0'
 
 
+def _whole_number(v) -> str | None:
+  return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 'must be a whole number >= 0'
+
+
 def _fraction(v) -> str | None:
   return None if _is_number(v) and 0 <= v < 1 else 'must be in [0, 1)'
 
@@ -50,6 +67,21 @@ def _checkpoint_choice(v) -> str | None:
 def _magnitude(v) -> str | None:
   top = policies.NUM_LEVELS - 1
   return None if _is_number(v) and 0 <= v <= top else f'must be in [0, {top}]'
+
+
+def _attacks(v) -> str | None:
+  if not isinstance(v, (tuple, list)) or not all(isinstance(name, str) for name in v):
+    return "must be a tuple of attack names, e.g. \"('pgd20', 'apgd_ce')\""
+  try:
+    [attacks.parse(name) for name in v]
+  except ConfigError as e:
+    return str(e).removeprefix('eval.attacks: ')
+  return None
+
+
+def _fractions_of_epsilon(v) -> str | None:
+  ok = isinstance(v, (tuple, list)) and all(_is_number(f) and f > 0 for f in v)
+  return None if ok else 'must be a tuple of positive multiples of eval.epsilon, e.g. (0.5, 2.0), or ()'
 
 
 def _class_weights(v) -> str | None:
@@ -109,6 +141,14 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'distill.alpha': _probability,
   'distill.temperature': _positive,
   'eval.tta': _choice(augment.TTA_VIEWS),
+  'eval.attacks': _attacks,
+  'eval.epsilon': _non_negative,
+  'eval.attack_norm': _choice(attacks.NORMS),
+  'eval.attack_examples': _non_negative,
+  'eval.epsilon_curve': _fractions_of_epsilon,
+  'eval.corruptions': corruptions.check_names,
+  'eval.corruption_examples': _whole_number,
+  'eval.corruption_seed': _whole_number,
   'prune.sparsity': _fraction,
   'prune.start_fraction': _fraction,
   'prune.end_fraction': _probability,
@@ -117,6 +157,11 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'quantize.mode': _choice(quantize.MODES),
   'quantize.stem': _choice((False, True)),
   'quantize.classifier': _choice((False, True)),
+  'adversarial.epsilon': _non_negative,
+  'adversarial.step_size': _non_negative,
+  'adversarial.steps': _positive,
+  'adversarial.trades_beta': _non_negative,
+  'adversarial.guard_drop': _probability,
   'num_epochs': _positive,
   'batch_size': _positive,
   'eval_batch_size': _positive,
@@ -148,6 +193,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_augment_ops(config.augment)
   _check_frozen_backbone(config)
   prune.check_config(config)
+  adversarial.check_config(config)
   quantize.check_config(config)
   for field in ('batch_size', 'eval_batch_size'):
     if _get(config, field) % jax.device_count():

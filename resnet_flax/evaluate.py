@@ -8,6 +8,10 @@ gives the identical report on any number of devices. It writes `<workdir>/eval/<
 `report.json`, `predictions.npz`, `confusion_matrix.png`, `per_class.png`; and
 `<workdir>/training_curves.png` (see `report`). Any image is resized as the run's were (run.json).
 A model served in int8 (`quantize`: PTQ on request, a QAT run always) reports in `<name>-int8-<mode>/`.
+On request the report adds robustness: accuracy under adversarial attacks (`eval.attacks`, `attacks`;
+plot `accuracy_vs_epsilon.png`) and on the CIFAR-10-C corruptions (`eval.corruptions`, `corruptions`;
+heat map `corruptions.png`), both on a class-stratified subset of the test split that is the same in
+every run (`data.stratified_subset`).
 
 Classes are matched by name: the evaluated data may hold a subset or a reordering of the model's
 classes. Predictions are over all the model's classes (predicting a class the data lacks is an
@@ -53,9 +57,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_flax import (
+  attacks,
   augment,
   checkpoint,
   config_checks,
+  corruptions,
   data,
   distributed,
   input_pipeline,
@@ -72,6 +78,7 @@ ECE_BINS = 15
 TOP_K = 5  # Top-5 accuracy is reported for models with more than 5 classes.
 PREDICTIONS_FILE = 'predictions.npz'
 PROGRESS_EVERY_S = 5.0  # An evaluation logs its progress this often, so short ones stay quiet.
+ATTACK_SEED = 0  # Which test images are attacked, and their random starts: the same in every run.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +122,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     'sparsity': prune.sparsity_report(quantize.stored_values(restored.variables['params']), run.config),
     'quantize': quantize.summary(restored.variables, restored.quantized),
   }
+  if config.eval.attacks:
+    results['adversarial'] = adversarial_metrics(restored, split, label_to_model, config, mesh)
+  if config.eval.corruptions:
+    plain_forward = compile_forward(restored, 'none', mesh)  # Compiled once for every corrupted set.
+    classify = lambda images: forward(restored, images, config.eval_batch_size, 'none', mesh, plain_forward)
+    results.update(corruptions.report(config, split, label_to_model, classify))
   name = report.report_name(config.data) + quantize.report_suffix(restored.quantized)  # int8 apart from float.
   directory = os.path.join(workdir, 'eval', name)
   if jax.process_index() == 0:
@@ -132,6 +145,42 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     directory,
   )
   return results
+
+
+def adversarial_metrics(
+  restored: Restored, split: ImageData, label_to_model: np.ndarray, config: ml_collections.ConfigDict, mesh: Mesh
+) -> dict[str, Any]:
+  """The `adversarial` entry of report.json (`attacks.robustness_report`) on `eval.attack_examples` test images."""
+  if restored.quantized is not None:
+    raise ConfigError(
+      'eval.attacks: an int8 model has zero gradients almost everywhere (rounding), so attacks would measure '
+      'that instead of robustness; attack the float model with --config.quantize.mode=none'
+    )
+  info = restored.run.info
+  chosen = data.stratified_subset(split.labels, config.eval.attack_examples, ATTACK_SEED)
+  subset = ImageData(split.images[chosen], label_to_model[split.labels[chosen]].astype(np.int32), info.class_names)
+  apply = lambda variables, pixels: restored.model.apply(
+    variables, augment.normalize(pixels * 255, info.pixel_mean, info.pixel_std), train=False
+  )
+  attacker = attacks.Attacker(apply, config.eval.attack_norm)
+  batches = (
+    attacks.Batch(images.astype(jnp.float32) / 255, labels, real)
+    for images, labels, real in sharded_batches(subset, config.eval_batch_size, mesh)
+  )
+  start = time.perf_counter()
+  results = attacks.robustness_report(attacker, restored.variables, batches, config.eval, ATTACK_SEED)
+  logging.info(
+    'Attacked %d images in %.0f s: %s, worst case %.4f (clean %.4f) at %s epsilon %.4g',
+    results['examples'],
+    time.perf_counter() - start,
+    ', '.join(f'{name} {accuracy:.4f}' for name, accuracy in results['accuracy'].items()),
+    results['worst_case_accuracy'],
+    results['clean_accuracy'],
+    results['norm'],
+    results['epsilon'],
+  )
+  chosen = 'all test images' if len(subset) == len(split) else f'class-stratified by seed {ATTACK_SEED}'
+  return {'examples_chosen': f'{chosen} (data.stratified_subset), the same in every run', **results}
 
 
 def write_predictions(outputs: dict[str, np.ndarray], labels: np.ndarray, label_to_model: np.ndarray, path: str):
@@ -334,14 +383,21 @@ def forward(
   `forward_fn` (of `compile_forward`) saves compiling again when called repeatedly (the Python API).
   """
   forward_fn = forward_fn or compile_forward(restored, tta, mesh)
-  sharding, local = input_pipeline.data_sharding(mesh), input_pipeline.process_slice(batch_size)
-  batches = input_pipeline.padded_batches(split, batch_size)
   collected = []
-  for batch in with_progress(batches, -(-len(split) // batch_size), 'evaluation'):
-    images = jax.make_array_from_process_local_data(sharding, batch['image'][local])
-    real = batch['mask'] > 0
+  for images, _, real in with_progress(
+    sharded_batches(split, batch_size, mesh), -(-len(split) // batch_size), 'evaluation'
+  ):
     collected.append({k: v[real] for k, v in jax.device_get(forward_fn(restored.variables, images)).items()})
   return {k: np.concatenate([c[k] for c in collected]) for k in collected[0]}
+
+
+def sharded_batches(split: ImageData, batch_size: int, mesh: Mesh) -> Iterator[tuple[jax.Array, jax.Array, np.ndarray]]:
+  """(images, labels, real) of every example of `split` once, in padded batches sharded over `mesh`;
+  `real` (on the host) is False for the padding."""
+  sharding, local = input_pipeline.data_sharding(mesh), input_pipeline.process_slice(batch_size)
+  for batch in input_pipeline.padded_batches(split, batch_size):
+    images, labels = (jax.make_array_from_process_local_data(sharding, batch[k][local]) for k in ('image', 'label'))
+    yield images, labels, batch['mask'] > 0
 
 
 def with_progress(items: Iterator, total: int, what: str) -> Iterator:

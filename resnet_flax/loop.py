@@ -107,6 +107,7 @@ class TrainLoop:
   writer: Any  # A clu MetricWriter.
   validates: bool  # Whether `evaluate_fn` evaluates a validation split: only then may it choose a checkpoint.
   ranks_from: int = 0  # Earlier evaluations neither rank checkpoints nor stop early (pruning: its target step).
+  guard: Any = None  # adversarial.Guard: stops adversarial training at catastrophic overfitting.
 
   def run(self, state: TrainState, start_step: int) -> dict[str, float]:
     config, steps = self.config, self.steps
@@ -142,10 +143,12 @@ class TrainLoop:
           unlogged_metrics = []
         is_eval_step = step % steps.eval_every == 0 or is_last
         ranks = is_eval_step and self.validates and step >= self.ranks_from  # Test metrics never rank.
-        stopping_early = False
+        stopping_early = overfitting = False
         if is_eval_step:
           eval_metrics = self.evaluate_fn(state)
           self.writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_metrics.items()})
+          overfitting = self.guard is not None and self.guard.update(step, eval_metrics)
+          ranks = ranks and not overfitting  # An overfitted model never becomes the best checkpoint.
           stopping_early = ranks and early_stopping.update(step, eval_metrics[checkpoint.BEST_METRIC])
         # With several processes, agreeing on a stop costs an all-gather: do it at log steps only.
         stopping = (is_log_step or jax.process_count() == 1) and stop.requested()
@@ -153,6 +156,9 @@ class TrainLoop:
         if force_save or self.manager.should_save(step):
           self._check_finite(state)
           checkpoint.save(self.manager, step, state, metrics=eval_metrics if ranks else None, force=force_save)
+        if overfitting:
+          logging.warning('Stopped: %s.', self.guard.reason())
+          break
         if stopping_early:
           logging.warning('Stopped: %s. The checkpoint of step %d is saved.', early_stopping.reason(step), step)
           break

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_flax import (
+  adversarial,
   augment,
   checkpoint,
   config_checks,
@@ -45,6 +46,7 @@ from resnet_flax import (
 from resnet_flax.errors import BudgetError, ConfigError
 from resnet_flax.workdir import RunInfo, Steps, check_resumable, check_writable
 
+ADVERSARIAL_STREAM = 1  # Folded into a step's key for the adversarial attack's random start.
 WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
 
 
@@ -158,17 +160,26 @@ def train_step(
     )
   # Once per step, outside the differentiated loss: SAM neither recomputes nor differentiates the teacher.
   teacher_logits = None if teacher_logits_fn is None else teacher_logits_fn(teacher_variables, images)
+  # A frozen backbone (linear probe) runs in inference mode: its BatchNorm statistics stay as they are.
+  train = config.optim.freeze != 'backbone'
+  forward = lambda variables, images: state.apply_fn(
+    variables, images, train=train, mutable=['batch_stats'], rngs={'dropout': dropout_key}
+  )
+  method = config.adversarial.method
+  if method != 'none':  # Also outside the loss: SAM's ascent keeps the step's adversarial images.
+    attacked = lambda x: forward({'params': state.params, 'batch_stats': state.batch_stats}, x)[0]
+    attack_key = jax.random.fold_in(step_key, ADVERSARIAL_STREAM)
+    adversarial_images = adversarial.perturb(attacked, images, targets, attack_key, config.adversarial, mean, std)
+    images = images if method == 'trades' else adversarial_images
 
   def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
-    # A frozen backbone (linear probe) runs in inference mode: its BatchNorm statistics stay as they are.
-    train = config.optim.freeze != 'backbone'
-    logits, updates = state.apply_fn(
-      variables, images, train=train, mutable=['batch_stats'], rngs={'dropout': dropout_key}
-    )
+    logits, updates = forward({'params': params, 'batch_stats': state.batch_stats}, images)
     loss = cross_entropy(logits, targets, config.optim.label_smoothing, class_weights).mean()
     if teacher_logits is not None:
       loss = distill.student_loss(loss, logits, teacher_logits, config.distill)
+    if method == 'trades':  # The second forward pass moves the statistics on from the first, as in their code.
+      adversarial_logits, updates = forward({'params': params, **updates}, adversarial_images)
+      loss += config.adversarial.trades_beta * adversarial.kl_from_clean(logits, adversarial_logits).mean()
     return loss, (logits, updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -294,6 +305,19 @@ def initial_variables(
   return variables
 
 
+def guarded(
+  evaluate_fn: Callable, config: ml_collections.ConfigDict, model, splits, pipeline, mean, std
+) -> tuple[Callable, adversarial.Guard]:
+  """`evaluate_fn` that also measures the overfitting guard's PGD accuracy, and the guard."""
+  split, what = adversarial.guard_split(splits, config.eval_batch_size)
+  batch = pipeline.eval_batches(split, config.eval_batch_size)[0]
+  apply = lambda variables, pixels: model.apply(variables, augment.normalize(pixels * 255, mean, std), train=False)
+  guard_metric = adversarial.guard_metric_fn(apply, config.adversarial.epsilon, config.seed)
+  logging.info('Overfitting guard: %s on %s at every evaluation', adversarial.GUARD_ATTACK, what)
+  guarded_fn = lambda state: {**evaluate_fn(state), **guard_metric(state.eval_variables(), batch)}
+  return guarded_fn, adversarial.Guard(config.adversarial.guard_drop, what)
+
+
 def describe_validation(data_config: ml_collections.ConfigDict, splits: dict[str, data.ImageData]) -> str:
   """What the validation split is, for logs and run.json; '' when there is none."""
   if 'validation' not in splits:
@@ -378,6 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
     )
     evaluate_fn = lambda s: compute_eval_metrics(eval_fn, s, pipeline.eval_batches(eval_split, config.eval_batch_size))
+    guard = None
+    if config.adversarial.method != 'none' and config.adversarial.guard_drop:
+      evaluate_fn, guard = guarded(evaluate_fn, config, model, splits, pipeline, mean, std)
     train_loop = loop.TrainLoop(
       config,
       steps,
@@ -388,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer,
       validates=bool(validation),
       ranks_from=prune.first_ranked_step(config, steps),
+      guard=guard,
     )
     eval_metrics = train_loop.run(state, start_step)
   finally:

@@ -93,3 +93,16 @@ def tiny_run_info(**fields) -> RunInfo:
     steps_per_epoch=8,
   )
   return RunInfo(**{**facts, **fields})
+
+
+def restore_smoke_run(workdir):
+  """(evaluate.Restored, its test split) of the latest checkpoint of a smoke workdir, in process."""
+  import contextlib
+
+  from configs import smoke
+  from resnet_flax import distributed, evaluate
+
+  with contextlib.closing(evaluate.open_checkpoints(str(workdir))) as manager:
+    run = evaluate.load_trained_run(str(workdir), smoke.get_config())
+    restored = evaluate.restore(manager, run, max(manager.all_steps()), distributed.create_mesh())
+  return restored, evaluate.load_test_split(run.config.data, run.info)

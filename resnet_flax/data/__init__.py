@@ -85,3 +85,17 @@ def hold_out_validation(splits: dict[str, ImageData], size: int, seed: int) -> d
   keep, held = np.sort(order[:-size]), np.sort(order[-size:])
   subset = lambda idx: ImageData(train.images[idx], train.labels[idx], train.class_names)
   return {**splits, 'train': subset(keep), 'validation': subset(held)}
+
+
+def stratified_subset(labels: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
+  """Sorted indices of `num_examples` examples (all for 0 or more than there are): a shuffle by
+  `seed`, then the classes in turn, so every class has its share; a smaller number takes a subset."""
+  if not num_examples or num_examples >= len(labels):
+    return np.arange(len(labels))
+  shuffled = np.random.default_rng(seed).permutation(len(labels))
+  shuffled_labels = labels[shuffled]
+  rank_in_class = np.zeros(len(labels), np.int64)
+  for label in np.unique(shuffled_labels):
+    members = shuffled_labels == label
+    rank_in_class[members] = np.arange(members.sum())
+  return np.sort(shuffled[np.lexsort((shuffled_labels, rank_in_class))[:num_examples]])

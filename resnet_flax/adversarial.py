@@ -1,0 +1,174 @@
+"""Adversarial training: each step attacks its own batch, then trains on the result, in the one jitted step.
+
+`adversarial.method`, all L-inf with radius `adversarial.epsilon` (pixels in [0, 1]):
+- `fgsm_rs`: Wong et al. 2020, "Fast is better than free": one signed-gradient step of 1.25 ε from a
+  uniformly random start in the ball; trains on the adversarial images only. Twice the cost of a step.
+- `pgd`: Madry et al. 2018: `steps` steps of 2.5 ε / steps from a random start; trains on the
+  adversarial images only. (steps + 1) times the cost of a step.
+- `trades`: Zhang et al. 2019: cross-entropy on the clean images + `trades_beta` x KL(f(clean) || f(adv)),
+  the adversarial images maximising that KL (`steps` steps). Their code starts from a tiny Gaussian
+  around the image; this starts uniformly in the ball, as the other two do.
+
+The attack runs on the augmented (and mixed) batch in pixel space, the normalisation inside the
+attacked function, and runs the model as training does (batch statistics, the step's dropout) but
+keeps none of its BatchNorm updates: the statistics move only with the images trained on, as in the
+authors' PyTorch code, where the attack runs in train mode. Its random start is a stream of its own
+(folded from the step's key), so the augmentation and mixing of a step are those of plain training.
+
+FGSM training can collapse suddenly ("catastrophic overfitting", fast_adversarial#4): robust accuracy
+drops to ~0 within an epoch while clean accuracy jumps. `Guard` is Wong et al.'s early stop: at each
+evaluation a PGD attack on a fixed held-out batch (the validation split's first images, else the
+training split's, as theirs) and training stops when its accuracy falls `guard_drop` below the best so far
+(theirs compares with the previous check, which a slow decline can pass under).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from resnet_flax import attacks
+from resnet_flax.data import ImageData
+from resnet_flax.errors import ConfigError
+
+METHODS = ('none', 'fgsm_rs', 'pgd', 'trades')
+FGSM_RS_STEP = 1.25  # x epsilon: Wong et al.'s step from the random start.
+PGD_STEP = 2.5  # x epsilon / steps: Madry et al.'s step.
+GUARD_ATTACK = 'pgd5'  # Wong et al.'s check: PGD with 5 steps and 1 restart.
+GUARD_METRIC = 'guard_pgd_accuracy'  # In the evaluation metrics (TensorBoard eval_guard_pgd_accuracy).
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  adversarial = config.adversarial
+  if adversarial.method not in METHODS:
+    raise ConfigError(
+      f'--config.adversarial.method={adversarial.method!r} is invalid: choose one of {", ".join(METHODS)}'
+    )
+  if adversarial.method != 'none' and config.distill.teacher:
+    raise ConfigError(
+      'adversarial training with distillation (distill.teacher) is not supported: the teacher would label '
+      'clean images the student never trains on; set one of --config.adversarial.method=none or --config.distill.teacher='
+    )
+
+
+def step_size(adversarial: ml_collections.ConfigDict) -> float:
+  """adversarial.step_size, or the method's own when 0."""
+  if adversarial.step_size:
+    return adversarial.step_size
+  if adversarial.method == 'fgsm_rs':
+    return FGSM_RS_STEP * adversarial.epsilon
+  return PGD_STEP * adversarial.epsilon / adversarial.steps
+
+
+def num_steps(adversarial: ml_collections.ConfigDict) -> int:
+  return 1 if adversarial.method == 'fgsm_rs' else adversarial.steps
+
+
+def kl_from_clean(clean_logits: jax.Array, adversarial_logits: jax.Array) -> jax.Array:
+  """Per example KL(softmax(clean) || softmax(adversarial)), in float32: TRADES' robustness term."""
+  clean = jax.nn.log_softmax(clean_logits.astype(jnp.float32))
+  return optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(adversarial_logits.astype(jnp.float32)), clean)
+
+
+def perturb(
+  logits_fn: Callable[[jax.Array], jax.Array],
+  images: jax.Array,
+  targets: jax.Array,
+  key: jax.Array,
+  adversarial: ml_collections.ConfigDict,
+  mean,
+  std,
+) -> jax.Array:
+  """The adversarial version of a normalised training batch (`targets` [B, K], mixed ones too), normalised.
+
+  `logits_fn` maps normalised images to logits; the attack itself works in pixels in [0, 1]."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  pixel_logits = lambda pixels: logits_fn((pixels - mean) / std)
+  pixels = images * std + mean
+  if adversarial.method == 'trades':
+    clean_logits = jax.lax.stop_gradient(pixel_logits(pixels))
+    loss_fn = lambda logits: kl_from_clean(clean_logits, logits)
+  else:
+    loss_fn = lambda logits: optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  pixels = attacks.pgd_perturb(
+    pixel_logits,
+    pixels,
+    loss_fn,
+    key,
+    epsilon=adversarial.epsilon,
+    step_size=step_size(adversarial),
+    steps=num_steps(adversarial),
+  )
+  return (pixels - mean) / std
+
+
+# The catastrophic-overfitting guard.
+
+
+def guard_split(splits: dict[str, ImageData], size: int) -> tuple[ImageData, str]:
+  """The fixed batch the guard attacks, and what it is: the validation split's first `size` images, else
+  the training split's."""
+  name = 'validation' if 'validation' in splits else 'train'
+  split = splits[name]
+  size = min(size, len(split))
+  return ImageData(split.images[:size], split.labels[:size], split.class_names), f'the first {size} {name} images'
+
+
+@dataclasses.dataclass
+class Guard:
+  """Stops training when the PGD accuracy of the held-out batch falls `drop` below its best (0: never)."""
+
+  drop: float
+  what: str  # The batch, for the logs.
+  best: float = -math.inf
+  best_step: int = 0
+  stopped: tuple[int, float] | None = None  # (step, accuracy) where it stopped training.
+
+  def update(self, step: int, eval_metrics: dict[str, float]) -> bool:
+    """Records the evaluation at `step`; True when training should stop."""
+    accuracy = eval_metrics[GUARD_METRIC]
+    logging.info(
+      'Overfitting guard: %s accuracy %.4f on %s (best %.4f at step %d)',
+      GUARD_ATTACK,
+      accuracy,
+      self.what,
+      max(self.best, accuracy),
+      step if accuracy > self.best else self.best_step,
+    )
+    if self.drop and accuracy < self.best - self.drop:
+      self.stopped = (step, accuracy)
+      return True
+    if accuracy > self.best:
+      self.best, self.best_step = accuracy, step
+    return False
+
+  def reason(self) -> str:
+    step, accuracy = self.stopped
+    return (
+      f'catastrophic overfitting at step {step}: the {GUARD_ATTACK} accuracy of {self.what} fell from '
+      f'{self.best:.4f} (step {self.best_step}) to {accuracy:.4f}, more than adversarial.guard_drop={self.drop}. '
+      f'The checkpoint of step {step} is saved but never ranks as the best; evaluate an earlier one with '
+      f'--config.eval.checkpoint=<step> (step {self.best_step} if it is still kept)'
+    )
+
+
+def guard_metric_fn(apply: Callable, epsilon: float, seed: int) -> Callable[[dict, dict], dict[str, float]]:
+  """(variables, batch of uint8 images with labels and mask) -> {GUARD_METRIC: PGD accuracy}, compiled once."""
+  attacker = attacks.Attacker(apply, 'linf')
+  attack = attacks.parse(GUARD_ATTACK)
+
+  def metric(variables, batch) -> dict[str, float]:
+    pixels = batch['image'].astype(jnp.float32) / 255
+    result = attacker.run(variables, attack, pixels, batch['label'], epsilon, jax.random.key(seed))
+    real = np.asarray(jax.device_get(batch['mask'])) > 0
+    return {GUARD_METRIC: float(np.mean(~np.asarray(jax.device_get(result.fooled))[real]))}
+
+  return metric

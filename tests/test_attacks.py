@@ -1,0 +1,136 @@
+"""The attacks keep their promises on a trained model: inside the ε-ball and [0, 1], clean accuracy at
+ε = 0, no gain from a larger ε, ~0% at 64/255, the worst case below each attack, APGD below PGD-20."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from resnet_flax import attacks, augment, cli, config_checks
+from resnet_flax.errors import ConfigError
+
+from helpers import restore_smoke_run
+
+EXAMPLES = 64
+
+
+@pytest.fixture(scope='module')
+def model(straight_run):
+  """(apply, variables, pixels in [0, 1], labels) of the trained smoke run and its first test images."""
+  restored, split = restore_smoke_run(straight_run)
+  mean, std = restored.run.info.pixel_mean, restored.run.info.pixel_std
+  apply = lambda variables, x: restored.model.apply(variables, augment.normalize(x * 255, mean, std), train=False)
+  pixels = jnp.asarray(split.images[:EXAMPLES], jnp.float32) / 255
+  return apply, restored.variables, pixels, jnp.asarray(split.labels[:EXAMPLES])
+
+
+def accuracy(result: attacks.Result) -> float:
+  return float(np.mean(~np.asarray(result.fooled)))
+
+
+@pytest.mark.parametrize(
+  'norm,epsilon,names',
+  [('linf', 8 / 255, ('fgsm', 'pgd5', 'apgd_ce10', 'apgd_dlr10')), ('l2', 1.0, ('fgsm', 'pgd5', 'apgd_ce10'))],
+)
+def test_adversarial_images_stay_in_the_ball_and_in_range(model, norm, epsilon, names):
+  apply, variables, x, labels = model
+  attacker = attacks.Attacker(apply, norm)
+  for name in names:
+    adversarial = attacker.run(variables, attacks.parse(name), x, labels, epsilon, jax.random.key(0)).adversarial
+    delta = np.asarray(adversarial - x).reshape(len(x), -1)
+    distance = np.abs(delta).max(axis=1) if norm == 'linf' else np.linalg.norm(delta, axis=1)
+    assert distance.max() <= epsilon + 1e-6, name
+    assert distance.max() > 0.5 * epsilon, name  # It did move.
+    assert float(adversarial.min()) >= 0.0 and float(adversarial.max()) <= 1.0, name
+
+
+def test_accuracy_falls_with_epsilon_from_clean_to_zero(model):
+  apply, variables, x, labels = model
+  attacker = attacks.Attacker(apply, 'linf')
+  clean = float(np.mean(np.asarray(attacker.correct(variables, x, labels))))
+  assert clean > 0.9  # A trained model, or nothing below means much.
+  pgd = attacks.parse('pgd10')
+  curve = [accuracy(attacker.run(variables, pgd, x, labels, e / 255, jax.random.key(1))) for e in (0, 4, 16, 64)]
+  assert curve[0] == clean  # ε = 0 is the clean accuracy, exactly.
+  assert curve == sorted(curve, reverse=True)  # Each attack run on its own, not the reported running minimum.
+  assert curve[-1] <= 0.02  # At 64/255 a standard model is fooled on (almost) every image.
+
+
+def test_apgd_is_at_least_as_strong_as_pgd20(model):
+  """At a radius where the model is partly robust, AutoAttack-lite's APGD-CE (100 iterations) fools at
+  least as many images as PGD-20, and their worst case is no better than either."""
+  apply, variables, x, labels = model
+  attacker = attacks.Attacker(apply, 'linf')
+  epsilon = 16 / 255
+  fooled = {
+    name: np.asarray(attacker.run(variables, attacks.parse(name), x, labels, epsilon, jax.random.key(2)).fooled)
+    for name in ('pgd20', 'apgd_ce')
+  }
+  assert 0.1 < np.mean(~fooled['pgd20']) < 0.95  # Partly robust: the comparison can go either way.
+  assert np.mean(~fooled['apgd_ce']) <= np.mean(~fooled['pgd20'])
+
+
+def test_report_worst_case_and_curve(model):
+  apply, variables, x, labels = model
+  config = smoke.get_config().eval
+  config.attacks, config.epsilon, config.epsilon_curve = ('fgsm', 'pgd5', 'apgd_dlr10'), 16 / 255, (0.0001, 0.5)
+  batches = [
+    attacks.Batch(x[:32], labels[:32], np.ones(32, bool)),
+    attacks.Batch(x[32:], labels[32:], np.ones(32, bool)),
+  ]
+  report = attacks.robustness_report(attacks.Attacker(apply, 'linf'), variables, batches, config, seed=0)
+  assert report['examples'] == EXAMPLES
+  assert report['curve']['epsilons'] == sorted(report['curve']['epsilons'])
+  for name in config.attacks:
+    assert report['worst_case_accuracy'] <= report['accuracy'][name]
+    curve = [a for a in report['curve'][name] if a is not None]
+    assert curve == sorted(curve, reverse=True) and curve[0] <= report['clean_accuracy']
+  assert report['curve']['apgd_dlr10'][:2] == [None, None]  # APGD runs at epsilon (and beyond by inclusion).
+  assert min(report['accuracy'].values()) < report['clean_accuracy']
+  assert report['curve']['worst_case'][0] == pytest.approx(report['clean_accuracy'], abs=1 / EXAMPLES)
+  json.dumps(report)  # It goes into report.json as it is.
+
+
+def test_dlr_loss_ignores_shifting_and_scaling_the_logits():
+  logits = jax.random.normal(jax.random.key(0), (8, 10))
+  labels = jnp.arange(8) % 10
+  loss = attacks.dlr_loss(logits, labels)
+  np.testing.assert_allclose(attacks.dlr_loss(3.0 * logits + 7.0, labels), loss, rtol=1e-5)
+  correct = jnp.argmax(logits, axis=1) == labels
+  assert bool(jnp.all((loss < 0) == correct))  # Negative exactly where the true class leads.
+
+
+def test_apgd_checkpoints_are_those_of_the_paper():
+  """p_j = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 of 100 iterations (Croce & Hein 2020, 3.2)."""
+  assert list(attacks.apgd_checkpoints(100)) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize(
+  'attacks_field,message',
+  [
+    (('pgd',), "unknown attack 'pgd'"),
+    (('cw',), "unknown attack 'cw'"),
+    (('pgd20', 3), 'must be a tuple of attack names'),
+  ],
+)
+def test_a_bad_attack_name_is_one_line(attacks_field, message):
+  config = smoke.get_config()
+  config.eval.attacks = attacks_field
+  with pytest.raises(ConfigError, match=message) as error:
+    config_checks.validate(config)
+  assert '\n' not in str(error.value)
+
+
+def test_dlr_needs_three_classes():
+  with pytest.raises(ConfigError, match='apgd_dlr needs at least 3 classes'):
+    attacks.parse('apgd_dlr', num_classes=2)
+  assert attacks.parse('apgd_ce', num_classes=2).loss == 'ce'
+
+
+def test_radii_may_be_written_as_fractions_of_255():
+  assert cli.with_fractions('--config.eval.epsilon=8/255') == f'--config.eval.epsilon={8 / 255!r}'
+  assert cli.with_fractions('--config.adversarial.step_size=2.5/255') == f'--config.adversarial.step_size={2.5 / 255!r}'
+  assert cli.with_fractions('--config.data.path=1/2') == '--config.data.path=1/2'  # Only radii and step sizes.
