@@ -49,6 +49,13 @@ EXPECTED_RESULTS = {
     ('artifacts', 0, 'gzip_bytes'),
     ('artifacts', -1, 'latency_ms_batch_64', 'median'),
   ],
+  'corruption_speed': [
+    ('corruptions', 'fog', 'seconds', 'median'),
+    ('corruptions', 'jpeg_compression', 'first_pass_seconds'),
+    ('total_seconds', 'median'),
+    ('first_pass_seconds',),
+    ('compile_seconds',),
+  ],
 }
 # Seconds per script, 300 for the others: compression trains five tiny runs and converts 16 artifacts.
 TIMEOUT_S = {'compression': 900}
