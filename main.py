@@ -4,6 +4,7 @@
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=evaluate [--config.eval.tta=flip]
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=predict --predict_paths=a.png,dir/
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=export [--export_formats=tflite,onnx]
+  python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=explain [--predict_paths=a.png,dir/]
 
 Running the same command again resumes from the checkpoints in the workdir.
 """
@@ -13,17 +14,25 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_flax import cli, evaluate, export, predict, train
+from resnet_flax import cli, evaluate, explain, export, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and reports.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'export'], 'What to do with the workdir.')
-flags.DEFINE_list('predict_paths', [], '--mode=predict: image files and folders, comma-separated.')
+flags.DEFINE_enum(
+  'mode', 'train', ['train', 'evaluate', 'predict', 'export', 'explain'], 'What to do with the workdir.'
+)
+flags.DEFINE_list('predict_paths', [], '--mode=predict|explain: image files and folders, comma-separated.')
 flags.DEFINE_integer('top_k', 5, '--mode=predict: how many classes to show per image.', lower_bound=1)
 flags.DEFINE_string('predict_output', None, '--mode=predict: JSON output (default <workdir>/predictions.json).')
 flags.DEFINE_list('export_formats', [], f'--mode=export: of {",".join(export.FORMATS)} (default: all installed).')
 flags.DEFINE_integer('export_test_images', None, '--mode=export: test images to score (default all).', lower_bound=0)
+flags.DEFINE_integer(
+  'explain_per_class', 2, '--mode=explain without --predict_paths: test images per class to explain.', lower_bound=1
+)
+flags.DEFINE_integer(
+  'explain_steps', None, '--mode=explain: integrated gradients steps (default: adaptive).', lower_bound=1
+)
 flags.DEFINE_string(
   'compilation_cache_dir',
   os.path.expanduser('~/.cache/resnet_flax/jax'),
@@ -41,6 +50,9 @@ MODES = {
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output
   ),
   'export': lambda: export.run_export(FLAGS.config, FLAGS.workdir, FLAGS.export_formats, FLAGS.export_test_images),
+  'explain': lambda: explain.run_explain(
+    FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.explain_per_class, FLAGS.explain_steps
+  ),
 }
 
 

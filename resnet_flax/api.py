@@ -5,6 +5,7 @@
     model = resnet_flax.load('runs/r34')
     probabilities = model.predict(['cat.jpg', 'dog.png'], tta='flip')  # [2, num_classes]
     print(model.predict_classes('photos/'))  # Every image under a folder.
+    explanation = model.explain('cat.jpg')  # Grad-CAM and integrated gradients (`resnet_flax.explain`).
 
 Images are file paths, folders, encoded bytes, PIL images or uint8 arrays ([H, W, 3], [H, W] or a
 batch [N, H, W, 3]) of any size: each is decoded, turned upright, made RGB and resized by the run's
@@ -20,6 +21,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -29,6 +31,9 @@ from PIL import Image
 
 from resnet_flax import augment, distributed, evaluate, images, quantize
 from resnet_flax.data import DataError, ImageData, folder
+
+if TYPE_CHECKING:
+  from resnet_flax import explain
 
 MAX_BATCH = 256  # Inputs go through in batches of a power of two up to this: few shapes, few compilations.
 
@@ -93,6 +98,25 @@ class Model:
   def predict_classes(self, inputs: ImageInput | Sequence[ImageInput], tta: str = 'none') -> list[str]:
     """The most probable class name of each image."""
     return [self.class_names[i] for i in self.predict(inputs, tta).argmax(axis=1)]
+
+  def explain(
+    self,
+    inputs: ImageInput | Sequence[ImageInput],
+    classes: int | str | Sequence[int | str] | None = None,
+    steps: int | None = None,
+    baseline: float = 0.0,
+  ) -> explain.Explanation:
+    """Grad-CAM and integrated gradients of each image for `classes`: None (each image's predicted class),
+    one class index or name for all, or one per image. Integrated gradients start from a uniform image
+    of `baseline` in [0, 1] (0: black) and take `steps` nodes (None: as many as a 1% completeness error
+    needs, see `explain.Explainer`). Returns an `explain.Explanation`."""
+    from resnet_flax import explain  # Imported on use: it imports this module (and scipy, matplotlib).
+
+    pixels = self.pixels(inputs)
+    if 'explain' not in self._compiled:
+      self._compiled['explain'] = explain.compile_explain(self.restored)
+    indices = explain.class_indices(classes, self.class_names, len(pixels))
+    return self._compiled['explain'](pixels, indices, steps, baseline)
 
   def _load(self, item: ImageInput) -> np.ndarray:
     if isinstance(item, Image.Image):

@@ -23,6 +23,8 @@ BATCH_NORM_MOMENTUM = 0.9  # The recipes' value; flax defaults to 0.99.
 BATCH_NORM_EPSILON = 1e-5
 HEAD = 'Dense_0'  # The classifier of every model: the `nn.Dense` of `_classify`, named by flax.
 STEM = 'stem_conv'  # The first convolution of every model (`ResNet._stem`, `DenseNet`).
+# The last stage's feature map, where it enters global average pooling (`_classify`): explanations read it.
+FEATURES = 'features'
 
 
 def _conv_and_norm(dtype: Any, train: bool, dirac_init: bool = False) -> tuple[ModuleDef, ModuleDef]:
@@ -36,8 +38,16 @@ def _conv_and_norm(dtype: Any, train: bool, dirac_init: bool = False) -> tuple[M
   return conv, norm
 
 
-def _classify(x, num_classes: int, dropout: nn.Module, dtype: Any):
-  """Global average pooling, dropout and a linear classifier; the logits are float32."""
+def _classify(module: nn.Module, x, num_classes: int, dropout: nn.Module, dtype: Any):
+  """Global average pooling, dropout and a linear classifier of `module`; the logits are float32.
+
+  The pooled feature map `x` is sown into 'intermediates' and may be perturbed by 'perturbations'
+  (`FEATURES`), which Grad-CAM reads its value and gradient from (`explain`). Neither is ever created by
+  `init` (a checkpoint holds the same variables), and both are no-ops unless an `apply` asks for them.
+  """
+  if not module.is_initializing():
+    x = module.perturb(FEATURES, x)
+  module.sow('intermediates', FEATURES, x)
   x = dropout(jnp.mean(x, axis=(1, 2)))
   return nn.Dense(num_classes, dtype=dtype)(x).astype(jnp.float32)
 
@@ -169,7 +179,7 @@ class ResNet(nn.Module):
       )(x)
     if self.block_cls.preactivation:
       x = nn.relu(norm(name='final_norm')(x))
-    return _classify(x, self.num_classes, dropout(self.dropout_rate), self.dtype)
+    return _classify(self, x, self.num_classes, dropout(self.dropout_rate), self.dtype)
 
   def _stem(self, x, conv, norm):
     width = self.stem_width or self.widths[0]
@@ -254,7 +264,7 @@ class DenseNet(nn.Module):
         x = Transition(int(x.shape[-1] * self.compression), conv, norm)(x)
       x = DenseBlock(layers_per_block, self.growth_rate, conv, norm)(x)
     x = nn.relu(norm(name='final_norm')(x))
-    return _classify(x, self.num_classes, nn.Dropout(self.dropout_rate, deterministic=not train), self.dtype)
+    return _classify(self, x, self.num_classes, nn.Dropout(self.dropout_rate, deterministic=not train), self.dtype)
 
 
 PRESETS: dict[str, functools.partial] = {
