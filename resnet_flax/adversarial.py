@@ -10,16 +10,21 @@
   around the image; this starts uniformly in the ball, as the other two do.
 
 The attack runs on the augmented (and mixed) batch in pixel space, the normalisation inside the
-attacked function, and runs the model as training does (batch statistics, the step's dropout) but
-keeps none of its BatchNorm updates: the statistics move only with the images trained on, as in the
-authors' PyTorch code, where the attack runs in train mode. Its random start is a stream of its own
-(folded from the step's key), so the augmentation and mixing of a step are those of plain training.
+attacked function. For fgsm_rs and pgd it runs the model as training does (batch statistics, the
+step's dropout), as Wong's and Madry's code does, but keeps none of its BatchNorm updates: the
+statistics move only with the images trained on; TRADES' code attacks in inference mode, and so does
+this. Its random start is a stream of its own (folded from the step's key with a number no split
+reaches), so the augmentation and mixing of a step are those of plain training.
 
 FGSM training can collapse suddenly ("catastrophic overfitting", fast_adversarial#4): robust accuracy
 drops to ~0 within an epoch while clean accuracy jumps. `Guard` is Wong et al.'s early stop: at each
 evaluation a PGD attack on a fixed held-out batch (the validation split's first images, else the
 training split's, as theirs) and training stops when its accuracy falls `guard_drop` below the best so far
-(theirs compares with the previous check, which a slow decline can pass under).
+(theirs compares with the previous check, which a slow decline can pass under). Its best is not kept
+across a restart: a resumed run watches from where it resumed.
+
+The training metrics (loss, accuracy) are those of the images trained on: the adversarial ones for
+fgsm_rs and pgd, the clean ones for trades.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ from resnet_flax.errors import ConfigError
 
 METHODS = ('none', 'fgsm_rs', 'pgd', 'trades')
 FGSM_RS_STEP = 1.25  # x epsilon: Wong et al.'s step from the random start.
-PGD_STEP = 2.5  # x epsilon / steps: Madry et al.'s step.
 GUARD_ATTACK = 'pgd5'  # Wong et al.'s check: PGD with 5 steps and 1 restart.
 GUARD_METRIC = 'guard_pgd_accuracy'  # In the evaluation metrics (TensorBoard eval_guard_pgd_accuracy).
 
@@ -51,6 +55,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if adversarial.method not in METHODS:
     raise ConfigError(
       f'--config.adversarial.method={adversarial.method!r} is invalid: choose one of {", ".join(METHODS)}'
+    )
+  if adversarial.method != 'none' and not adversarial.epsilon:
+    raise ConfigError(
+      f'--config.adversarial.method={adversarial.method} with adversarial.epsilon=0 trains on the clean images '
+      'at twice the cost or more: set a radius (e.g. --config.adversarial.epsilon=8/255) or method=none'
     )
   if adversarial.method != 'none' and config.distill.teacher:
     raise ConfigError(
@@ -65,7 +74,7 @@ def step_size(adversarial: ml_collections.ConfigDict) -> float:
     return adversarial.step_size
   if adversarial.method == 'fgsm_rs':
     return FGSM_RS_STEP * adversarial.epsilon
-  return PGD_STEP * adversarial.epsilon / adversarial.steps
+  return attacks.PGD_STEP * adversarial.epsilon / adversarial.steps
 
 
 def num_steps(adversarial: ml_collections.ConfigDict) -> int:
@@ -167,8 +176,9 @@ def guard_metric_fn(apply: Callable, epsilon: float, seed: int) -> Callable[[dic
 
   def metric(variables, batch) -> dict[str, float]:
     pixels = batch['image'].astype(jnp.float32) / 255
-    result = attacker.run(variables, attack, pixels, batch['label'], epsilon, jax.random.key(seed))
-    real = np.asarray(jax.device_get(batch['mask'])) > 0
-    return {GUARD_METRIC: float(np.mean(~np.asarray(jax.device_get(result.fooled))[real]))}
+    keys = attacks.start_keys(seed, attack, epsilon, jnp.arange(len(pixels)))
+    fooled = attacker.run(variables, attack, pixels, batch['label'], epsilon, keys).fooled
+    real = attacks.on_host(batch['mask']) > 0
+    return {GUARD_METRIC: float(np.mean(~attacks.on_host(fooled)[real]))}
 
   return metric

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from resnet_flax.errors import ConfigError
 
@@ -47,6 +48,8 @@ APGD_FIRST_INTERVAL = 0.22  # Checkpoints: the first after 22% of the iterations
 APGD_INTERVAL_DECREASE = 0.03  # ... each next interval 3% of them shorter, ...
 APGD_MIN_INTERVAL = 0.06  # ... down to 6%.
 APGD_DEFAULT_STEPS = 100  # AutoAttack's iterations per restart.
+APGD_FIRST_STEP = 2.0  # x epsilon: eta^(0).
+PGD_STEP = 2.5  # x epsilon / steps: Madry et al.'s step.
 
 
 # Losses, per example, in float32.
@@ -162,6 +165,14 @@ class Attack:
   steps: int
   loss: str = 'ce'  # Of LOSSES.
 
+  def step_size(self, epsilon):
+    """FGSM: ε (Goodfellow et al.); PGD: 2.5 ε / steps (Madry et al.); APGD: 2 ε at first, then adaptive."""
+    return {'fgsm': 1.0, 'pgd': PGD_STEP / self.steps, 'apgd': APGD_FIRST_STEP}[self.kind] * epsilon
+
+  def runs_at(self, epsilon: float, main_epsilon: float) -> bool:
+    """Whether the report runs it at `epsilon`: APGD (a hundred iterations) at the main radius only."""
+    return self.kind != 'apgd' or epsilon == main_epsilon
+
 
 ATTACK_NAMES = 'fgsm | pgd<steps> (e.g. pgd20) | apgd_ce | apgd_dlr (optionally with <steps>, default 100)'
 
@@ -212,6 +223,7 @@ def pgd_step(x_adv, x, labels, fooled, kept, epsilon, step_size, *, logits_fn, n
 
 
 def check(x_adv, labels, fooled, kept, *, logits_fn):
+  """Records whether `x_adv` fools the model (`_record`), without a step."""
   return _record(fooled, kept, logits_fn(x_adv), labels, x_adv)
 
 
@@ -241,19 +253,21 @@ def apgd_start(x_start, x, labels, epsilon, *, logits_fn, norm, loss) -> ApgdSta
   losses, logits, gradient = loss_and_gradient(logits_fn, loss, x_start, labels)
   fooled, kept = _record(jnp.zeros(len(x), bool), x_start, logits, labels, x_start)
   return ApgdState(
-    x_start,
-    x_start,
-    gradient,
-    losses,
-    x_start,
-    gradient,
-    losses,
-    jnp.full(len(x), 2.0, jnp.float32) * epsilon,  # eta^(0) = 2 epsilon.
-    jnp.zeros(len(x), jnp.int32),
-    losses,
-    jnp.zeros(len(x), bool),
-    fooled,
-    kept,
+    x_adv=x_start,
+    x_previous=x_start,
+    gradient=gradient,
+    loss=losses,
+    x_best=x_start,
+    gradient_best=gradient,
+    loss_best=losses,
+    step_size=jnp.full(len(x), APGD_FIRST_STEP, jnp.float32) * epsilon,
+    increases=jnp.zeros(len(x), jnp.int32),
+    loss_best_at_check=losses,
+    # As AutoAttack's code: the first checkpoint halves only oscillating examples (the paper's condition 2
+    # would also halve those whose loss did not improve since the start).
+    reduced_at_check=jnp.ones(len(x), bool),
+    fooled=fooled,
+    kept=kept,
   )
 
 
@@ -319,7 +333,9 @@ class Attacker:
     bound = lambda fn, **kw: jax.jit(
       lambda variables, *args: fn(*args, logits_fn=functools.partial(apply, variables), **kw)
     )
-    self._start = jax.jit(functools.partial(random_start, norm=norm))
+    # One key per example: an example's start never depends on the batch it is in.
+    start_one = lambda key, x, epsilon: random_start(key, x[None], epsilon, norm)[0]
+    self._start = jax.jit(jax.vmap(start_one, in_axes=(0, 0, None)))
     self._correct = jax.jit(lambda variables, x, labels: ~_wrong(apply(variables, x), labels))
     self._check = bound(check)
     self._pgd_step = bound(pgd_step, norm=norm)
@@ -330,20 +346,21 @@ class Attacker:
     """[N] bool: the clean images classified correctly."""
     return self._correct(variables, x, labels)
 
-  def run(self, variables, attack: Attack, x: jax.Array, labels: jax.Array, epsilon: float, key: jax.Array) -> Result:
+  def run(self, variables, attack: Attack, x: jax.Array, labels: jax.Array, epsilon: float, keys: jax.Array) -> Result:
+    """`attack` on the images `x` [N, H, W, C] in [0, 1]; `keys` [N] draw each example's random start."""
     attack_fn = {'fgsm': self._fgsm, 'pgd': self._pgd, 'apgd': self._apgd}[attack.kind]
-    return attack_fn(variables, attack, x, labels, jnp.float32(epsilon), key)
+    return attack_fn(variables, attack, x, labels, jnp.float32(epsilon), keys)
 
-  def _fgsm(self, variables, attack, x, labels, epsilon, key):
+  def _fgsm(self, variables, attack, x, labels, epsilon, keys):
     """One step of size ε from the clean image, no random start (Goodfellow et al. 2015)."""
     fooled = jnp.zeros(len(x), bool)
-    x_adv, fooled, kept = self._pgd_step(variables, x, x, labels, fooled, x, epsilon, epsilon)
+    x_adv, fooled, kept = self._pgd_step(variables, x, x, labels, fooled, x, epsilon, attack.step_size(epsilon))
     return self._finish(variables, x_adv, labels, fooled, kept)
 
-  def _pgd(self, variables, attack, x, labels, epsilon, key):
+  def _pgd(self, variables, attack, x, labels, epsilon, keys):
     """Madry et al. 2018 from a random start, step 2.5 ε / steps; the clean image is checked too."""
     fooled, kept = self._check(variables, x, labels, jnp.zeros(len(x), bool), x)
-    x_adv, step_size = self._start(key, x, epsilon), 2.5 * epsilon / attack.steps
+    x_adv, step_size = self._start(keys, x, epsilon), attack.step_size(epsilon)
     for _ in range(attack.steps):
       x_adv, fooled, kept = self._pgd_step(variables, x_adv, x, labels, fooled, kept, epsilon, step_size)
     return self._finish(variables, x_adv, labels, fooled, kept)
@@ -353,10 +370,10 @@ class Attacker:
     fooled, kept = self._check(variables, x_adv, labels, fooled, kept)
     return Result(_select(fooled, kept, x_adv), fooled)
 
-  def _apgd(self, variables, attack, x, labels, epsilon, key):
+  def _apgd(self, variables, attack, x, labels, epsilon, keys):
     """APGD from a uniformly random start in the ball; the result is the fooling iterate, else the best."""
     fooled, _ = self._check(variables, x, labels, jnp.zeros(len(x), bool), x)
-    state = self._apgd_start[attack.loss](variables, self._start(key, x, epsilon), x, labels, epsilon)
+    state = self._apgd_start[attack.loss](variables, self._start(keys, x, epsilon), x, labels, epsilon)
     checkpoints = apgd_checkpoints(attack.steps)
     for iteration in range(1, attack.steps + 1):
       momentum = 1.0 if iteration == 1 else APGD_MOMENTUM  # No previous step to carry on the first.
@@ -372,40 +389,50 @@ class Attacker:
 class Batch:
   pixels: jax.Array  # [B, H, W, C] in [0, 1].
   labels: jax.Array  # [B] model class indices.
+  indices: jax.Array  # [B] each example's index in its split: the key of its random starts.
   real: np.ndarray  # [B] bool, on the host: False for padding.
+
+
+def start_keys(seed: int, attack: Attack, epsilon: float, indices: jax.Array) -> jax.Array:
+  """[B] keys of the random starts: a pure function of (seed, attack, ε, example), whatever the batch size
+  or the other radii and attacks, so attacks and runs compare per example."""
+  key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(attack.name.encode()))
+  key = jax.random.fold_in(key, int(np.float32(epsilon).view(np.uint32)))
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
+
+
+def on_host(values: jax.Array) -> np.ndarray:
+  """A batch-sharded array, whole, on every process's host."""
+  return np.asarray(multihost_utils.process_allgather(values, tiled=True))
 
 
 def fooled_per_example(
   attacker: Attacker,
   variables,
   batches: Iterable[Batch],
-  names: Sequence[str],
+  attacks: Sequence[Attack],
   epsilons: Sequence[float],
-  apgd_epsilon: float,
+  main_epsilon: float,
   seed: int,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
   """(clean correct [N], {attack: fooled [len(epsilons), N]}, {attack: seconds}) over the real examples.
 
   An example fooled at a smaller ε counts as fooled at every larger one (the smaller ball lies inside
-  the larger; `epsilons` ascend), so accuracy never rises with ε. APGD (a hundred iterations) runs at
-  `apgd_epsilon` only: below it its rows hold the clean mistakes alone. The random starts are a pure
-  function of (seed, batch, attack, ε): the same examples meet the same starts in every run and every
-  attack list, so attacks compare per example."""
-  attacks = [parse(name) for name in names]
-  correct, fooled, seconds = [], {name: [] for name in names}, dict.fromkeys(names, 0.0)
-  for b, batch in enumerate(batches):
+  the larger; `epsilons` ascend), so accuracy never rises with ε. Where an attack does not run
+  (`Attack.runs_at`) its row holds the clean mistakes, plus what smaller radii fooled."""
+  correct, fooled, seconds = [], {a.name: [] for a in attacks}, {a.name: 0.0 for a in attacks}
+  for batch in batches:
     batch_correct = attacker.correct(variables, batch.pixels, batch.labels)
-    correct.append(np.asarray(jax.device_get(batch_correct))[batch.real])
+    correct.append(on_host(batch_correct)[batch.real])
     for attack in attacks:
       start, rows = time.perf_counter(), []
-      for e, epsilon in enumerate(epsilons):
-        if attack.kind == 'apgd' and epsilon != apgd_epsilon:
+      for epsilon in epsilons:
+        if not attack.runs_at(epsilon, main_epsilon):
           rows.append(~batch_correct)
           continue
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), b), e)
-        key = jax.random.fold_in(key, zlib.crc32(attack.name.encode()))
-        rows.append(attacker.run(variables, attack, batch.pixels, batch.labels, epsilon, key).fooled)
-      fooled[attack.name].append(np.asarray(jax.device_get(jnp.stack(rows)))[:, batch.real])
+        keys = start_keys(seed, attack, epsilon, batch.indices)
+        rows.append(attacker.run(variables, attack, batch.pixels, batch.labels, epsilon, keys).fooled)
+      fooled[attack.name].append(on_host(jnp.stack(rows, axis=1))[batch.real].T)
       seconds[attack.name] += time.perf_counter() - start
   fooled = {name: np.logical_or.accumulate(np.concatenate(rows, axis=1), axis=0) for name, rows in fooled.items()}
   return np.concatenate(correct), fooled, seconds
@@ -416,33 +443,34 @@ def robustness_report(
 ) -> dict[str, Any]:
   """The `adversarial` entry of report.json: accuracy under each attack of `eval_config.attacks` and under
   their per-example worst case, at `eval_config.epsilon` and along the ε curve of `eval_config.epsilon_curve`
-  (fractions of ε; APGD's curve starts at ε: `fooled_per_example`)."""
+  (fractions of ε; APGD at ε only, None elsewhere)."""
   epsilon = float(eval_config.epsilon)
   epsilons = sorted({epsilon, *(epsilon * f for f in eval_config.epsilon_curve)})
-  correct, fooled, seconds = fooled_per_example(
-    attacker, variables, batches, eval_config.attacks, epsilons, epsilon, seed
-  )
+  attacks = [parse(name) for name in eval_config.attacks]
+  correct, fooled, seconds = fooled_per_example(attacker, variables, batches, attacks, epsilons, epsilon, seed)
   worst = np.any(np.stack(list(fooled.values())), axis=0)
   at = epsilons.index(epsilon)
-  accuracy = lambda rows: [float(np.mean(~row)) for row in rows]
-  run_at = lambda name: [e >= epsilon or parse(name).kind != 'apgd' for e in epsilons]
-  curve = lambda name: [a if ran else None for a, ran in zip(accuracy(fooled[name]), run_at(name), strict=True)]
+
+  def curve(rows: np.ndarray, attack: Attack | None = None) -> list[float | None]:
+    ran = [attack is None or attack.runs_at(e, epsilon) for e in epsilons]
+    return [float(np.mean(~row)) if r else None for row, r in zip(rows, ran, strict=True)]
+
   return {
     'norm': attacker.norm,
     'epsilon': epsilon,
     'epsilon_times_255': epsilon * 255,
     'examples': len(correct),
     'clean_accuracy': float(correct.mean()),
-    'accuracy': {name: accuracy(rows)[at] for name, rows in fooled.items()},
-    'worst_case_accuracy': accuracy(worst)[at],
-    'curve': {'epsilons': epsilons, **{name: curve(name) for name in fooled}, 'worst_case': accuracy(worst)},
-    'attacks': {name: describe(parse(name), epsilon, seconds[name]) for name in eval_config.attacks},
+    'accuracy': {a.name: curve(fooled[a.name], a)[at] for a in attacks},
+    'worst_case_accuracy': curve(worst)[at],
+    'curve': {'epsilons': epsilons, **{a.name: curve(fooled[a.name], a) for a in attacks}, 'worst_case': curve(worst)},
+    'attacks': {a.name: describe(a, epsilon, seconds[a.name]) for a in attacks},
   }
 
 
 def describe(attack: Attack, epsilon: float, seconds: float) -> dict[str, Any]:
   """An attack's settings, for the report."""
-  step_size = {'fgsm': epsilon, 'pgd': 2.5 * epsilon / attack.steps, 'apgd': 2 * epsilon}[attack.kind]
+  step_size = attack.step_size(epsilon)
   return {
     'steps': attack.steps,
     'loss': attack.loss,

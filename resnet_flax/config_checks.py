@@ -76,7 +76,8 @@ def _attacks(v) -> str | None:
     [attacks.parse(name) for name in v]
   except ConfigError as e:
     return str(e).removeprefix('eval.attacks: ')
-  return None
+  repeated = sorted({name for name in v if list(v).count(name) > 1})
+  return f'{", ".join(repeated)} named more than once' if repeated else None
 
 
 def _fractions_of_epsilon(v) -> str | None:
@@ -144,7 +145,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'eval.attacks': _attacks,
   'eval.epsilon': _non_negative,
   'eval.attack_norm': _choice(attacks.NORMS),
-  'eval.attack_examples': _non_negative,
+  'eval.attack_examples': _whole_number,
   'eval.epsilon_curve': _fractions_of_epsilon,
   'eval.corruptions': corruptions.check_names,
   'eval.corruption_examples': _whole_number,

@@ -108,6 +108,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     label_to_model = model_indices(split.class_names, run.info.class_names)
     mesh = distributed.create_mesh()
     restored = restore(manager, run, step, mesh, config.quantize)
+  check_attackable(config, restored)
   start = time.perf_counter()
   outputs = forward(restored, split, config.eval_batch_size, config.eval.tta, mesh)
   logging.info('Evaluated %d images in %.1f s', len(split), time.perf_counter() - start)
@@ -147,28 +148,36 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   return results
 
 
+def check_attackable(config: ml_collections.ConfigDict, restored: Restored) -> None:
+  """Refuses, before any work, attacks that cannot measure this model."""
+  for name in config.eval.attacks:
+    attacks.parse(name, restored.run.info.num_classes)
+  if config.eval.attacks and restored.quantized is not None:
+    raise ConfigError(
+      'eval.attacks: the model serves in int8 (quantize.mode=ptq, or a run trained with qat, which always does); '
+      'rounding makes its gradients zero almost everywhere, so the attacks would measure that instead of its '
+      'robustness: attack a float run with --config.quantize.mode=none'
+    )
+
+
 def adversarial_metrics(
   restored: Restored, split: ImageData, label_to_model: np.ndarray, config: ml_collections.ConfigDict, mesh: Mesh
 ) -> dict[str, Any]:
   """The `adversarial` entry of report.json (`attacks.robustness_report`) on `eval.attack_examples` test images."""
-  if restored.quantized is not None:
-    raise ConfigError(
-      'eval.attacks: an int8 model has zero gradients almost everywhere (rounding), so attacks would measure '
-      'that instead of robustness; attack the float model with --config.quantize.mode=none'
-    )
   info = restored.run.info
-  chosen = data.stratified_subset(split.labels, config.eval.attack_examples, ATTACK_SEED)
-  subset = ImageData(split.images[chosen], label_to_model[split.labels[chosen]].astype(np.int32), info.class_names)
+  indices = data.stratified_subset(split.labels, config.eval.attack_examples, ATTACK_SEED)
+  subset = ImageData(split.images[indices], label_to_model[split.labels[indices]].astype(np.int32), info.class_names)
   apply = lambda variables, pixels: restored.model.apply(
     variables, augment.normalize(pixels * 255, info.pixel_mean, info.pixel_std), train=False
   )
-  attacker = attacks.Attacker(apply, config.eval.attack_norm)
-  batches = (
-    attacks.Batch(images.astype(jnp.float32) / 255, labels, real)
-    for images, labels, real in sharded_batches(subset, config.eval_batch_size, mesh)
-  )
   start = time.perf_counter()
-  results = attacks.robustness_report(attacker, restored.variables, batches, config.eval, ATTACK_SEED)
+  results = attacks.robustness_report(
+    attacks.Attacker(apply, config.eval.attack_norm),
+    restored.variables,
+    attack_batches(subset, indices, config.eval_batch_size, mesh),
+    config.eval,
+    ATTACK_SEED,
+  )
   logging.info(
     'Attacked %d images in %.0f s: %s, worst case %.4f (clean %.4f) at %s epsilon %.4g',
     results['examples'],
@@ -181,6 +190,17 @@ def adversarial_metrics(
   )
   chosen = 'all test images' if len(subset) == len(split) else f'class-stratified by seed {ATTACK_SEED}'
   return {'examples_chosen': f'{chosen} (data.stratified_subset), the same in every run', **results}
+
+
+def attack_batches(subset: ImageData, indices: np.ndarray, batch_size: int, mesh: Mesh) -> Iterator[attacks.Batch]:
+  """`subset` in sharded batches of pixels in [0, 1], with each example's index in the test split."""
+  sharding, local = input_pipeline.data_sharding(mesh), input_pipeline.process_slice(batch_size)
+  for start, (images, labels, real) in zip(
+    range(0, len(subset), batch_size), sharded_batches(subset, batch_size, mesh), strict=True
+  ):
+    batch_indices = np.pad(indices[start : start + batch_size], (0, batch_size - int(real.sum())))
+    batch_indices = jax.make_array_from_process_local_data(sharding, batch_indices[local].astype(np.int32))
+    yield attacks.Batch(images.astype(jnp.float32) / 255, labels, batch_indices, real)
 
 
 def write_predictions(outputs: dict[str, np.ndarray], labels: np.ndarray, label_to_model: np.ndarray, path: str):

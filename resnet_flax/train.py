@@ -46,7 +46,7 @@ from resnet_flax import (
 from resnet_flax.errors import BudgetError, ConfigError
 from resnet_flax.workdir import RunInfo, Steps, check_resumable, check_writable
 
-ADVERSARIAL_STREAM = 1  # Folded into a step's key for the adversarial attack's random start.
+ADVERSARIAL_STREAM = 2**32 - 2  # fold_in data of the attack's random start; split(step_key, 3)'s keys differ.
 WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
 
 
@@ -167,7 +167,11 @@ def train_step(
   )
   method = config.adversarial.method
   if method != 'none':  # Also outside the loss: SAM's ascent keeps the step's adversarial images.
-    attacked = lambda x: forward({'params': state.params, 'batch_stats': state.batch_stats}, x)[0]
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    if method == 'trades':  # TRADES' code attacks in eval mode; Wong's and Madry's in train mode.
+      attacked = lambda x: state.apply_fn(variables, x, train=False)
+    else:
+      attacked = lambda x: forward(variables, x)[0]
     attack_key = jax.random.fold_in(step_key, ADVERSARIAL_STREAM)
     adversarial_images = adversarial.perturb(attacked, images, targets, attack_key, config.adversarial, mean, std)
     images = images if method == 'trades' else adversarial_images
@@ -310,11 +314,12 @@ def guarded(
 ) -> tuple[Callable, adversarial.Guard]:
   """`evaluate_fn` that also measures the overfitting guard's PGD accuracy, and the guard."""
   split, what = adversarial.guard_split(splits, config.eval_batch_size)
-  batch = pipeline.eval_batches(split, config.eval_batch_size)[0]
   apply = lambda variables, pixels: model.apply(variables, augment.normalize(pixels * 255, mean, std), train=False)
   guard_metric = adversarial.guard_metric_fn(apply, config.adversarial.epsilon, config.seed)
   logging.info('Overfitting guard: %s on %s at every evaluation', adversarial.GUARD_ATTACK, what)
-  guarded_fn = lambda state: {**evaluate_fn(state), **guard_metric(state.eval_variables(), batch)}
+  # `split` lives as long as the closure: the pipeline keeps its batches on the devices by its id.
+  batch = lambda: pipeline.eval_batches(split, config.eval_batch_size)[0]
+  guarded_fn = lambda state: {**evaluate_fn(state), **guard_metric(state.eval_variables(), batch())}
   return guarded_fn, adversarial.Guard(config.adversarial.guard_drop, what)
 
 

@@ -2,6 +2,8 @@
 ε = 0, no gain from a larger ε, ~0% at 64/255, the worst case below each attack, APGD below PGD-20."""
 
 import json
+import shutil
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import attacks, augment, cli, config_checks
+from resnet_flax import attacks, augment, cli, config_checks, evaluate
 from resnet_flax.errors import ConfigError
 
 from helpers import restore_smoke_run
@@ -31,6 +33,11 @@ def accuracy(result: attacks.Result) -> float:
   return float(np.mean(~np.asarray(result.fooled)))
 
 
+def attack(attacker, variables, name, x, labels, epsilon, seed=0) -> attacks.Result:
+  keys = attacks.start_keys(seed, attacks.parse(name), epsilon, jnp.arange(len(x)))
+  return attacker.run(variables, attacks.parse(name), x, labels, epsilon, keys)
+
+
 @pytest.mark.parametrize(
   'norm,epsilon,names',
   [('linf', 8 / 255, ('fgsm', 'pgd5', 'apgd_ce10', 'apgd_dlr10')), ('l2', 1.0, ('fgsm', 'pgd5', 'apgd_ce10'))],
@@ -39,7 +46,7 @@ def test_adversarial_images_stay_in_the_ball_and_in_range(model, norm, epsilon, 
   apply, variables, x, labels = model
   attacker = attacks.Attacker(apply, norm)
   for name in names:
-    adversarial = attacker.run(variables, attacks.parse(name), x, labels, epsilon, jax.random.key(0)).adversarial
+    adversarial = attack(attacker, variables, name, x, labels, epsilon).adversarial
     delta = np.asarray(adversarial - x).reshape(len(x), -1)
     distance = np.abs(delta).max(axis=1) if norm == 'linf' else np.linalg.norm(delta, axis=1)
     assert distance.max() <= epsilon + 1e-6, name
@@ -52,8 +59,7 @@ def test_accuracy_falls_with_epsilon_from_clean_to_zero(model):
   attacker = attacks.Attacker(apply, 'linf')
   clean = float(np.mean(np.asarray(attacker.correct(variables, x, labels))))
   assert clean > 0.9  # A trained model, or nothing below means much.
-  pgd = attacks.parse('pgd10')
-  curve = [accuracy(attacker.run(variables, pgd, x, labels, e / 255, jax.random.key(1))) for e in (0, 4, 16, 64)]
+  curve = [accuracy(attack(attacker, variables, 'pgd10', x, labels, e / 255, seed=1)) for e in (0, 4, 16, 64)]
   assert curve[0] == clean  # ε = 0 is the clean accuracy, exactly.
   assert curve == sorted(curve, reverse=True)  # Each attack run on its own, not the reported running minimum.
   assert curve[-1] <= 0.02  # At 64/255 a standard model is fooled on (almost) every image.
@@ -66,8 +72,7 @@ def test_apgd_is_at_least_as_strong_as_pgd20(model):
   attacker = attacks.Attacker(apply, 'linf')
   epsilon = 16 / 255
   fooled = {
-    name: np.asarray(attacker.run(variables, attacks.parse(name), x, labels, epsilon, jax.random.key(2)).fooled)
-    for name in ('pgd20', 'apgd_ce')
+    name: np.asarray(attack(attacker, variables, name, x, labels, epsilon, 2).fooled) for name in ('pgd20', 'apgd_ce')
   }
   assert 0.1 < np.mean(~fooled['pgd20']) < 0.95  # Partly robust: the comparison can go either way.
   assert np.mean(~fooled['apgd_ce']) <= np.mean(~fooled['pgd20'])
@@ -77,10 +82,8 @@ def test_report_worst_case_and_curve(model):
   apply, variables, x, labels = model
   config = smoke.get_config().eval
   config.attacks, config.epsilon, config.epsilon_curve = ('fgsm', 'pgd5', 'apgd_dlr10'), 16 / 255, (0.0001, 0.5)
-  batches = [
-    attacks.Batch(x[:32], labels[:32], np.ones(32, bool)),
-    attacks.Batch(x[32:], labels[32:], np.ones(32, bool)),
-  ]
+  halves = (slice(0, 32), slice(32, None))
+  batches = [attacks.Batch(x[h], labels[h], jnp.arange(EXAMPLES)[h], np.ones(32, bool)) for h in halves]
   report = attacks.robustness_report(attacks.Attacker(apply, 'linf'), variables, batches, config, seed=0)
   assert report['examples'] == EXAMPLES
   assert report['curve']['epsilons'] == sorted(report['curve']['epsilons'])
@@ -92,6 +95,23 @@ def test_report_worst_case_and_curve(model):
   assert min(report['accuracy'].values()) < report['clean_accuracy']
   assert report['curve']['worst_case'][0] == pytest.approx(report['clean_accuracy'], abs=1 / EXAMPLES)
   json.dumps(report)  # It goes into report.json as it is.
+
+
+def test_an_examples_attack_does_not_depend_on_its_batch(model):
+  """The random start is keyed by the example's index: the same example, attacked in another batch with
+  other neighbours, gets the same adversarial image."""
+  apply, variables, x, labels = model
+  attacker, pgd, epsilon = attacks.Attacker(apply, 'linf'), attacks.parse('pgd3'), 8 / 255
+  indices = jnp.arange(EXAMPLES)
+  whole = attacker.run(variables, pgd, x, labels, epsilon, attacks.start_keys(0, pgd, epsilon, indices))
+  part = slice(16, 24)
+  keys = attacks.start_keys(0, pgd, epsilon, indices[part])
+  alone = attacker.run(variables, pgd, x[part], labels[part], epsilon, keys)
+  np.testing.assert_allclose(alone.adversarial, whole.adversarial[part], atol=1e-6)
+  other = attacks.start_keys(1, pgd, epsilon, indices[part])
+  assert not np.allclose(
+    attacker.run(variables, pgd, x[part], labels[part], epsilon, other).adversarial, alone.adversarial
+  )
 
 
 def test_dlr_loss_ignores_shifting_and_scaling_the_logits():
@@ -114,6 +134,7 @@ def test_apgd_checkpoints_are_those_of_the_paper():
     (('pgd',), "unknown attack 'pgd'"),
     (('cw',), "unknown attack 'cw'"),
     (('pgd20', 3), 'must be a tuple of attack names'),
+    (('fgsm', 'pgd5', 'fgsm'), 'fgsm named more than once'),
   ],
 )
 def test_a_bad_attack_name_is_one_line(attacks_field, message):
@@ -124,13 +145,35 @@ def test_a_bad_attack_name_is_one_line(attacks_field, message):
   assert '\n' not in str(error.value)
 
 
-def test_dlr_needs_three_classes():
+def test_dlr_needs_three_classes_and_int8_is_not_attacked_before_any_work():
+  two_classes = lambda quantized=None: SimpleNamespace(
+    run=SimpleNamespace(info=SimpleNamespace(num_classes=2)), quantized=quantized
+  )
+  config = smoke.get_config()
+  config.eval.attacks = ('pgd5', 'apgd_dlr')
   with pytest.raises(ConfigError, match='apgd_dlr needs at least 3 classes'):
-    attacks.parse('apgd_dlr', num_classes=2)
-  assert attacks.parse('apgd_ce', num_classes=2).loss == 'ce'
+    evaluate.check_attackable(config, two_classes())
+  config.eval.attacks = ('pgd5', 'apgd_ce')
+  evaluate.check_attackable(config, two_classes())
+  with pytest.raises(ConfigError, match='serves in int8'):
+    evaluate.check_attackable(config, two_classes(quantized='ptq'))
 
 
 def test_radii_may_be_written_as_fractions_of_255():
   assert cli.with_fractions('--config.eval.epsilon=8/255') == f'--config.eval.epsilon={8 / 255!r}'
   assert cli.with_fractions('--config.adversarial.step_size=2.5/255') == f'--config.adversarial.step_size={2.5 / 255!r}'
   assert cli.with_fractions('--config.data.path=1/2') == '--config.data.path=1/2'  # Only radii and step sizes.
+
+
+def test_evaluate_reports_robust_accuracy_and_plots_it(straight_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight_run, workdir)
+  config = smoke.get_config()
+  config.eval.attacks, config.eval.attack_examples, config.eval.epsilon_curve = ('fgsm', 'pgd3'), 40, (0.5,)
+  report = evaluate.evaluate_checkpoint(config, str(workdir))['adversarial']
+  assert report['examples'] == 40 and 'class-stratified by seed 0' in report['examples_chosen']
+  assert report['curve']['epsilons'] == [4 / 255, 8 / 255]
+  assert report['worst_case_accuracy'] <= min(report['accuracy'].values()) <= report['clean_accuracy']
+  (directory,) = (workdir / 'eval').iterdir()
+  assert json.loads((directory / 'report.json').read_text())['adversarial'] == report
+  assert (directory / 'accuracy_vs_epsilon.png').stat().st_size > 10_000
