@@ -55,6 +55,7 @@ def test_guard_stops_at_a_drop_below_the_best():
   assert not adversarial.Guard(drop=0.0, what='a batch').update(10, metric(0.0))  # 0: off.
 
 
+@pytest.mark.slow
 def test_the_guard_ends_training_and_the_collapsed_model_never_ranks(tmp_path, monkeypatch, caplog):
   """Scripted guard accuracies collapse at the 3rd evaluation: training stops there with a checkpoint,
   and the best checkpoint stays one from before, though that one's validation accuracy is lower."""

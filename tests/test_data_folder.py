@@ -239,6 +239,7 @@ def test_cache_dir_and_fallbacks(small_folder, tmp_path, monkeypatch, caplog):
   assert 'no cache directory among' in caplog.text and len(splits['train']) == 9
 
 
+@pytest.mark.slow
 def test_real_cifar10_jpeg_folder(cifar10_jpeg_dir, tmp_path):
   config = data_config(cifar10_jpeg_dir, cache_dir=tmp_path / 'cache')
   start = time.perf_counter()

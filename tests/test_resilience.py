@@ -76,6 +76,7 @@ def test_twenty_sigkills_at_random_moments_lose_nothing(straight_run, tmp_path):
   assert max(steps_lost) <= 2 * 2  # The interval, plus the save in flight when the kill came.
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path):
   assert run_main(tmp_path)[0] == 0  # Smoke: 16 steps, checkpoints 15 and 16 kept.
   for blob in (tmp_path / 'checkpoints' / '16').rglob('d/*'):
