@@ -89,6 +89,7 @@ def test_corrupt_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp
   assert finished_steps(tmp_path)[-1] == 24
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
   assert run_main(tmp_path)[0] == 0
   before = load_checkpoint(tmp_path, 16)

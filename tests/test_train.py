@@ -44,6 +44,7 @@ def test_rerun_of_a_complete_run_says_so_and_exits_zero(straight_run):
   assert finished_steps(straight_run)[-1] == TOTAL_STEPS
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
   process = run_main(tmp_path, wait=False)
   deadline = time.time() + 120
@@ -64,6 +65,7 @@ def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
   assert final_eval(tmp_path) == final_eval(straight_run)
 
 
+@pytest.mark.slow
 def test_four_devices_give_the_losses_of_one(straight_run, tmp_path):
   returncode, output = run_main(tmp_path, devices=4)
   assert returncode == 0, output
