@@ -5,6 +5,7 @@
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=predict --predict_paths=a.png,dir/
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=export [--export_formats=tflite,onnx]
   python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=explain [--predict_paths=a.png,dir/]
+  python main.py --config=configs/resnet34.py --workdir=runs/r34 --mode=lr_find [--lr_find_steps=300]
 
 Running the same command again resumes from the checkpoints in the workdir.
 """
@@ -14,13 +15,13 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_flax import cli, evaluate, explain, export, predict, train
+from resnet_flax import cli, evaluate, explain, export, lr_find, predict, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard events and reports.')
 flags.DEFINE_enum(
-  'mode', 'train', ['train', 'evaluate', 'predict', 'export', 'explain'], 'What to do with the workdir.'
+  'mode', 'train', ['train', 'evaluate', 'predict', 'export', 'explain', 'lr_find'], 'What to do with the workdir.'
 )
 flags.DEFINE_list('predict_paths', [], '--mode=predict|explain: image files and folders, comma-separated.')
 flags.DEFINE_integer('top_k', 5, '--mode=predict: how many classes to show per image.', lower_bound=1)
@@ -33,6 +34,11 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   'explain_steps', None, '--mode=explain: integrated gradients steps (default: adaptive).', lower_bound=1
 )
+flags.DEFINE_integer(
+  'lr_find_steps', lr_find.DEFAULT_STEPS, '--mode=lr_find: steps of the learning-rate range test.', lower_bound=2
+)
+flags.DEFINE_float('lr_find_min', None, '--mode=lr_find: first learning rate (default: the config rate / 1000).')
+flags.DEFINE_float('lr_find_max', None, '--mode=lr_find: last learning rate (default: the config rate x 100).')
 flags.DEFINE_string(
   'compilation_cache_dir',
   os.path.expanduser('~/.cache/resnet_flax/jax'),
@@ -52,6 +58,9 @@ MODES = {
   'export': lambda: export.run_export(FLAGS.config, FLAGS.workdir, FLAGS.export_formats, FLAGS.export_test_images),
   'explain': lambda: explain.run_explain(
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.explain_per_class, FLAGS.explain_steps
+  ),
+  'lr_find': lambda: lr_find.run_lr_find(
+    FLAGS.config, FLAGS.workdir, FLAGS.lr_find_steps, FLAGS.lr_find_min, FLAGS.lr_find_max
   ),
 }
 

@@ -262,9 +262,11 @@ def jit_steps(
   steps_per_epoch: int,
   class_weights: np.ndarray | None = None,
   teacher: distill.Teacher | None = None,
+  stack_fn: Callable = train_stack,
 ) -> tuple[Callable, Callable]:
   """The sharded train and eval steps. The state is replicated and donated to the train step, which
-  takes a stack of batches (`train_stack`); the eval step takes one batch. `class_weights` (of
+  takes a stack of batches (`stack_fn`: `train_stack`, or the learning-rate finder's, which returns each
+  step's loss); the eval step takes one batch. `class_weights` (of
   `optim.class_weight_vector`) weigh the training loss only: the evaluation loss stays unweighted.
   A `teacher` (of `distill.load_teacher`) is distilled from: its weights enter the train step as an
   argument (replicated, never donated; not constants compiled into the program), bound here."""
@@ -274,7 +276,7 @@ def jit_steps(
   teacher_variables = None if teacher is None else teacher.variables
   train_stack_fn = jax.jit(
     functools.partial(
-      train_stack,
+      stack_fn,
       **step_kwargs,
       steps_per_epoch=steps_per_epoch,
       class_weights=class_weights,
@@ -333,8 +335,15 @@ def describe_validation(data_config: ml_collections.ConfigDict, splits: dict[str
   return f'the validation split of {size} images of the {data_config.source} data'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from `workdir` if it holds checkpoints) and returns the final eval metrics."""
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  on_evaluation: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+  """Trains (resuming from `workdir` if it holds checkpoints) and returns the final eval metrics.
+
+  `on_evaluation(step, metrics)` follows every evaluation (loop.TrainLoop.on_evaluation).
+  """
   config_checks.validate(config)
   check_writable(workdir)
   logging.info('Config:\n%s', config)
@@ -421,6 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       validates=bool(validation),
       ranks_from=prune.first_ranked_step(config, steps),
       guard=guard,
+      on_evaluation=on_evaluation,
     )
     eval_metrics = train_loop.run(state, start_step)
   finally:
