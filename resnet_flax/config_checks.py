@@ -107,6 +107,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
   'data.download': _choice((False, True)),
   'data.pipeline': _choice(sorted(input_pipeline.PIPELINES)),
   'data.sampling': _choice(input_pipeline.SAMPLINGS),
+  'data.train_examples': _non_negative,
   'data.validation_size': _non_negative,
   'data.image_size': lambda v: (
     None if isinstance(v, int) and v >= 0 else "must be 0 (the data's own size) or a size in pixels"

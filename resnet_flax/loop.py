@@ -108,6 +108,9 @@ class TrainLoop:
   validates: bool  # Whether `evaluate_fn` evaluates a validation split: only then may it choose a checkpoint.
   ranks_from: int = 0  # Earlier evaluations neither rank checkpoints nor stop early (pruning: its target step).
   guard: Any = None  # adversarial.Guard: stops adversarial training at catastrophic overfitting.
+  # Called with (step, metrics) after each evaluation's checkpoint is saved; what it raises ends training
+  # (a sweep's pruner: resnet_flax/sweep.py).
+  on_evaluation: Callable[[int, dict[str, float]], None] | None = None
 
   def run(self, state: TrainState, start_step: int) -> dict[str, float]:
     config, steps = self.config, self.steps
@@ -156,6 +159,8 @@ class TrainLoop:
         if force_save or self.manager.should_save(step):
           self._check_finite(state)
           checkpoint.save(self.manager, step, state, metrics=eval_metrics if ranks else None, force=force_save)
+        if is_eval_step and self.on_evaluation is not None:
+          self.on_evaluation(step, eval_metrics)
         if overfitting:
           logging.warning('Stopped: %s.', self.guard.reason())
           break

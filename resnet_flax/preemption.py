@@ -17,6 +17,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_received: list[str] = []  # Names of the stop signals this process got, in order.
+
+
+def received_signal() -> str | None:
+  """The first stop signal this process got during training, if any (a sweep then takes no new trial)."""
+  return _received[0] if _received else None
 
 
 class StopRequest:
@@ -42,6 +48,7 @@ class StopRequest:
       logging.warning('Second SIGINT: exiting now, without saving. The last complete checkpoint is intact.')
       os._exit(128 + signum)
     self.signal_name = name
+    _received.append(name)
     logging.warning('%s received: finishing the current step, then saving a checkpoint and exiting.', name)
 
   def requested(self) -> bool:

@@ -119,6 +119,12 @@ def _write_csv(path: str, columns: Sequence[str], rows: Iterable[Mapping[str, An
   os.replace(f'{path}.tmp', path)
 
 
+def read_csv_rows(logdir: str) -> list[dict[str, str]]:
+  """The rows of `<logdir>/metrics.csv` ([] without one); an empty string where a row has no value."""
+  path = os.path.join(logdir, METRICS_CSV)
+  return _read_csv(path)[1] if os.path.exists(path) else []
+
+
 def drop_csv_rows_after(logdir: str, step: int) -> None:
   """Keeps the rows of `<logdir>/metrics.csv` up to `step` (a killed run may have logged past its last
   checkpoint); also drops a last line a kill cut short."""

@@ -21,13 +21,6 @@ def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple
 
   `process` = (port, num_processes, process_id) starts one process of a multi-process job.
   """
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-    'JAX_PLATFORMS': 'cpu',
-    'TF_CPP_MIN_LOG_LEVEL': '3',
-    'PYTHONUNBUFFERED': '1',
-  }
   command = [
     sys.executable,
     'main.py',
@@ -39,6 +32,23 @@ def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple
   if process:
     port, count, index = process
     command += [f'--coordinator_address=localhost:{port}', f'--num_processes={count}', f'--process_id={index}']
+  return run_command(command, devices, wait)
+
+
+def run_sweep(*args, wait: bool = True):
+  """Runs `python -m resnet_flax.sweep *args`; returns (returncode, output), or the Popen if not `wait`."""
+  command = [sys.executable, '-m', 'resnet_flax.sweep', f'--compilation_cache_dir={COMPILATION_CACHE}', *args]
+  return run_command(command, devices=1, wait=wait)
+
+
+def run_command(command: list[str], devices: int, wait: bool):
+  env = {
+    **os.environ,
+    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'JAX_PLATFORMS': 'cpu',
+    'TF_CPP_MIN_LOG_LEVEL': '3',
+    'PYTHONUNBUFFERED': '1',
+  }
   popen = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if not wait:
     return popen

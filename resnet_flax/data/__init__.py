@@ -49,7 +49,8 @@ def load_splits(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
   """Returns {'train', 'test'} and, when the data has one, 'validation' for `data_config.source`.
 
   A source gives 'validation' when the dataset has its own (a `val/` folder, tfds's validation split);
-  `data_config.validation_size` > 0 instead holds out that many training images (a fixed choice).
+  `data_config.validation_size` > 0 instead holds out that many training images (a fixed choice), after
+  `data_config.train_examples` > 0 kept that many of them (a class-stratified fixed choice: short sweeps).
   Whatever chooses (the best checkpoint, early stopping, sweeps) uses 'validation'; 'test' is only
   reported.
   """
@@ -59,6 +60,8 @@ def load_splits(data_config: ml_collections.ConfigDict) -> dict[str, ImageData]:
       f'data.validation_size={data_config.validation_size} but the {data_config.source} data has its own '
       'validation split: set --config.data.validation_size=0 to use it'
     )
+  train = splits['train']
+  splits = {**splits, 'train': subset(train, stratified_subset(train.labels, data_config.train_examples, seed=0))}
   return hold_out_validation(splits, data_config.validation_size, seed=0)
 
 
@@ -83,8 +86,13 @@ def hold_out_validation(splits: dict[str, ImageData], size: int, seed: int) -> d
     raise DataError(f'data.validation_size={size} must be smaller than the {len(train)} training images')
   order = np.random.default_rng(seed).permutation(len(train))
   keep, held = np.sort(order[:-size]), np.sort(order[-size:])
-  subset = lambda idx: ImageData(train.images[idx], train.labels[idx], train.class_names)
-  return {**splits, 'train': subset(keep), 'validation': subset(held)}
+  return {**splits, 'train': subset(train, keep), 'validation': subset(train, held)}
+
+
+def subset(split: ImageData, indices: np.ndarray) -> ImageData:
+  return (
+    split if len(indices) == len(split) else ImageData(split.images[indices], split.labels[indices], split.class_names)
+  )
 
 
 def stratified_subset(labels: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
