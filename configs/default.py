@@ -30,9 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.download = True  # tfds: download and prepare a missing dataset; False never uses the network.
   config.data.pipeline = 'tfdata'  # tfdata (host tf.data) | device (whole dataset in device memory).
   config.data.sampling = 'shuffle'  # shuffle (each epoch a permutation) | balanced (classes equally likely).
-  config.data.train_examples = (
-    0  # Use this many training images (class-stratified, fixed), before validation_size; 0 all.
-  )
+  config.data.train_examples = 0  # Train on this many images (class-stratified), before validation_size; 0 all.
   config.data.validation_size = 0  # Hold out this many training images as the validation split (what chooses).
   config.data.image_size = 0  # Images are resized to this square size at decode; 0 = the data's own (one) size.
   config.data.resize = 'shorter_side_then_center_crop'  # squash | shorter_side_then_center_crop (antialiased).

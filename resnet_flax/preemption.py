@@ -17,11 +17,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_received: list[str] = []  # Names of the stop signals this process got, in order.
+_received: list[str] = []  # The stop signals of the latest training loop, in order.
 
 
 def received_signal() -> str | None:
-  """The first stop signal this process got during training, if any (a sweep then takes no new trial)."""
+  """The signal that stopped the latest training loop of this process, if any (a sweep then queues the
+  trial again and takes no new one)."""
   return _received[0] if _received else None
 
 
@@ -33,6 +34,7 @@ class StopRequest:
     self._previous = {}
 
   def __enter__(self):
+    _received.clear()
     if threading.current_thread() is threading.main_thread():
       self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
     return self

@@ -22,6 +22,8 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging as std_logging
+import math
 import os
 import runpy
 import signal
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +54,7 @@ FLAGS = flags.FLAGS
 SWEEP_JSON = 'sweep.json'
 MAX_RETRIES = 3  # A trial whose workers keep dying is given up after this many retries.
 PRUNER_STARTUP_TRIALS = 3  # Trials that finish before the median pruner may stop one.
-PRUNER_WARMUP_FRACTION = 3  # No trial is stopped in the first third of its steps.
+PRUNER_WARMUP = 1 / 3  # No trial is stopped in this first fraction of its steps.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -191,27 +194,23 @@ def suggest(trial: optuna.Trial, field: str, distribution: BaseDistribution) -> 
 # The study.
 
 
-def retry_callback() -> optuna.storages.RetryHeartbeatStaleTrialCallback:
-  with warnings.catch_warnings():  # "Experimental" since Optuna 2.8, and the way Optuna 5 documents.
-    warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
-    return optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
-
-
 def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage:
   """The RDB storage at `url`, with heartbeats, failing in seconds with one line when unreachable."""
   connect_args = {'connect_timeout': 10} if url.startswith('postgresql') else {'timeout': 60}
   try:
-    return optuna.storages.RDBStorage(
-      url,
-      engine_kwargs={'connect_args': connect_args} if url.startswith(('postgresql', 'sqlite')) else None,
-      heartbeat_interval=heartbeat_seconds,
-      grace_period=2 * heartbeat_seconds,
-      heartbeat_stale_trial_callback=retry_callback(),
-    )
+    with warnings.catch_warnings():  # Heartbeats are "experimental" since Optuna 2.9, and documented in 5.
+      warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+      return optuna.storages.RDBStorage(
+        url,
+        engine_kwargs={'connect_args': connect_args} if url.startswith(('postgresql', 'sqlite')) else None,
+        heartbeat_interval=heartbeat_seconds,
+        grace_period=2 * heartbeat_seconds,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+      )
   except ImportError as e:  # Optuna's, naming no module: the driver's own is its cause.
     driver = getattr(e.__cause__, 'name', None) or 'its database driver'
     raise StorageError(f"the storage {masked(url)} needs {driver}: pip install 'psycopg[binary]'") from None
-  except (sqlalchemy.exc.SQLAlchemyError, ValueError) as e:
+  except (sqlalchemy.exc.SQLAlchemyError, ValueError, TypeError) as e:
     reason = ' '.join(str(getattr(e, 'orig', None) or e).split())[:300]
     raise StorageError(
       f'cannot open the study storage {masked(url)}: {reason}; check --storage '
@@ -220,10 +219,17 @@ def open_storage(url: str, heartbeat_seconds: int) -> optuna.storages.RDBStorage
 
 
 def masked(url: str) -> str:
+  """`url` without its password; a URL that does not parse shows only its start."""
   try:
     return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-  except sqlalchemy.exc.ArgumentError:
-    return url
+  except Exception:
+    return url.partition(':')[0] + ':***'
+
+
+def sampler_seed(seed: int, study: optuna.Study) -> int:
+  """`seed` mixed with this host, process and the trials so far: workers on several machines, and a rerun
+  continuing the study, draw new values instead of repeating the first process's."""
+  return zlib.crc32(f'{seed} {socket.gethostname()} {os.getpid()} {len(study.trials)}'.encode())
 
 
 def create_sampler(name: str, space: Mapping[str, BaseDistribution], trials: int, seed: int):
@@ -339,17 +345,17 @@ class Objective:
 
     try:
       train.train_and_evaluate(with_params(self.config, params), workdir, on_evaluation=report)
+      if preemption.received_signal():  # Training stopped at a step boundary with a checkpoint.
+        raise self.requeue(trial, preemption.received_signal())
+      return best_validation_accuracy(workdir)
     except NonFiniteError as e:  # A diverging rate is an outcome of the trial, not an error of the sweep.
       trial.set_user_attr('error', str(e))
       raise
-    except KeyboardInterrupt:  # Ctrl-C before training's own handler was in place (reading data, compiling).
-      raise self.requeued(trial, 'SIGINT') from None
-    if preemption.received_signal():  # Training stopped at a step boundary with a checkpoint.
-      raise self.requeued(trial, preemption.received_signal())
-    return best_validation_accuracy(workdir)
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (reading data, compiling, after).
+      raise self.requeue(trial, 'SIGINT') from None
 
   @staticmethod
-  def requeued(trial: optuna.Trial, signal_name: str) -> Interrupted:
+  def requeue(trial: optuna.Trial, signal_name: str) -> Interrupted:
     """Queues the trial again (its directory, hence its checkpoint, included) and says so."""
     trial.study.enqueue_trial(trial.params, user_attrs={**trial.user_attrs, 'requeued_from': trial.number})
     return Interrupted(
@@ -382,6 +388,28 @@ def run_worker(study: optuna.Study, objective: Objective, trials: int, heartbeat
 
 
 # The command.
+
+
+def check_same_sweep(info: SweepInfo) -> None:
+  """A workdir holds one sweep: another study's trials would resume its trial directories."""
+  if not os.path.exists(os.path.join(info.workdir, SWEEP_JSON)):
+    return
+  saved = load_info(info.workdir)
+  fields = ('storage', 'study_name', 'config_file', 'config_args', 'space_file')
+  changed = [field for field in fields if getattr(saved, field) != getattr(info, field)]
+  if changed:
+    raise ConfigError(
+      f'{info.workdir} holds the sweep {saved.study_name!r} with another {", ".join(changed)}; '
+      'rerun it with the same flags, or give a new --workdir'
+    )
+
+
+def absolute_storage(url: str) -> str:
+  """A SQLite URL with an absolute path: `--report` and the workers may run from another directory."""
+  prefix = 'sqlite:///'
+  if url.startswith(prefix) and not url.startswith(prefix + '/') and ':memory:' not in url:
+    return prefix + os.path.abspath(url[len(prefix) :])
+  return url
 
 
 def trial_steps(config: ml_collections.ConfigDict) -> Steps:
@@ -454,7 +482,7 @@ def sweep() -> None:
   check_space(space, config)
   info = SweepInfo(
     workdir=workdir,
-    storage=FLAGS.storage or f'sqlite:///{os.path.join(workdir, "study.db")}',
+    storage=absolute_storage(FLAGS.storage or f'sqlite:///{os.path.join(workdir, "study.db")}'),
     study_name=FLAGS.study_name or os.path.basename(workdir),
     config_file=os.path.abspath(FLAGS['config'].config_filename),
     config_args=config_overrides(sys.argv[1:]),
@@ -462,11 +490,17 @@ def sweep() -> None:
   )
   if base_config(info).to_dict() != config.to_dict():
     raise ConfigError('write the --config.<field> overrides of a sweep as --config.<field>=<value>, one argument each')
+  check_same_sweep(info)
   is_worker = FLAGS.worker_index >= 0
-  seed = FLAGS.sampler_seed + max(FLAGS.worker_index, 0)
-  sampler = create_sampler(FLAGS.sampler, space, FLAGS.trials, seed)
-  pruner = create_pruner(FLAGS.pruner, warmup_steps=trial_steps(config).total // PRUNER_WARMUP_FRACTION)
-  study = open_study(info, sampler, pruner, FLAGS.heartbeat_seconds, create=True)
+  study = open_study(info, heartbeat_seconds=FLAGS.heartbeat_seconds, create=True)  # Storage first: fails fast.
+  study.sampler = create_sampler(FLAGS.sampler, space, FLAGS.trials, sampler_seed(FLAGS.sampler_seed, study))
+  study.pruner = create_pruner(FLAGS.pruner, warmup_steps=int(trial_steps(config).total * PRUNER_WARMUP))
+  trials = FLAGS.trials
+  if FLAGS.sampler == 'grid':
+    points = math.prod(len(values) for values in grid(space).values())
+    if trials > points:
+      logging.info('The grid has %d points: %d trials, not %d', points, points, trials)
+      trials = points
   if not is_worker:
     info.save()
     if FLAGS.baseline:
@@ -475,25 +509,25 @@ def sweep() -> None:
       'Study %r in %s: %d trials to finish, %d worker(s) here',
       info.study_name,
       masked(info.storage),
-      FLAGS.trials,
+      trials,
       FLAGS.workers,
     )
   if FLAGS.workers > 1:
     interrupted = wait_for(start_workers(FLAGS.workers))
   else:
     try:
-      run_worker(study, Objective(config, space, info), FLAGS.trials, FLAGS.heartbeat_seconds)
+      run_worker(study, Objective(config, space, info), trials, FLAGS.heartbeat_seconds)
       interrupted = False
-    except Interrupted as e:
-      logging.warning('Stopped by %s', e)
+    except (Interrupted, KeyboardInterrupt) as e:
+      logging.warning('Stopped by %s', e or 'SIGINT')
       interrupted = True
   if interrupted and not is_worker:
     logging.warning('The sweep stopped; rerun the same command to resume its queued trials')
   if is_worker or interrupted:
     return
   finished = sum(state_counts(study)[state] for state in FINISHED)
-  if finished < FLAGS.trials:
-    raise UserError(f'{finished} of {FLAGS.trials} trials finished; rerun the same command to continue the study')
+  if finished < trials:
+    raise UserError(f'{finished} of {trials} trials finished; rerun the same command to continue the study')
   from resnet_flax import sweep_report  # It reads this module's records.
 
   sweep_report.write_report(workdir)
@@ -505,11 +539,22 @@ def report_only() -> None:
   sweep_report.write_report(FLAGS.report)
 
 
+def quiet_optuna_tracebacks() -> None:
+  """Optuna logs a failed trial with its traceback; its one-line message says what happened."""
+
+  def drop_traceback(record: std_logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+  optuna.logging.get_logger('optuna').addFilter(drop_traceback)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   mode = report_only if FLAGS.report else sweep
-  cli.run(mode, FLAGS.compilation_cache_dir, None, None, None)
+  quiet_optuna_tracebacks()
+  cli.run(mode, FLAGS.compilation_cache_dir, coordinator_address=None, num_processes=None, process_id=None)
 
 
 def define_flags() -> None:

@@ -36,6 +36,7 @@ from optuna.visualization import matplotlib as optuna_plots
 
 from resnet_flax import evaluate, sweep
 from resnet_flax.errors import ConfigError
+from resnet_flax.workdir import CONFIG_FILE
 
 REPORT_DIR = 'report'
 TEST_NOTE = 'reported, never used to choose: validation accuracy chose the trial'
@@ -107,12 +108,18 @@ def trial_rows(trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
       'duration (s)': t.duration.total_seconds() if t.duration else None,
       'evaluations reported': len(t.intermediate_values),
       'pruned at step': t.last_step if t.state == optuna.trial.TrialState.PRUNED else None,
-      'retried from': ', '.join(map(str, retry_history(t))),
+      'retried from': ', '.join(map(str, repeated_trials(t))),
       'baseline': bool(t.user_attrs.get('baseline')),
       **{name: t.params.get(name) for name in names},
     }
     for t in trials
   ]
+
+
+def repeated_trials(trial: optuna.trial.FrozenTrial) -> list[int]:
+  """The trials that `trial` runs again: retried (their worker died), or requeued (a stop signal)."""
+  requeued = [trial.user_attrs['requeued_from']] if 'requeued_from' in trial.user_attrs else []
+  return [*retry_history(trial), *requeued]
 
 
 def retry_history(trial: optuna.trial.FrozenTrial) -> list[int]:
@@ -169,8 +176,16 @@ def baseline_summary(trials: list[optuna.trial.FrozenTrial], best: optuna.trial.
 
 
 def write_best_config(info: sweep.SweepInfo, trial: optuna.trial.FrozenTrial, path: str) -> str:
-  """best_config.py (module docstring), checked by loading it back."""
+  """best_config.py (module docstring), checked by loading it back, after checking that the sweep's
+  config file still gives the config the trial trained with (its workdir's config.json)."""
   config = sweep.trial_config(info, trial.params)
+  with open(os.path.join(sweep.trial_workdir(info, trial), CONFIG_FILE)) as f:
+    trained = json.load(f)
+  if json.loads(config.to_json_best_effort()) != trained:
+    raise ConfigError(
+      f'{info.config_file} (or a file it imports) changed since trial {trial.number} trained: its config.json in '
+      f'{sweep.trial_workdir(info, trial)} is what it trained with; restore the file to export best_config.py'
+    )
   with open(path, 'w') as f:
     f.write(best_config_source(info, trial, config))
   if runpy.run_path(path)['get_config']().to_dict() != config.to_dict():

@@ -25,13 +25,13 @@ from optuna.distributions import FloatDistribution
 def get_space():
   return {'optim.learning_rate': FloatDistribution(0.01, 0.1, log=True)}
 """
-# Smoke trials of 120 steps (6 a epoch), validated on 128 held-out images every 5 epochs: long enough
+# Smoke trials of 60 steps (6 a epoch), validated on 128 held-out images every 5 epochs: long enough
 # to be killed between checkpoints, short enough for the suite.
-TRIAL_STEPS = 120
+TRIAL_STEPS = 60
 TRIAL_ARGS = (
   '--config=configs/smoke.py',
   '--config.data.validation_size=128',
-  '--config.num_epochs=20',
+  '--config.num_epochs=10',
   '--config.eval_every_epochs=5',
   '--config.checkpoint_every_steps=10',
   '--config.log_every_steps=30',
@@ -161,6 +161,7 @@ def check_the_retried_trial_resumed(study: optuna.Study, workdir):
   assert retried.value == sweep.best_validation_accuracy(str(workdir / 'trial-0'))
 
 
+@pytest.mark.slow  # 100 s; the PostgreSQL twin below runs in CI.
 def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint_with_sqlite(tmp_path, space_file):
   workdir = tmp_path / 'sweep'
   common = (*TRIAL_ARGS, f'--space={space_file}', f'--workdir={workdir}', '--trials=2', '--heartbeat_seconds=1')

@@ -105,6 +105,8 @@ def swept(straight_run, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('sweep')
   info = write_sweep(workdir, TRIALS, storage='postgresql://sweeper:s3cret@db.example:5432/sweeps')
   shutil.copytree(straight_run, workdir / 'trial-1', ignore=shutil.ignore_patterns('eval'))  # Only the report's.
+  trained = sweep.trial_config(info, TRIALS[1].params)  # What trial 1 trained with, as a sweep would have.
+  (workdir / 'trial-1' / 'config.json').write_text(trained.to_json_best_effort(indent=2))
   study = optuna.load_study(study_name=info.study_name, storage=f'sqlite:///{workdir / "study.db"}')
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(sweep, 'open_study', lambda _: study)
@@ -211,3 +213,14 @@ def test_a_study_without_a_complete_trial_is_one_line_and_writes_nothing(tmp_pat
   with pytest.raises(UserError, match='no COMPLETE trial yet .0 PRUNED, 1 FAIL, 2 RUNNING.') as error:
     sweep_report.write_report(str(tmp_path))
   assert '\n' not in str(error.value) and not (tmp_path / 'report').exists()
+
+
+def test_a_config_file_changed_since_the_trial_trained_is_refused(tmp_path):
+  info = write_sweep(tmp_path, [TRIALS[1]])
+  trial = optuna.load_study(study_name=info.study_name, storage=f'sqlite:///{tmp_path / "study.db"}').trials[0]
+  trained = sweep.trial_config(info, {**trial.params, 'optim.learning_rate': 0.5})  # Not what the file gives now.
+  (tmp_path / 'trial-1').mkdir()
+  (tmp_path / 'trial-1' / 'config.json').write_text(trained.to_json_best_effort())
+  with pytest.raises(UserError, match='changed since trial 0 trained') as error:
+    sweep_report.write_best_config(info, trial, str(tmp_path / 'best_config.py'))
+  assert '\n' not in str(error.value) and not (tmp_path / 'best_config.py').exists()
