@@ -546,7 +546,8 @@ def quiet_optuna_tracebacks() -> None:
     record.exc_info, record.exc_text = None, None
     return True
 
-  optuna.logging.get_logger('optuna').addFilter(drop_traceback)
+  for handler in std_logging.getLogger('optuna').handlers:  # Records of its modules' loggers reach these.
+    handler.addFilter(drop_traceback)
 
 
 def main(argv: list[str]) -> None:
