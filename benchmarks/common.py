@@ -222,9 +222,11 @@ def environment(device: str) -> dict[str, Any]:
   }
 
 
-def write_results(benchmark: str, device: str, settings: dict[str, Any], results: dict[str, Any]) -> Path:
-  """Writes the JSON record of one run; returns its path."""
-  slug = re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')
+def write_results(
+  benchmark: str, device: str, settings: dict[str, Any], results: dict[str, Any], variant: str = ''
+) -> Path:
+  """Writes the JSON record of one run (`variant`: what sets it apart from the default run); returns its path."""
+  slug = re.sub(r'[^a-z0-9]+', '_', f'{device} {variant}'.lower()).strip('_')
   path = Path(FLAGS.output_dir) / f'{benchmark}_{slug}{"_tiny" if FLAGS.tiny else ""}.json'
   path.parent.mkdir(parents=True, exist_ok=True)
   record = {'benchmark': benchmark, 'tiny': FLAGS.tiny, **environment(device), 'settings': settings, 'results': results}

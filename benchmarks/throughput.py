@@ -31,6 +31,7 @@ Data are uint8 noise of CIFAR's shape: a step costs the same on any pixels.
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_flax import augment, input_pipeline, models  # noqa: E402
 
+# XLA:CPU's YNNPACK fusions of dots, elementwise ops, reductions and convolutions (jaxlib 0.10).
+YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution'
 flags.DEFINE_list('models', ['resnet18', 'resnet34'], 'Presets to measure (resnet18, resnet34, resnet_tiny).')
 flags.DEFINE_integer('batch_size', 512, 'Global batch size.')
 flags.DEFINE_integer('steps', 50, 'Train steps per timing.')
@@ -53,6 +56,8 @@ flags.DEFINE_integer('repeats', 5, 'Timings of each kind.')
 flags.DEFINE_integer('dataset_size', 50_000, 'Images of the device-resident dataset of the pipeline timing.')
 flags.DEFINE_integer('steps_per_call', 16, 'Steps per compiled call of the scanned device-pipeline timing.')
 flags.DEFINE_bool('torch_compile', True, 'Compile the PyTorch step with torch.compile.')
+flags.DEFINE_bool('half_precision', True, 'bfloat16 compute; --nohalf_precision: float32 (what CPUs run best).')
+flags.DEFINE_bool('xla_cpu_ynn', False, f'CPU: the JAX workers run with XLA_FLAGS={YNN_FLAG} added.')
 flags.DEFINE_enum('worker', None, ['jax', 'torch'], 'Internal: measure one framework on --worker_model.')
 flags.DEFINE_string('worker_model', None, 'Internal: the preset a worker measures.')
 flags.DEFINE_string('worker_output', None, 'Internal: where a worker writes its figures.')
@@ -73,7 +78,7 @@ TINY = {
 def make_config(model_name: str) -> ml_collections.ConfigDict:
   config = default.get_config()
   config.model.name = model_name
-  config.half_precision = True
+  config.half_precision = FLAGS.half_precision
   config.batch_size = FLAGS.batch_size
   return config
 
@@ -184,7 +189,10 @@ def run_worker(framework: str, model_name: str) -> dict:
       f'--worker_model={model_name}',
       f'--worker_output={output}',
     ]
-    returncode = subprocess.run(command).returncode
+    env = dict(os.environ)
+    if framework == 'jax' and FLAGS.xla_cpu_ynn:
+      env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {YNN_FLAG}'.strip()
+    returncode = subprocess.run(command, env=env).returncode
     if returncode:
       return {'error': f'the {framework} worker for {model_name} exited with code {returncode}; see its output above'}
     return json.loads(output.read_text())
@@ -206,7 +214,8 @@ def measure(model_name: str, torch_available: bool) -> dict:
 
 def print_figures(model_name: str, figures: dict):
   jax_side, torch_side = figures['jax'], figures['torch']
-  print(f'\n{model_name}, batch {FLAGS.batch_size}, bfloat16')
+  precision = 'bfloat16' if FLAGS.half_precision else 'float32'
+  print(f'\n{model_name}, batch {FLAGS.batch_size}, {precision}{", XLA:CPU YNN fusions" if FLAGS.xla_cpu_ynn else ""}')
   if 'error' in jax_side:
     print(f'  JAX: FAILED: {jax_side["error"]}')
   else:
@@ -258,7 +267,8 @@ def main(argv):
     print_figures(name, figures)
   settings = {
     'config': 'configs/default.py',
-    'half_precision': True,
+    'half_precision': FLAGS.half_precision,
+    'xla_flags_added': YNN_FLAG if FLAGS.xla_cpu_ynn else '',
     'models': FLAGS.models,
     'batch_size': FLAGS.batch_size,
     'steps': FLAGS.steps,
@@ -268,7 +278,8 @@ def main(argv):
     'steps_per_call': FLAGS.steps_per_call,
     'torch_compile': FLAGS.torch_compile,
   }
-  common.write_results('throughput', device, settings, results)
+  variant = f'{"" if FLAGS.half_precision else "f32"} {"ynn" if FLAGS.xla_cpu_ynn else ""}'
+  common.write_results('throughput', device, settings, results, variant)
   failed = [
     f'{name} {framework}'
     for name, figures in results.items()

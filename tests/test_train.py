@@ -167,3 +167,20 @@ def test_checkpoints_keep_the_layout_that_earlier_versions_resume_from(straight_
   shapes and dtypes, so its workdirs resume here, optimizer state included."""
   expected = json.loads((Path(__file__).parent / 'data' / 'smoke_checkpoint_layout.json').read_text())
   assert helpers.checkpoint_layout(straight_run, TOTAL_STEPS) == expected
+
+
+@pytest.mark.parametrize(
+  'half_precision, dtype, backend, warns',
+  [
+    (True, 'float32', 'cpu', True),
+    (False, 'bfloat16', 'cpu', True),
+    (True, 'float32', 'gpu', False),
+    (False, 'float32', 'cpu', False),
+  ],
+)
+def test_bfloat16_on_a_cpu_is_warned_about(caplog, half_precision, dtype, backend, warns):
+  config = smoke.get_config()
+  config.half_precision, config.model.dtype = half_precision, dtype
+  with caplog.at_level('WARNING'):
+    train.warn_if_bfloat16_on_cpu(config, backend)
+  assert any('bfloat16 on a CPU' in record.getMessage() for record in caplog.records) == warns
