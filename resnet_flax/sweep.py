@@ -17,6 +17,7 @@ refused, and the report evaluates the chosen trial on the test split only after 
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -45,7 +46,7 @@ from ml_collections import config_flags
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from resnet_flax import checkpoint, cli, config_checks, data, preemption, train, writers
+from resnet_flax import checkpoint, cli, config_checks, data, evaluate, preemption, train, writers
 from resnet_flax.errors import ConfigError, NonFiniteError, UserError
 from resnet_flax.workdir import Steps
 
@@ -305,14 +306,11 @@ def evaluations(workdir: str) -> dict[int, float]:
 
 def best_validation_accuracy(workdir: str) -> float:
   """The validation accuracy of the best checkpoint: the one `--mode=evaluate` chooses."""
-  manager = checkpoint.create_manager(workdir, keep=1, every_steps=1)
-  try:
+  with contextlib.closing(evaluate.open_checkpoints(workdir)) as manager:  # Read-only, as --mode=evaluate.
     step = checkpoint.best_step(manager)
     if step is None:
       raise ConfigError(f'{workdir} holds no checkpoint chosen by validation accuracy')
     return float(manager.metrics(step)[checkpoint.BEST_METRIC])
-  finally:
-    manager.close()
 
 
 class Objective:
