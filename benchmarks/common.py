@@ -2,7 +2,9 @@
 
 Every script prints its figures and writes them, with the device, the library versions and the
 command, to `<--output_dir>/<benchmark>_<device>[_tiny].json`. `--tiny` runs one tiny iteration on a
-CPU in seconds, to check that a script works; its figures mean nothing.
+CPU in seconds, to check that a script works; its figures mean nothing. `--deadline` (Unix time) makes a
+script skip what it estimates would end past it, and say so in its JSON: benchmarks/gpu_suite.sh gives
+each of its parts one, so that the whole suite fits a GPU lease.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 import importlib.metadata
 import itertools
 import json
+import math
 import platform
 import re
 import shlex
@@ -39,6 +42,9 @@ PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch')
 
 flags.DEFINE_bool('tiny', False, 'One tiny iteration on a CPU in seconds, to check the script; meaningless figures.')
 flags.DEFINE_string('output_dir', str(RESULTS_DIR), 'Where the JSON results go.')
+flags.DEFINE_float(
+  'deadline', None, 'Unix time by which to be done: what would end past it is skipped, and the JSON says so.'
+)
 FLAGS = flags.FLAGS
 
 
@@ -47,6 +53,22 @@ def apply_tiny(overrides: dict[str, Any]):
   if FLAGS.tiny:
     for name, value in overrides.items():
       FLAGS[name].value = value
+
+
+# Time budget.
+
+
+def seconds_left() -> float:
+  """Seconds until --deadline; infinite without one."""
+  return math.inf if FLAGS.deadline is None else FLAGS.deadline - time.time()
+
+
+def over_budget(what: str, estimate_s: float) -> str | None:
+  """Why `what`, estimated to take `estimate_s`, must be skipped to end by --deadline; None where it fits."""
+  left = seconds_left()
+  if estimate_s <= left:
+    return None
+  return f'{what} skipped: estimated {estimate_s:.0f} s, {max(left, 0):.0f} s left before the deadline'
 
 
 # Figures.
@@ -116,6 +138,20 @@ class JaxTrainer:
     """`num_steps` steps on the same device-resident batch, one call each."""
     self.run(itertools.repeat(batch, num_steps))
 
+  def run_epoch(self, pipeline: input_pipeline.InputPipeline, steps_per_call: int):
+    """From the current step to the end of its epoch, in calls of the pipeline's batches as the training
+    loop plans them (`steps_per_call` steps at most, never across an epoch's end)."""
+    per_epoch = pipeline.steps_per_epoch
+    stop = (self.step // per_epoch + 1) * per_epoch
+    self.run(
+      pipeline.train_batches(self.step, input_pipeline.call_lengths(self.step, stop, steps_per_call, (per_epoch,)))
+    )
+
+  def pipeline(self, split: ImageData) -> input_pipeline.InputPipeline:
+    """The config's training pipeline (`data.pipeline`) over `split`."""
+    config = self.config
+    return input_pipeline.create_pipeline(config.data.pipeline, split, config.batch_size, config.seed, self.mesh)
+
   def device_batch(self, split: ImageData) -> input_pipeline.Batch:
     """The first `batch_size` examples of `split`, as the pipelines hand one step's batch to the train step."""
     sharding = input_pipeline.stacked_data_sharding(self.mesh)
@@ -153,8 +189,9 @@ def load_config(name: str) -> ml_collections.ConfigDict:
 
 
 def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config's recipe for 4 steps of resnet_tiny on 64 synthetic images."""
+  """The config's recipe for 4 steps of resnet_tiny on 64 synthetic images, in float32 (a CPU's)."""
   config.model.name = 'resnet_tiny'
+  config.half_precision = False
   config.data.source = 'synthetic'
   config.data.synthetic_train_size = 64
   config.data.synthetic_test_size = 20

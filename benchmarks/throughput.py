@@ -26,7 +26,8 @@ included, is timed on its own). Timings
 use time.perf_counter around the steps and end with jax.block_until_ready / torch.cuda.synchronize.
 Each (framework, preset) runs in a process of its own: JAX's allocator has no reset of its peak,
 JAX preallocates most of the GPU's memory, and the two frameworks' CUDA libraries stay apart.
-Data are uint8 noise of CIFAR's shape: a step costs the same on any pixels.
+Data are uint8 noise of CIFAR's shape: a step costs the same on any pixels. With `--deadline`, a
+worker that would end past it (by the longest worker so far) is skipped, and the JSON says so.
 """
 
 import importlib.util
@@ -35,6 +36,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # Not this folder: see benchmarks/compression.py.
@@ -44,7 +46,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import augment, input_pipeline, models  # noqa: E402
+from resnet_flax import augment, models  # noqa: E402
 
 # XLA:CPU's YNNPACK fusions of dots, elementwise ops, reductions and convolutions (jaxlib 0.10).
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution'
@@ -80,6 +82,7 @@ def make_config(model_name: str) -> ml_collections.ConfigDict:
   config.model.name = model_name
   config.half_precision = FLAGS.half_precision
   config.batch_size = FLAGS.batch_size
+  config.data.pipeline = 'device'  # What timing 2 runs; the GPU machines have no TensorFlow for tf.data.
   return config
 
 
@@ -97,20 +100,15 @@ def jax_figures(model_name: str) -> dict:
   step_seconds = common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), FLAGS.repeats)
   peak_bytes = common.jax_peak_bytes()
 
-  pipeline = input_pipeline.create_pipeline('device', split, config.batch_size, config.seed, trainer.mesh)
+  pipeline = trainer.pipeline(split)
   epoch_images = pipeline.steps_per_epoch * config.batch_size
 
-  def run_epoch(steps_per_call: int):
-    """From the current step to the end of its epoch, in calls as the training loop plans them."""
-    stop = (trainer.step // pipeline.steps_per_epoch + 1) * pipeline.steps_per_epoch
-    lengths = input_pipeline.call_lengths(trainer.step, stop, steps_per_call, (pipeline.steps_per_epoch,))
-    trainer.run(pipeline.train_batches(trainer.step, lengths))
-
   def epoch_rates(steps_per_call: int) -> list[float]:
-    run_epoch(steps_per_call)  # Compiles the permutation, the gather and the calls of each length.
-    return [epoch_images / s for s in common.time_calls(lambda: run_epoch(steps_per_call), FLAGS.repeats)]
+    trainer.run_epoch(pipeline, steps_per_call)  # Compiles the permutation, the gather and the calls of each length.
+    timings = common.time_calls(lambda: trainer.run_epoch(pipeline, steps_per_call), FLAGS.repeats)
+    return [epoch_images / s for s in timings]
 
-  run_epoch(1)  # To the start of an epoch.
+  trainer.run_epoch(pipeline, 1)  # To the start of an epoch.
   pipeline_rates, scanned_rates = epoch_rates(1), epoch_rates(FLAGS.steps_per_call)
   return {
     'device': common.jax_device(),
@@ -198,17 +196,36 @@ def run_worker(framework: str, model_name: str) -> dict:
     return json.loads(output.read_text())
 
 
-def measure(model_name: str, torch_available: bool) -> dict:
+class Workers:
+  """Runs the workers one after another, each only where it fits before --deadline: its estimate is the
+  longest worker so far (the first one always runs)."""
+
+  def __init__(self):
+    self.longest_s = 0.0
+
+  def run(self, framework: str, model_name: str) -> dict:
+    skipped = common.over_budget(f'{framework} on {model_name}', self.longest_s)
+    if skipped:
+      print(skipped, flush=True)
+      return {'skipped': skipped}
+    start = time.perf_counter()
+    figures = run_worker(framework, model_name)
+    self.longest_s = max(self.longest_s, time.perf_counter() - start)
+    return figures
+
+
+def measure(model_name: str, workers: Workers, torch_available: bool) -> dict:
   figures = {
-    'jax': run_worker('jax', model_name),
-    'torch': run_worker('torch', model_name) if torch_available else None,
+    'jax': workers.run('jax', model_name),
+    'torch': workers.run('torch', model_name) if torch_available else None,
   }
   jax_rate = figures['jax'].get('step_images_per_sec', {}).get('median')
   if jax_rate:
     figures['pipeline_over_step'] = figures['jax']['pipeline_images_per_sec']['median'] / jax_rate
     figures['scanned_pipeline_over_step'] = figures['jax']['scanned_pipeline_images_per_sec']['median'] / jax_rate
-  if jax_rate and figures['torch'] and 'error' not in figures['torch']:
-    figures['jax_over_torch'] = jax_rate / figures['torch']['step_images_per_sec']['median']
+  torch_rate = (figures['torch'] or {}).get('step_images_per_sec', {}).get('median')
+  if jax_rate and torch_rate:
+    figures['jax_over_torch'] = jax_rate / torch_rate
   return figures
 
 
@@ -218,6 +235,8 @@ def print_figures(model_name: str, figures: dict):
   print(f'\n{model_name}, batch {FLAGS.batch_size}, {precision}{", XLA:CPU YNN fusions" if FLAGS.xla_cpu_ynn else ""}')
   if 'error' in jax_side:
     print(f'  JAX: FAILED: {jax_side["error"]}')
+  elif 'skipped' in jax_side:
+    print(f'  JAX: {jax_side["skipped"]}')
   else:
     print(f'  JAX ({jax_side["num_params"]:,} parameters, first step {jax_side["first_step_s"]:.1f} s)')
     print(f'    step, batch on device:     {common.images_per_sec(jax_side["step_images_per_sec"]["values"])}')
@@ -236,6 +255,8 @@ def print_figures(model_name: str, figures: dict):
     print('  PyTorch: skipped, torch is not importable here')
   elif 'error' in torch_side:
     print(f'  PyTorch: FAILED: {torch_side["error"]}')
+  elif 'skipped' in torch_side:
+    print(f'  PyTorch: {torch_side["skipped"]}')
   else:
     compiled = 'torch.compile' if torch_side['compiled'] else 'eager'
     print(
@@ -260,7 +281,8 @@ def main(argv):
   torch_available = importlib.util.find_spec('torch') is not None
   if not torch_available:
     print('torch is not importable here: measuring JAX only.')
-  results = {name: measure(name, torch_available) for name in FLAGS.models}
+  workers = Workers()
+  results = {name: measure(name, workers, torch_available) for name in FLAGS.models}
   device = next((r['jax']['device'] for r in results.values() if 'device' in r['jax']), 'unknown device')
   print(f'\ndevice: {device}; {FLAGS.steps} steps x {FLAGS.repeats} repeats after {FLAGS.warmup_steps} warm-up steps')
   for name, figures in results.items():

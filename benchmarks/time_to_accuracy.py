@@ -4,12 +4,14 @@ On one GPU (the GPU machine: carry [".carry"], see ../shared/device/pack-carry),
 
   source .carry/setup.sh && python benchmarks/time_to_accuracy.py
 
-Any config of configs/ by module name, e.g. a quick check on a CPU with the real images:
+Any config file, with `--config.field=value` overrides as main.py takes them, e.g. a quick check on a
+CPU with the real images:
 
-  python benchmarks/time_to_accuracy.py --config=quick --seeds=1 --num_epochs=0.2 --data_path=<cifar10-jpeg>
+  python benchmarks/time_to_accuracy.py --config=configs/quick.py --config.num_epochs=0.2 --seeds=1 \
+      --data_path=<cifar10-jpeg>
 
-`--data_path` (default $CIFAR10_JPEG_DIR) replaces the config's `data.path`. Seeds 0 .. --seeds - 1 each
-run `train.train_and_evaluate` in a fresh temporary workdir. Per seed it measures:
+`--data_path` (default $CIFAR10_JPEG_DIR) sets `data.source=folder` and `data.path`. Seeds 0 .. --seeds - 1
+each run `train.train_and_evaluate` in a fresh temporary workdir. Per seed it measures:
 - wall_s: the whole `train_and_evaluate` call: loading the data (decoded and cached beforehand),
   initialisation, compilation, every training step, the evaluations and checkpoints the config asks
   for (every `eval_every_epochs` and at the end), and the training-curves plot.
@@ -23,9 +25,21 @@ run `train.train_and_evaluate` in a fresh temporary workdir. Per seed it measure
 - tta_accuracy: where the config sets `eval.tta`, the accuracy of the last checkpoint with that
   test-time augmentation (`evaluate.evaluate_checkpoint`), outside the timings.
 Then the mean, sample standard deviation, min and max of each over the seeds.
+
+Before the seeds, optionally:
+- `--tune_learning_rates=a,b,c` [`--tune_steps_per_call=1,8`]: one run per learning rate with
+  `--tune_validation_size` training images held out, the rate of the best validation accuracy kept;
+  then that rate once more per other `steps_per_call`, the one of the least train_s kept (the steps
+  are the same arithmetic however many a call holds). The test split never chooses.
+  `--tuned=<that run's JSON>` then sets the chosen values in a later invocation.
+- `--fit_epochs`: sets `num_epochs` to what fits before `--deadline`, from one epoch of the config's
+  own train step and pipeline timed first (`fit_epochs`).
+With `--deadline`, a run is skipped where the longest so far (the first: `--run_estimate_s`) would end
+past it, and the JSON lists what was skipped and why.
 """
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -35,26 +49,38 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # Not this folder: see benchmarks/compression.py.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # Not this folder: see benchmarks/compression.py.
 
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from resnet_flax import data, evaluate, train  # noqa: E402
 from resnet_flax.errors import UserError  # noqa: E402
 
-flags.DEFINE_string('config', 'fast', 'Config module of configs/ (fast, quick, resnet18, ...).')
+config_flags.DEFINE_config_file('config', str(ROOT / 'configs' / 'fast.py'), 'Config file, as main.py takes it.')
 flags.DEFINE_integer('seeds', 5, 'Runs, with seeds 0 .. seeds - 1.')
 flags.DEFINE_string(
   'data_path',
   os.environ.get('CIFAR10_JPEG_DIR', ''),
-  'Replaces data.path: the unpacked cifar10-jpeg folder (default $CIFAR10_JPEG_DIR).',
+  'Sets data.source=folder and data.path: the unpacked cifar10-jpeg folder (default $CIFAR10_JPEG_DIR).',
 )
-flags.DEFINE_float('num_epochs', None, "Replaces num_epochs (default: the config's).")
+flags.DEFINE_list('tune_learning_rates', [], 'Learning rates to choose from on a validation split first.')
+flags.DEFINE_list('tune_steps_per_call', [], 'steps_per_call values to choose from (the fastest) after the rate.')
+flags.DEFINE_integer('tune_validation_size', 5000, 'Training images held out to choose the learning rate by.')
+flags.DEFINE_string('tuned', None, 'The JSON of an earlier --tune_* run: its chosen learning rate and steps_per_call.')
+flags.DEFINE_bool('fit_epochs', False, 'Set num_epochs to what fits before --deadline, from one epoch timed first.')
+flags.DEFINE_float('run_estimate_s', 0.0, 'Seconds a run is taken to need before one has been timed (--deadline).')
 FLAGS = flags.FLAGS
 
 FIGURES = ('train_s', 'compile_s', 'wall_s', 'accuracy', 'tta_accuracy')
+TUNING_SEED = 1000  # Not among the reported seeds.
+TINY = {'tune_validation_size': 20}
+# fit_epochs: the share of the time left that epochs may take; the rest covers the evaluations and
+# checkpoints after each epoch and the end's plot (~2% of an epoch each on a GPU, measured on none yet).
+FIT_SHARE = 0.85
 
 
 def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
@@ -78,6 +104,85 @@ def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
   return figures
 
 
+class Runner:
+  """Runs `run_seed` within --deadline: a run is skipped where the longest so far (before any,
+  --run_estimate_s) would end past it; `skipped` says which and why."""
+
+  def __init__(self):
+    self.longest_s = FLAGS.run_estimate_s
+    self.skipped: list[str] = []
+
+  def run(self, config: ml_collections.ConfigDict, seed: int, what: str) -> dict[str, Any] | None:
+    reason = common.over_budget(what, self.longest_s)
+    if reason:
+      print(reason, flush=True)
+      self.skipped.append(reason)
+      return None
+    start = time.perf_counter()
+    figures = run_seed(config, seed)
+    self.longest_s = max(self.longest_s, time.perf_counter() - start)
+    return figures
+
+
+def tune(config: ml_collections.ConfigDict, runner: Runner) -> dict[str, Any]:
+  """Sets `optim.learning_rate` by validation accuracy, then `steps_per_call` by train_s (see the module
+  docstring); returns every trial and what was chosen."""
+  tuning = config.copy_and_resolve_references()
+  tuning.data.validation_size = FLAGS.tune_validation_size
+  tuning.eval.tta = 'none'
+  steps_per_call = [int(n) for n in FLAGS.tune_steps_per_call] or [config.steps_per_call]
+  trials = []
+
+  def trial(learning_rate: float, steps: int):
+    tuning.optim.learning_rate, tuning.steps_per_call = learning_rate, steps
+    what = f'tuning run (learning rate {learning_rate:g}, {steps} steps per call)'
+    figures = runner.run(tuning, TUNING_SEED, what)
+    if figures:
+      trials.append({'learning_rate': learning_rate, 'steps_per_call': steps, **figures})
+      print(f'{what}: validation accuracy {figures["accuracy"]:.4f}, train {figures["train_s"]:.1f} s', flush=True)
+
+  for learning_rate in map(float, FLAGS.tune_learning_rates):
+    trial(learning_rate, steps_per_call[0])
+  if trials:
+    config.optim.learning_rate = max(trials, key=lambda t: t['accuracy'])['learning_rate']
+  for steps in steps_per_call[1:]:
+    trial(config.optim.learning_rate, steps)
+  at_chosen_rate = [t for t in trials if t['learning_rate'] == config.optim.learning_rate]
+  if at_chosen_rate:
+    config.steps_per_call = min(at_chosen_rate, key=lambda t: t['train_s'])['steps_per_call']
+  chosen = {'learning_rate': config.optim.learning_rate, 'steps_per_call': config.steps_per_call}
+  print(f'chosen: {chosen} ({len(trials)} tuning runs)', flush=True)
+  return {'validation_size': FLAGS.tune_validation_size, 'seed': TUNING_SEED, 'trials': trials, 'chosen': chosen}
+
+
+def fit_epochs(config: ml_collections.ConfigDict, split: data.ImageData) -> dict[str, Any]:
+  """Sets `num_epochs` to what fits before --deadline. Times the config's train step over its pipeline
+  for two epochs of `split`: the first holds the compilation that the run will repeat (with its schedule's
+  length as a new constant), the second is the epoch's time. Then num_epochs = the whole epochs in
+  FIT_SHARE of the time left after one more compilation, never more than the config's."""
+  trainer = common.create_jax_trainer(config, split)
+  pipeline = trainer.pipeline(split)
+  first_s, epoch_s = common.time_calls(lambda: trainer.run_epoch(pipeline, config.steps_per_call), repeats=2)
+  compile_s = max(first_s - epoch_s, 0.0)
+  left_s = common.seconds_left()
+  config.num_epochs = min(config.num_epochs, float(math.floor((FIT_SHARE * left_s - compile_s) / epoch_s)))
+  fit = {'epoch_s': epoch_s, 'compile_s': compile_s, 'seconds_left': left_s, 'num_epochs': config.num_epochs}
+  print(f'fit: {config.num_epochs:g} epochs of {epoch_s:.2f} s in {left_s:.0f} s left', flush=True)
+  return fit
+
+
+def apply_tuned(config: ml_collections.ConfigDict, tuning_json: str):
+  """Sets what an earlier tuning run (its results JSON) chose."""
+  try:
+    chosen = json.loads(Path(tuning_json).read_text())['results']['tuning']['chosen']
+  except (OSError, ValueError, KeyError) as e:
+    sys.exit(
+      f'error: --tuned={tuning_json}: not the JSON of a tuning run ({e!r}); give the file its `results:` line named'
+    )
+  config.optim.learning_rate, config.steps_per_call = chosen['learning_rate'], chosen['steps_per_call']
+  print(f'tuned values from {tuning_json}: {chosen}')
+
+
 def summarize(values: Sequence[float]) -> dict[str, float | None]:
   return {
     'mean': statistics.mean(values),
@@ -88,16 +193,31 @@ def summarize(values: Sequence[float]) -> dict[str, float | None]:
 
 
 def measure(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> dict[str, Any]:
-  """Per-seed figures and their summaries; the data is loaded (and cached) once first, untimed."""
+  """Tuning or fitting where asked, then per-seed figures and their summaries; the data is loaded
+  (and cached) once first, untimed."""
   start = time.perf_counter()
-  data.load_splits(config.data)
-  data_load_s = time.perf_counter() - start
+  splits = data.load_splits(config.data)
+  results: dict[str, Any] = {'data_load_s': time.perf_counter() - start}
+  runner = Runner()
+  if FLAGS.tune_learning_rates or FLAGS.tune_steps_per_call:
+    results['tuning'] = tune(config, runner)
+  if FLAGS.fit_epochs:
+    results['fit'] = fit_epochs(config, splits['train'])
+    if config.num_epochs < 1:
+      runner.skipped.append(
+        f'every seed skipped: not one epoch fits in the {results["fit"]["seconds_left"]:.0f} s left'
+      )
+      seeds = []
+    else:
+      runner.longest_s = 0.0  # The fit is the estimate.
   runs = []
   for seed in seeds:
-    runs.append(run_seed(config, seed))
-    print(seed_line(runs[-1]), flush=True)
-  summary = {name: summarize([run[name] for run in runs]) for name in FIGURES if name in runs[0]}
-  return {'data_load_s': data_load_s, 'runs': runs, 'summary': summary}
+    figures = runner.run(config, seed, f'seed {seed}')
+    if figures:
+      runs.append(figures)
+      print(seed_line(figures), flush=True)
+  summary = {name: summarize([run[name] for run in runs]) for name in FIGURES if runs and name in runs[0]}
+  return {**results, 'runs': runs, 'skipped': runner.skipped, 'summary': summary}
 
 
 def seed_line(run: dict[str, Any]) -> str:
@@ -115,8 +235,10 @@ def mean_std(stats: dict[str, float | None], value_format: str) -> str:
   )
 
 
-def print_summary(summary: dict[str, dict[str, float | None]], num_seeds: int):
-  print(f'\nconfigs/{FLAGS.config}.py, {num_seeds} seed(s), mean ± std:')
+def print_summary(summary: dict[str, dict[str, float | None]], num_runs: int):
+  print(f'\n{FLAGS["config"].config_filename}: {num_runs} seed(s), mean ± std:')
+  if not summary:
+    return
   print(f'  test accuracy:                     {mean_std(summary["accuracy"], ".4f")}')
   if 'tta_accuracy' in summary:
     print(f'  test accuracy with TTA:            {mean_std(summary["tta_accuracy"], ".4f")}')
@@ -129,31 +251,35 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  common.apply_tiny({'seeds': 1})
-  config = common.load_config(FLAGS.config)
+  if FLAGS.fit_epochs and FLAGS.deadline is None:
+    raise app.UsageError('--fit_epochs fits the epochs before --deadline: give one (Unix time)')
+  common.apply_tiny(TINY)
+  config = FLAGS.config
   if FLAGS.tiny:
+    FLAGS.seeds = min(FLAGS.seeds, 1)
     config = common.tiny(config)
-  elif FLAGS.data_path:
-    config.data.path = FLAGS.data_path
-  if FLAGS.num_epochs is not None:
-    config.num_epochs = FLAGS.num_epochs
+  if FLAGS.data_path:
+    config.data.source, config.data.path = 'folder', FLAGS.data_path
+  if FLAGS.tuned:
+    apply_tuned(config, FLAGS.tuned)
   device = common.jax_device()
   print(
-    f'device: {device}; configs/{FLAGS.config}.py, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
+    f'device: {device}; {FLAGS["config"].config_filename}, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
     f'{config.model.name} on {config.data.source} data {config.data.path}'
   )
   try:
     results = measure(config, range(FLAGS.seeds))
   except UserError as e:
     sys.exit(f'error: {e}')
-  print_summary(results['summary'], FLAGS.seeds)
+  print_summary(results['summary'], len(results['runs']))
   settings = {
-    'config': f'configs/{FLAGS.config}.py',
+    'config': FLAGS['config'].config_filename,
     'seeds': FLAGS.seeds,
     'data_path': config.data.path,
     'config_values': json.loads(config.to_json_best_effort()),
   }
-  common.write_results('time_to_accuracy', device, settings, results)
+  variant = ' '.join([Path(settings['config']).stem] + [name for name in ('tuning', 'fit') if name in results])
+  common.write_results('time_to_accuracy', device, settings, results, variant)
 
 
 if __name__ == '__main__':
