@@ -27,18 +27,38 @@ FLAGS = flags.FLAGS
 
 # The source projects' ResNet-18 at half width (2,797,610 parameters), CIFAR-10 test accuracy.
 SOURCE_RESNET18_ACCURACY = (0.915, 0.947)
-FAST_ACCURACY, FAST_TRAIN_S = 0.935, 5.0  # configs/fast.py: mean over seeds, with TTA; training seconds.
+# Issue 16's targets on one H200. configs/fast.py: mean over seeds of the test accuracy with TTA, and of
+# the training time (train_and_evaluate's wall time less compilation: benchmarks/time_to_accuracy.py).
+FAST_ACCURACY, FAST_TRAIN_S = 0.935, 5.0
 JAX_OVER_TORCH, PIPELINE_OVER_STEP = 1.0, 0.95
+STOPPED = (124, 137)  # timeout's exit status: the part ran GRACE_S past its deadline and was stopped.
 
 
 def read_parts(path: str) -> dict[str, dict[str, Any]]:
-  """name: {'status', 'seconds', 'json', 'record' (the part's JSON, or None)}."""
+  """name: {'status', 'seconds', 'json', 'record' (the part's JSON, or None), 'skipped' (what it skipped)}."""
   parts = {}
   with open(path, newline='') as f:
     for name, status, seconds, json_path in csv.reader(f, delimiter='\t'):
       record = json.loads(Path(json_path).read_text()) if json_path else None
-      parts[name] = {'status': int(status), 'seconds': int(seconds), 'json': json_path, 'record': record}
+      skipped = skipped_in(record['results']) if record else []
+      parts[name] = {
+        'status': int(status),
+        'seconds': int(seconds),
+        'json': json_path,
+        'record': record,
+        'skipped': skipped,
+      }
   return parts
+
+
+def skipped_in(node: Any) -> list[str]:
+  """Every reason under a 'skipped' key of a results tree (a list of them, or one)."""
+  if not isinstance(node, dict):
+    return []
+  found = []
+  for key, value in node.items():
+    found += ([value] if isinstance(value, str) else value) if key == 'skipped' else skipped_in(value)
+  return found
 
 
 def results(parts: dict[str, dict[str, Any]], name: str) -> dict[str, Any] | None:
@@ -52,7 +72,10 @@ def target(name: str, measured: str | None, met: bool | None, why_none: str = ''
 
 
 def fast_target(fast: dict[str, Any] | None) -> dict[str, Any]:
-  name = f'configs/fast.py: mean test accuracy with TTA >= {FAST_ACCURACY:.1%} in <= {FAST_TRAIN_S:g} s of training'
+  name = (
+    f'configs/fast.py: mean test accuracy with TTA >= {FAST_ACCURACY:.1%}, '
+    f'training time (wall - compilation) <= {FAST_TRAIN_S:g} s'
+  )
   summary = (fast or {}).get('summary')
   if not summary:
     return target(name, None, None, 'no seed ran (see the fast part)')
@@ -125,23 +148,27 @@ def main(argv: list[str]):
   device = first_device(parts)
   print(f'\ngpu_suite on {device}: {FLAGS.wall_s:.0f} s of a {FLAGS.budget_s:.0f} s budget')
   for name, part in parts.items():
-    skipped = (part['record'] or {}).get('results', {}).get('skipped') or []
-    print(f'  {name:<11} exit {part["status"]}, {part["seconds"]:>4} s{f", {len(skipped)} skipped" if skipped else ""}')
+    stopped = ' (stopped: it ran past its deadline)' if part['status'] in STOPPED else ''
+    skipped = f', skipped: {"; ".join(part["skipped"])}' if part['skipped'] else ''
+    print(f'  {name:<11} exit {part["status"]}{stopped}, {part["seconds"]:>4} s{skipped}')
   if tuning:
     print(
-      f'  tuned: {tuning["chosen"]} from {len(tuning["trials"])} run(s) on {tuning["validation_size"]} validation images'
+      f'  tuned: {tuning.get("chosen", "nothing (the tuning was stopped)")} from {len(tuning["trials"])} run(s) '
+      f'on {tuning["validation_size"]} validation images'
     )
   for found in targets:
     print(f'  [{describe(found["met"]):>6}] {found["target"]}: {found["measured"]}')
   summary = {
     'wall_s': FLAGS.wall_s,
     'within_budget': FLAGS.wall_s <= FLAGS.budget_s,
-    'parts': {name: {key: part[key] for key in ('status', 'seconds', 'json')} for name, part in parts.items()},
+    'parts': {
+      name: {key: part[key] for key in ('status', 'seconds', 'json', 'skipped')} for name, part in parts.items()
+    },
     'tuned': tuning.get('chosen'),
     'targets': targets,
   }
   common.write_results('gpu_suite', device, {'budget_s': FLAGS.budget_s}, summary)
-  failed = [name for name, part in parts.items() if part['status']]
+  failed = [name for name, part in parts.items() if part['status'] not in (0, *STOPPED)]
   if failed:
     sys.exit(f'failed parts: {", ".join(failed)} (see their output above)')
 

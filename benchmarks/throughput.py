@@ -198,7 +198,7 @@ def run_worker(framework: str, model_name: str) -> dict:
 
 class Workers:
   """Runs the workers one after another, each only where it fits before --deadline: its estimate is the
-  longest worker so far (the first one always runs)."""
+  longest worker so far (none for the first, which runs unless the deadline has passed)."""
 
   def __init__(self):
     self.longest_s = 0.0
@@ -281,12 +281,6 @@ def main(argv):
   torch_available = importlib.util.find_spec('torch') is not None
   if not torch_available:
     print('torch is not importable here: measuring JAX only.')
-  workers = Workers()
-  results = {name: measure(name, workers, torch_available) for name in FLAGS.models}
-  device = next((r['jax']['device'] for r in results.values() if 'device' in r['jax']), 'unknown device')
-  print(f'\ndevice: {device}; {FLAGS.steps} steps x {FLAGS.repeats} repeats after {FLAGS.warmup_steps} warm-up steps')
-  for name, figures in results.items():
-    print_figures(name, figures)
   settings = {
     'config': 'configs/default.py',
     'half_precision': FLAGS.half_precision,
@@ -301,7 +295,14 @@ def main(argv):
     'torch_compile': FLAGS.torch_compile,
   }
   variant = f'{"" if FLAGS.half_precision else "f32"} {"ynn" if FLAGS.xla_cpu_ynn else ""}'
-  common.write_results('throughput', device, settings, results, variant)
+  workers, results = Workers(), {}
+  for name in FLAGS.models:  # Written after each preset: a run stopped from outside keeps what it measured.
+    results[name] = measure(name, workers, torch_available)
+    device = next((r['jax']['device'] for r in results.values() if 'device' in r['jax']), 'unknown device')
+    common.write_results('throughput', device, settings, results, variant)
+  print(f'\ndevice: {device}; {FLAGS.steps} steps x {FLAGS.repeats} repeats after {FLAGS.warmup_steps} warm-up steps')
+  for name, figures in results.items():
+    print_figures(name, figures)
   failed = [
     f'{name} {framework}'
     for name, figures in results.items()

@@ -45,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,9 @@ flags.DEFINE_list('tune_steps_per_call', [], 'steps_per_call values to choose fr
 flags.DEFINE_integer('tune_validation_size', 5000, 'Training images held out to choose the learning rate by.')
 flags.DEFINE_string('tuned', None, 'The JSON of an earlier --tune_* run: its chosen learning rate and steps_per_call.')
 flags.DEFINE_bool('fit_epochs', False, 'Set num_epochs to what fits before --deadline, from one epoch timed first.')
-flags.DEFINE_float('run_estimate_s', 0.0, 'Seconds a run is taken to need before one has been timed (--deadline).')
+flags.DEFINE_float(
+  'run_estimate_s', 0.0, 'Seconds the first run (or the fit) is taken to need, before one has been timed (--deadline).'
+)
 FLAGS = flags.FLAGS
 
 FIGURES = ('train_s', 'compile_s', 'wall_s', 'accuracy', 'tta_accuracy')
@@ -81,6 +83,7 @@ TINY = {'tune_validation_size': 20}
 # fit_epochs: the share of the time left that epochs may take; the rest covers the evaluations and
 # checkpoints after each epoch and the end's plot (~2% of an epoch each on a GPU, measured on none yet).
 FIT_SHARE = 0.85
+RERUN_MARGIN = 1.2  # A run's estimate: this x the last run's seconds (seeds differ in compiled constants only).
 
 
 def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
@@ -105,54 +108,59 @@ def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
 
 
 class Runner:
-  """Runs `run_seed` within --deadline: a run is skipped where the longest so far (before any,
-  --run_estimate_s) would end past it; `skipped` says which and why."""
+  """Runs `run_seed` within --deadline: a run is skipped where its estimate would end past it. The
+  estimate is RERUN_MARGIN x the last run's seconds (compiled programs and autotuning results are
+  cached, so the first run is the slowest), before any run `first_estimate_s`."""
 
-  def __init__(self):
-    self.longest_s = FLAGS.run_estimate_s
-    self.skipped: list[str] = []
+  def __init__(self, results: dict[str, Any], save: Callable[[], None], first_estimate_s: float):
+    self.results, self.save, self.estimate_s = results, save, first_estimate_s
 
   def run(self, config: ml_collections.ConfigDict, seed: int, what: str) -> dict[str, Any] | None:
-    reason = common.over_budget(what, self.longest_s)
+    reason = common.over_budget(what, self.estimate_s)
     if reason:
       print(reason, flush=True)
-      self.skipped.append(reason)
+      self.results['skipped'].append(reason)
+      self.save()
       return None
     start = time.perf_counter()
     figures = run_seed(config, seed)
-    self.longest_s = max(self.longest_s, time.perf_counter() - start)
+    self.estimate_s = RERUN_MARGIN * (time.perf_counter() - start)
     return figures
 
 
-def tune(config: ml_collections.ConfigDict, runner: Runner) -> dict[str, Any]:
+def tune(config: ml_collections.ConfigDict, runner: Runner, tuning: dict[str, Any]):
   """Sets `optim.learning_rate` by validation accuracy, then `steps_per_call` by train_s (see the module
-  docstring); returns every trial and what was chosen."""
-  tuning = config.copy_and_resolve_references()
-  tuning.data.validation_size = FLAGS.tune_validation_size
-  tuning.eval.tta = 'none'
+  docstring), recording every trial and what was chosen in `tuning`. The config's rate stays unless
+  two rates or more were compared."""
+  trial_config = config.copy_and_resolve_references()
+  trial_config.data.validation_size = FLAGS.tune_validation_size
+  trial_config.eval.tta = 'none'
   steps_per_call = [int(n) for n in FLAGS.tune_steps_per_call] or [config.steps_per_call]
-  trials = []
+  trials, attempted = tuning['trials'], set()
 
   def trial(learning_rate: float, steps: int):
-    tuning.optim.learning_rate, tuning.steps_per_call = learning_rate, steps
+    if (learning_rate, steps) in attempted:
+      return
+    attempted.add((learning_rate, steps))
+    trial_config.optim.learning_rate, trial_config.steps_per_call = learning_rate, steps
     what = f'tuning run (learning rate {learning_rate:g}, {steps} steps per call)'
-    figures = runner.run(tuning, TUNING_SEED, what)
+    figures = runner.run(trial_config, TUNING_SEED, what)
     if figures:
       trials.append({'learning_rate': learning_rate, 'steps_per_call': steps, **figures})
+      runner.save()
       print(f'{what}: validation accuracy {figures["accuracy"]:.4f}, train {figures["train_s"]:.1f} s', flush=True)
 
   for learning_rate in map(float, FLAGS.tune_learning_rates):
     trial(learning_rate, steps_per_call[0])
-  if trials:
+  if len(trials) >= 2:
     config.optim.learning_rate = max(trials, key=lambda t: t['accuracy'])['learning_rate']
-  for steps in steps_per_call[1:]:
+  for steps in steps_per_call:
     trial(config.optim.learning_rate, steps)
   at_chosen_rate = [t for t in trials if t['learning_rate'] == config.optim.learning_rate]
   if at_chosen_rate:
     config.steps_per_call = min(at_chosen_rate, key=lambda t: t['train_s'])['steps_per_call']
-  chosen = {'learning_rate': config.optim.learning_rate, 'steps_per_call': config.steps_per_call}
-  print(f'chosen: {chosen} ({len(trials)} tuning runs)', flush=True)
-  return {'validation_size': FLAGS.tune_validation_size, 'seed': TUNING_SEED, 'trials': trials, 'chosen': chosen}
+  tuning['chosen'] = {'learning_rate': config.optim.learning_rate, 'steps_per_call': config.steps_per_call}
+  print(f'chosen: {tuning["chosen"]} ({len(trials)} tuning runs)', flush=True)
 
 
 def fit_epochs(config: ml_collections.ConfigDict, split: data.ImageData) -> dict[str, Any]:
@@ -171,16 +179,21 @@ def fit_epochs(config: ml_collections.ConfigDict, split: data.ImageData) -> dict
   return fit
 
 
-def apply_tuned(config: ml_collections.ConfigDict, tuning_json: str):
-  """Sets what an earlier tuning run (its results JSON) chose."""
+def apply_tuned(config: ml_collections.ConfigDict, tuning_json: str) -> float | None:
+  """Sets what an earlier tuning run (its results JSON) chose, where it finished; returns its last trial's
+  seconds, if any."""
   try:
-    chosen = json.loads(Path(tuning_json).read_text())['results']['tuning']['chosen']
-  except (OSError, ValueError, KeyError) as e:
-    sys.exit(
-      f'error: --tuned={tuning_json}: not the JSON of a tuning run ({e!r}); give the file its `results:` line named'
-    )
-  config.optim.learning_rate, config.steps_per_call = chosen['learning_rate'], chosen['steps_per_call']
-  print(f'tuned values from {tuning_json}: {chosen}')
+    tuning = json.loads(Path(tuning_json).read_text())['results']['tuning']
+    trials = tuning['trials']
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    sys.exit(f'error: --tuned={tuning_json}: not the JSON of a tuning run ({e!r})')
+  chosen = tuning.get('chosen')
+  if chosen:
+    config.optim.learning_rate, config.steps_per_call = chosen['learning_rate'], chosen['steps_per_call']
+    print(f'tuned values from {tuning_json}: {chosen}')
+  else:
+    print(f"{tuning_json}: the tuning did not finish (stopped): keeping the config's values")
+  return trials[-1]['wall_s'] if trials else None
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | None]:
@@ -192,32 +205,51 @@ def summarize(values: Sequence[float]) -> dict[str, float | None]:
   }
 
 
-def measure(config: ml_collections.ConfigDict, seeds: Sequence[int]) -> dict[str, Any]:
-  """Tuning or fitting where asked, then per-seed figures and their summaries; the data is loaded
-  (and cached) once first, untimed."""
+def summaries(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+  return {name: summarize([run[name] for run in runs]) for name in FIGURES if runs and name in runs[0]}
+
+
+def measure(
+  config: ml_collections.ConfigDict,
+  seeds: Sequence[int],
+  first_estimate_s: float,
+  save: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+  """Tuning or fitting where asked, then per-seed figures and their summaries, handed to `save` after
+  each run (a part stopped from outside keeps what it measured); the data is loaded (and cached) once
+  first, untimed."""
   start = time.perf_counter()
   splits = data.load_splits(config.data)
-  results: dict[str, Any] = {'data_load_s': time.perf_counter() - start}
-  runner = Runner()
+  results: dict[str, Any] = {'data_load_s': time.perf_counter() - start, 'runs': [], 'skipped': [], 'summary': {}}
+  runner = Runner(results, lambda: save(results), first_estimate_s)
   if FLAGS.tune_learning_rates or FLAGS.tune_steps_per_call:
-    results['tuning'] = tune(config, runner)
+    results['tuning'] = {'validation_size': FLAGS.tune_validation_size, 'seed': TUNING_SEED, 'trials': []}
+    tune(config, runner, results['tuning'])
   if FLAGS.fit_epochs:
-    results['fit'] = fit_epochs(config, splits['train'])
-    if config.num_epochs < 1:
-      runner.skipped.append(
-        f'every seed skipped: not one epoch fits in the {results["fit"]["seconds_left"]:.0f} s left'
-      )
-      seeds = []
-    else:
-      runner.longest_s = 0.0  # The fit is the estimate.
-  runs = []
+    seeds = seeds if fit_within_deadline(config, splits['train'], results) else []
+    runner.estimate_s = 0.0  # The fit is the estimate.
   for seed in seeds:
     figures = runner.run(config, seed, f'seed {seed}')
     if figures:
-      runs.append(figures)
+      results['runs'].append(figures)
+      results['summary'] = summaries(results['runs'])
       print(seed_line(figures), flush=True)
-  summary = {name: summarize([run[name] for run in runs]) for name in FIGURES if runs and name in runs[0]}
-  return {**results, 'runs': runs, 'skipped': runner.skipped, 'summary': summary}
+      save(results)
+  save(results)
+  return results
+
+
+def fit_within_deadline(config: ml_collections.ConfigDict, split: data.ImageData, results: dict[str, Any]) -> bool:
+  """`fit_epochs`, where the fit itself (--run_estimate_s) fits; False, saying why, where no epoch fits."""
+  reason = common.over_budget('the fit of the epochs', FLAGS.run_estimate_s)
+  if not reason:
+    results['fit'] = fit_epochs(config, split)
+    if config.num_epochs >= 1:
+      return True
+    reason = f'every seed skipped: not one epoch fits in the {results["fit"]["seconds_left"]:.0f} s left'
+  print(reason, flush=True)
+  results['skipped'].append(reason)
+  return False
 
 
 def seed_line(run: dict[str, Any]) -> str:
@@ -260,26 +292,39 @@ def main(argv):
     config = common.tiny(config)
   if FLAGS.data_path:
     config.data.source, config.data.path = 'folder', FLAGS.data_path
+  first_estimate_s = FLAGS.run_estimate_s
   if FLAGS.tuned:
-    apply_tuned(config, FLAGS.tuned)
+    last_trial_s = apply_tuned(config, FLAGS.tuned)
+    if last_trial_s:
+      first_estimate_s = RERUN_MARGIN * last_trial_s
   device = common.jax_device()
   print(
     f'device: {device}; {FLAGS["config"].config_filename}, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
     f'{config.model.name} on {config.data.source} data {config.data.path}'
   )
+  variant = ' '.join(
+    [Path(FLAGS['config'].config_filename).stem]
+    + [
+      name
+      for name, asked in (('tuning', FLAGS.tune_learning_rates or FLAGS.tune_steps_per_call), ('fit', FLAGS.fit_epochs))
+      if asked
+    ]
+  )
+
+  def save(results: dict[str, Any]):
+    settings = {
+      'config': FLAGS['config'].config_filename,
+      'seeds': FLAGS.seeds,
+      'data_path': config.data.path,
+      'config_values': json.loads(config.to_json_best_effort()),
+    }
+    common.write_results('time_to_accuracy', device, settings, results, variant)
+
   try:
-    results = measure(config, range(FLAGS.seeds))
+    results = measure(config, range(FLAGS.seeds), first_estimate_s, save)
   except UserError as e:
     sys.exit(f'error: {e}')
   print_summary(results['summary'], len(results['runs']))
-  settings = {
-    'config': FLAGS['config'].config_filename,
-    'seeds': FLAGS.seeds,
-    'data_path': config.data.path,
-    'config_values': json.loads(config.to_json_best_effort()),
-  }
-  variant = ' '.join([Path(settings['config']).stem] + [name for name in ('tuning', 'fit') if name in results])
-  common.write_results('time_to_accuracy', device, settings, results, variant)
 
 
 if __name__ == '__main__':

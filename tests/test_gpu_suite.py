@@ -1,6 +1,7 @@
 """benchmarks/gpu_suite.sh --tiny on the CPU, without what the GPU machine lacks, so that the one GPU
 run a task may be lent cannot fail on a typo; and the deadline that keeps each part within its share."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -50,7 +51,7 @@ def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_pat
   data = jpeg_folder(tmp_path / 'cifar10-jpeg')
   output_dir = tmp_path / 'results'
   run = subprocess.run(
-    ['bash', 'benchmarks/gpu_suite.sh', '--tiny', f'--output_dir={output_dir}', '--budget_s=400'],
+    ['bash', 'benchmarks/gpu_suite.sh', '--tiny', f'--output_dir={output_dir}', '--budget_s=800'],
     cwd=ROOT,
     env=gpu_like_env(tmp_path, CIFAR10_JPEG_DIR=str(data)),
     capture_output=True,
@@ -62,8 +63,8 @@ def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_pat
   summary = results(summary_path)
   parts = summary['parts']
   assert list(parts) == ['tune', 'fast', 'throughput', 'resnet18']
-  assert all(part['status'] == 0 and part['json'] for part in parts.values()), parts
-  assert summary['within_budget'] and summary['wall_s'] <= 400
+  assert all(part['status'] == 0 and part['json'] and not part['skipped'] for part in parts.values()), parts
+  assert summary['within_budget'] and summary['wall_s'] <= 800
 
   tuning = results(parts['tune']['json'])['tuning']
   assert tuning['chosen']['learning_rate'] in (0.5, 0.8, 1.2) and tuning['chosen']['steps_per_call'] in (1, 8)
@@ -82,8 +83,9 @@ def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_pat
 
   targets = {target['target']: target for target in summary['targets']}
   assert len(targets) == 4  # fast; resnet_tiny's JAX/PyTorch ratio and pipeline; resnet18.
-  ratio = next(target for name, target in targets.items() if 'PyTorch' in name)
-  assert ratio['met'] is None and 'torch: not importable' in ratio['measured']
+  if importlib.util.find_spec('torch') is None:  # As in CI; on the GPU machine the ratio is measured.
+    ratio = next(target for name, target in targets.items() if 'PyTorch' in name)
+    assert ratio['met'] is None and 'torch: not importable' in ratio['measured']
   assert 'gpu_suite on cpu' in run.stdout and 'configs/fast.py: mean test accuracy' in run.stdout
 
 
@@ -91,7 +93,7 @@ def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_pat
   'args, skipped',
   [
     (['--seeds=1', '--run_estimate_s=600'], ['seed 0 skipped: estimated 600 s']),
-    (['--seeds=1', '--fit_epochs'], ['every seed skipped: not one epoch fits']),
+    (['--seeds=1', '--fit_epochs', '--run_estimate_s=600'], ['the fit of the epochs skipped: estimated 600 s']),
   ],
 )
 def test_a_run_that_would_end_past_the_deadline_is_skipped_and_the_json_says_so(tmp_path, args, skipped):
@@ -101,7 +103,7 @@ def test_a_run_that_would_end_past_the_deadline_is_skipped_and_the_json_says_so(
       'benchmarks/time_to_accuracy.py',
       '--tiny',
       f'--output_dir={tmp_path}',
-      f'--deadline={time.time() + 1}',
+      f'--deadline={time.time() + 120}',  # Time left, but less than the estimate.
       *args,
     ],
     cwd=ROOT,
