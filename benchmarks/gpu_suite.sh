@@ -53,10 +53,12 @@ export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 part() {
   local name=$1 share=$2
   shift 2
-  local deadline part_start=$SECONDS
+  local deadline limit part_start=$SECONDS
   deadline=$(awk -v start="$start" -v share="$share" -v budget="$budget_s" 'BEGIN { printf "%d", start + share * budget }')
+  limit=$((deadline - $(date +%s) + GRACE_S))
+  ((limit >= GRACE_S)) || limit=$GRACE_S # Past its deadline already (timeout 0 would mean none): it skips, says so.
   echo "== $name: until $(date -d "@$deadline" +%T), $(($(date +%s) - start)) s into the suite"
-  timeout --kill-after=10 $((deadline - $(date +%s) + GRACE_S)) \
+  timeout --kill-after=10 "$limit" \
     "$@" ${tiny[@]+"${tiny[@]}"} --output_dir="$output_dir" --deadline="$deadline" 2>&1 | tee "$work/$name.log"
   local status=${PIPESTATUS[0]}
   printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - part_start))" \

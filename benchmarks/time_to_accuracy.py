@@ -32,10 +32,10 @@ Before the seeds, optionally:
   then that rate once more per other `steps_per_call`, the one of the least train_s kept (the steps
   are the same arithmetic however many a call holds). The test split never chooses.
   `--tuned=<that run's JSON>` then sets the chosen values in a later invocation.
-- `--fit_epochs`: sets `num_epochs` to what fits before `--deadline`, from one epoch of the config's
+- `--fit_epochs`: sets `num_epochs` to what fits before `--deadline`, from two epochs of the config's
   own train step and pipeline timed first (`fit_epochs`).
-With `--deadline`, a run is skipped where the longest so far (the first: `--run_estimate_s`) would end
-past it, and the JSON lists what was skipped and why.
+With `--deadline`, a run is skipped where its estimate (RERUN_MARGIN x the last run; the first:
+`--run_estimate_s`) would end past it, and the JSON lists what was skipped and why.
 """
 
 import json
@@ -163,6 +163,10 @@ def tune(config: ml_collections.ConfigDict, runner: Runner, tuning: dict[str, An
   print(f'chosen: {tuning["chosen"]} ({len(trials)} tuning runs)', flush=True)
 
 
+def tuning_asked() -> bool:
+  return bool(FLAGS.tune_learning_rates or FLAGS.tune_steps_per_call)
+
+
 def fit_epochs(config: ml_collections.ConfigDict, split: data.ImageData) -> dict[str, Any]:
   """Sets `num_epochs` to what fits before --deadline. Times the config's train step over its pipeline
   for two epochs of `split`: the first holds the compilation that the run will repeat (with its schedule's
@@ -222,7 +226,7 @@ def measure(
   splits = data.load_splits(config.data)
   results: dict[str, Any] = {'data_load_s': time.perf_counter() - start, 'runs': [], 'skipped': [], 'summary': {}}
   runner = Runner(results, lambda: save(results), first_estimate_s)
-  if FLAGS.tune_learning_rates or FLAGS.tune_steps_per_call:
+  if tuning_asked():
     results['tuning'] = {'validation_size': FLAGS.tune_validation_size, 'seed': TUNING_SEED, 'trials': []}
     tune(config, runner, results['tuning'])
   if FLAGS.fit_epochs:
@@ -267,8 +271,8 @@ def mean_std(stats: dict[str, float | None], value_format: str) -> str:
   )
 
 
-def print_summary(summary: dict[str, dict[str, float | None]], num_runs: int):
-  print(f'\n{FLAGS["config"].config_filename}: {num_runs} seed(s), mean ± std:')
+def print_summary(config_file: str, summary: dict[str, dict[str, float | None]], num_runs: int):
+  print(f'\n{config_file}: {num_runs} seed(s), mean ± std:')
   if not summary:
     return
   print(f'  test accuracy:                     {mean_std(summary["accuracy"], ".4f")}')
@@ -298,22 +302,16 @@ def main(argv):
     if last_trial_s:
       first_estimate_s = RERUN_MARGIN * last_trial_s
   device = common.jax_device()
+  config_file = os.path.relpath(FLAGS['config'].config_filename, ROOT)
   print(
-    f'device: {device}; {FLAGS["config"].config_filename}, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
+    f'device: {device}; {config_file}, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
     f'{config.model.name} on {config.data.source} data {config.data.path}'
   )
-  variant = ' '.join(
-    [Path(FLAGS['config'].config_filename).stem]
-    + [
-      name
-      for name, asked in (('tuning', FLAGS.tune_learning_rates or FLAGS.tune_steps_per_call), ('fit', FLAGS.fit_epochs))
-      if asked
-    ]
-  )
+  variant = ' '.join([Path(config_file).stem] + ['tuning'] * tuning_asked() + ['fit'] * FLAGS.fit_epochs)
 
   def save(results: dict[str, Any]):
     settings = {
-      'config': FLAGS['config'].config_filename,
+      'config': config_file,
       'seeds': FLAGS.seeds,
       'data_path': config.data.path,
       'config_values': json.loads(config.to_json_best_effort()),
@@ -324,7 +322,7 @@ def main(argv):
     results = measure(config, range(FLAGS.seeds), first_estimate_s, save)
   except UserError as e:
     sys.exit(f'error: {e}')
-  print_summary(results['summary'], len(results['runs']))
+  print_summary(config_file, results['summary'], len(results['runs']))
 
 
 if __name__ == '__main__':
