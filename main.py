@@ -15,7 +15,11 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from resnet_flax import cli, evaluate, explain, export, lr_find, predict, train
+from resnet_flax import cli, evaluate
+from resnet_flax.deploy import export, predict
+from resnet_flax.explain import methods as explain
+from resnet_flax.train import lr_find
+from resnet_flax.train import step as train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)

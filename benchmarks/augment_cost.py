@@ -20,7 +20,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import quick  # noqa: E402
-from resnet_flax import train, writers  # noqa: E402
+from resnet_flax import writers  # noqa: E402
+from resnet_flax.train import step as train
 
 flags.DEFINE_string('model', 'resnet_tiny', 'Model preset.')
 flags.DEFINE_integer('batch_size', 256, 'Global batch size.')

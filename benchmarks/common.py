@@ -33,9 +33,11 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import augment, distributed, input_pipeline, models, optim, train
-from resnet_flax.data import ImageData
-from resnet_flax.workdir import Steps
+from resnet_flax import models, optim
+from resnet_flax.data import ImageData, augment, input_pipeline
+from resnet_flax.run import distributed
+from resnet_flax.run.workdir import Steps
+from resnet_flax.train import step as train
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch')

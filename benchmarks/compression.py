@@ -11,7 +11,7 @@ or skips them), each a normal workdir that `main.py --mode=evaluate` reads too:
 - `qat`: the same fine-tuning with quantization-aware training (`quantize.mode=qat`);
 - `distilled`: the config's recipe from scratch, distilled from `--teacher` (`distill.teacher`), when
   one is given.
-Then every artifact (`artifacts`) is exported (`resnet_flax.export`) to `<runs_dir>/artifacts/` and
+Then every artifact (`artifacts`) is exported (`resnet_flax.deploy.export`) to `<runs_dir>/artifacts/` and
 run by its own runtime, JAX included (the `jax.export` artifact, jitted), measuring:
 - test accuracy on the whole test split of the dense run's data;
 - size: the artifact's bytes on disk, and gzip-compressed (what pruning saves until a runtime stores
@@ -45,8 +45,11 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from resnet_flax import api, data, evaluate, export, train  # noqa: E402
+from resnet_flax import data, train  # noqa: E402
+from resnet_flax.deploy import api, export
 from resnet_flax.errors import UserError  # noqa: E402
+from resnet_flax.evaluate import inference
+from resnet_flax.models import trained
 
 flags.DEFINE_string('config', 'quick', 'Config module of configs/ the dense run was trained with.')
 flags.DEFINE_string('dense', None, 'Workdir of the trained dense run (with --tiny: trained here).')
@@ -166,7 +169,7 @@ def measure(
   path = os.path.join(directory, f'{artifact.variant}-{served_as}-{export.FORMATS[artifact.export_format].path}')
   export.export_artifact(model, artifact.export_format, path, calibration)
   predict = export.load_artifact(artifact.export_format, path)
-  targets = evaluate.model_indices(split.class_names, model.class_names)[split.labels]
+  targets = inference.model_indices(split.class_names, model.class_names)[split.labels]
   return {
     'variant': artifact.variant,
     'label': artifact.label,
@@ -232,10 +235,10 @@ def run(dense: str, runs_dir: str, teacher: str | None) -> list[dict[str, Any]]:
   if not FLAGS.measure:
     return []
   config = base_config()
-  info = evaluate.load_trained_run(dense, config).info
-  split = evaluate.load_test_split(config.data, info)
+  info = trained.load_trained_run(dense, config).info
+  split = inference.load_test_split(config.data, info)
   calibration = export.calibration_images(
-    data.load_splits(evaluate.resized_as_trained(config.data, info))['train'].images
+    data.load_splits(inference.resized_as_trained(config.data, info))['train'].images
   )
   directory = os.path.join(runs_dir, 'artifacts')
   os.makedirs(directory, exist_ok=True)

@@ -21,7 +21,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import corruptions, data  # noqa: E402
+from resnet_flax import data  # noqa: E402
+from resnet_flax.robust import corruptions
 
 flags.DEFINE_string('data_path', None, 'Unpacked CIFAR-10 image folder: corrupt its test images, not noise.')
 flags.DEFINE_integer('examples', 1000, 'Images corrupted by each of the 75 settings.')

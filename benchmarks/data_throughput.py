@@ -23,8 +23,12 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import augment, distributed, input_pipeline  # noqa: E402
-from resnet_flax.data import ImageData  # noqa: E402
+from resnet_flax import input_pipeline  # noqa: E402
+from resnet_flax.data import (
+  ImageData,  # noqa: E402
+  augment,
+)
+from resnet_flax.run import distributed
 
 flags.DEFINE_string('model', 'resnet18', 'Model preset of the train step.')
 flags.DEFINE_integer('batch_size', 512, 'Global batch size.')

@@ -19,7 +19,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import data, train, writers  # noqa: E402
+from resnet_flax import data, writers  # noqa: E402
+from resnet_flax.train import step as train
 
 flags.DEFINE_string('model', 'resnet_tiny', 'Model preset.')
 flags.DEFINE_integer('batch_size', 256, 'Global batch size.')

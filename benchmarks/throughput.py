@@ -46,7 +46,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import augment, models  # noqa: E402
+from resnet_flax import models  # noqa: E402
+from resnet_flax.data import augment
 
 # XLA:CPU's YNNPACK fusions of dots, elementwise ops, reductions and convolutions (jaxlib 0.10).
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce,individual_convolution'

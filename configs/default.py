@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_num_classes = 10  # Synthetic source: number of classes.
 
   config.augment = ml_collections.ConfigDict()
-  config.augment.train_ops = ('crop', 'flip')  # In order; 'op' or 'op(arg=value)', ops of resnet_flax.augment.OPS.
+  config.augment.train_ops = ('crop', 'flip')  # In order; 'op' or 'op(arg=value)', ops of resnet_flax.data.augment.OPS.
   config.augment.crop_padding = 4  # Pixels of padding before the random crop.
   config.augment.pad_mode = 'reflect'  # reflect | constant (zeros).
   config.augment.alternating_flip = (

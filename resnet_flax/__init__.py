@@ -1,6 +1,6 @@
 """resnet_flax: compact ResNets on CIFAR and image folders in JAX/Flax.
 
-`resnet_flax.load(workdir)` returns a trained run's model (`resnet_flax.api`).
+`resnet_flax.load(workdir)` returns a trained run's model (`resnet_flax.deploy.api`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 
 def load(workdir: str, checkpoint: str | int = 'best', **kwargs: Any):
-  """The model of the trained run in `workdir`: see `resnet_flax.api.load`."""
+  """The model of the trained run in `workdir`: see `resnet_flax.deploy.api.load`."""
   from resnet_flax import api  # Imported on use: `import resnet_flax` stays cheap, and free of cycles.
 
   return api.load(workdir, checkpoint, **kwargs)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import jax
 from absl import flags, logging
 
-from resnet_flax import distributed
 from resnet_flax.errors import UserError
+from resnet_flax.run import distributed
 
 
 def parse_flags(argv: list[str]) -> list[str]:

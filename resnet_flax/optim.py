@@ -29,9 +29,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from resnet_flax import layers, models
+from resnet_flax import models
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import Steps
+from resnet_flax.models import layers
+from resnet_flax.run.workdir import Steps
 
 OptimConfig = ml_collections.ConfigDict  # `config.optim`.
 FREEZE = ('none', 'backbone')  # `optim.freeze`: train everything, or only the classifier (`models.HEAD`).

@@ -9,7 +9,10 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from resnet_flax.workdir import RunInfo
+from resnet_flax.evaluate import inference
+from resnet_flax.models import trained
+from resnet_flax.run import checkpoint
+from resnet_flax.run.workdir import RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 # Shared by the test runs of main.py, so that only the first one of each program compiles it.
@@ -106,13 +109,13 @@ def tiny_run_info(**fields) -> RunInfo:
 
 
 def restore_smoke_run(workdir):
-  """(evaluate.Restored, its test split) of the latest checkpoint of a smoke workdir, in process."""
+  """(trained.Restored, its test split) of the latest checkpoint of a smoke workdir, in process."""
   import contextlib
 
   from configs import smoke
-  from resnet_flax import distributed, evaluate
+  from resnet_flax.run import distributed
 
-  with contextlib.closing(evaluate.open_checkpoints(str(workdir))) as manager:
-    run = evaluate.load_trained_run(str(workdir), smoke.get_config())
-    restored = evaluate.restore(manager, run, max(manager.all_steps()), distributed.create_mesh())
-  return restored, evaluate.load_test_split(run.config.data, run.info)
+  with contextlib.closing(checkpoint.open_checkpoints(str(workdir))) as manager:
+    run = trained.load_trained_run(str(workdir), smoke.get_config())
+    restored = trained.restore(manager, run, max(manager.all_steps()), distributed.create_mesh())
+  return restored, inference.load_test_split(run.config.data, run.info)

@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import adversarial, augment, checkpoint, config_checks, evaluate, train
+from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
+from resnet_flax.robust import adversarial
+from resnet_flax.run import checkpoint
+from resnet_flax.train import config_checks
+from resnet_flax.train import step as train
 
 from helpers import restore_smoke_run
 
@@ -76,7 +80,7 @@ def test_the_guard_ends_training_and_the_collapsed_model_never_ranks(tmp_path, m
   stopped = 3 * steps_per_epoch
   assert f'catastrophic overfitting at step {stopped}' in caplog.text
   assert f'fell from 0.4000 (step {2 * steps_per_epoch}) to 0.0500' in caplog.text
-  with contextlib.closing(evaluate.open_checkpoints(str(tmp_path))) as manager:
+  with contextlib.closing(checkpoint.open_checkpoints(str(tmp_path))) as manager:
     assert max(manager.all_steps()) == stopped  # Saved (nothing is lost) ...
     assert checkpoint.best_step(manager) == 2 * steps_per_epoch  # ... but not the best.
 

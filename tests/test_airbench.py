@@ -8,9 +8,12 @@ import optax
 import pytest
 
 from configs import default, fast, smoke
-from resnet_flax import augment, config_checks, layers, models, optim, train
-from resnet_flax.data import ImageData
+from resnet_flax import models, optim
+from resnet_flax.data import ImageData, augment
 from resnet_flax.errors import ConfigError
+from resnet_flax.models import layers
+from resnet_flax.train import config_checks
+from resnet_flax.train import step as train
 
 
 def _correlated_images(n: int = 256, size: int = 8, seed: int = 0) -> np.ndarray:

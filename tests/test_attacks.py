@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import attacks, augment, cli, config_checks, evaluate
+from resnet_flax import cli, evaluate
+from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
+from resnet_flax.robust import attacks
+from resnet_flax.train import config_checks
 
 from helpers import restore_smoke_run
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_flax import augment
+from resnet_flax.data import augment
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 8
@@ -226,7 +226,7 @@ def test_augment_works_where_tensorflow_cannot_be_imported():
       sys.modules['tensorflow'] = None  # Any `import tensorflow` now raises ImportError.
       import jax, numpy as np
       from configs import default
-      from resnet_flax import augment
+      from resnet_flax.data import augment
       config = default.get_config().augment
       config.train_ops = ('crop', 'flip', 'cutout')
       context = {'indices': np.arange(4), 'epoch': 0, 'seed': 0}
@@ -243,7 +243,7 @@ def test_sharded_batch_gives_the_same_result_as_one_device():
       import jax, numpy as np
       from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
       from configs import default
-      from resnet_flax import augment
+      from resnet_flax.data import augment
       mesh = jax.make_mesh((4,), ('data',), axis_types=(AxisType.Auto,))
       shard = lambda x: jax.device_put(x, NamedSharding(mesh, P('data')))
       images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 3), dtype=np.uint8)

@@ -17,7 +17,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from scipy import stats
 
 from configs import default
-from resnet_flax import augment, policies
+from resnet_flax.data import augment, policies
 
 SIDE = 32
 FILL = policies.FILL

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import default, smoke
-from resnet_flax import augment, train
+from resnet_flax.data import augment
+from resnet_flax.train import step as train
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO_MEAN, UNIT_STD = (0.0,) * 3, (1.0,) * 3  # Identity normalization up to the 1/255 scale.

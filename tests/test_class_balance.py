@@ -7,9 +7,12 @@ import pytest
 from sklearn.utils.class_weight import compute_class_weight
 
 from configs import smoke
-from resnet_flax import config_checks, distributed, input_pipeline, loop, optim, train
-from resnet_flax.data import ImageData
+from resnet_flax import optim
+from resnet_flax.data import ImageData, input_pipeline
 from resnet_flax.errors import ConfigError
+from resnet_flax.run import distributed
+from resnet_flax.train import config_checks, loop
+from resnet_flax.train import step as train
 
 import helpers
 

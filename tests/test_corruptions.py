@@ -17,10 +17,12 @@ import pytest
 from PIL import Image
 
 from configs import smoke
-from resnet_flax import config_checks, corruptions, data, evaluate
+from resnet_flax import data, evaluate
 from resnet_flax.data import DataError
 from resnet_flax.errors import ConfigError
-from resnet_flax.report import report_name
+from resnet_flax.robust import corruptions
+from resnet_flax.run.report_paths import report_name
+from resnet_flax.train import config_checks
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 NAMES = list(corruptions.CORRUPTIONS)

@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from resnet_flax import images
-from resnet_flax.data import DataError, folder
+from resnet_flax.data import DataError, folder, images
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from resnet_flax import images
-from resnet_flax.data import DataError, tfds_source
+from resnet_flax.data import DataError, images, tfds_source
 
 from cifar_files import make_archive
 

@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import augment, config_checks, data, distill, models, train
+from resnet_flax import data, models
+from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import RUN_FILE, RunInfo, check_resumable
+from resnet_flax.run.workdir import RUN_FILE, RunInfo, check_resumable
+from resnet_flax.train import config_checks, distill
+from resnet_flax.train import step as train
 
 from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 

@@ -20,11 +20,16 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support, precision
 
 import resnet_flax
 from configs import smoke
-from resnet_flax import augment, config_checks, data, distributed, evaluate, images, predict, train, writers
-from resnet_flax import report as report_module
-from resnet_flax.data import DataError
+from resnet_flax import data, evaluate
+from resnet_flax.data import DataError, augment, images
+from resnet_flax.deploy import predict
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import LATER_FACTS, RunInfo
+from resnet_flax.evaluate import inference, metrics
+from resnet_flax.models import trained
+from resnet_flax.run import checkpoint, curves, distributed, report_paths, writers
+from resnet_flax.run.workdir import LATER_FACTS, RunInfo
+from resnet_flax.train import config_checks
+from resnet_flax.train import step as train
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12
@@ -94,13 +99,13 @@ def report(workdir):
 @pytest.fixture(scope='module')
 def restored(workdir):
   mesh = distributed.create_mesh()
-  with contextlib.closing(evaluate.open_checkpoints(str(workdir))) as manager:
-    run = evaluate.load_trained_run(str(workdir), smoke_config())
-    return evaluate.restore(manager, run, manager.latest_step(), mesh), mesh
+  with contextlib.closing(checkpoint.open_checkpoints(str(workdir))) as manager:
+    run = trained.load_trained_run(str(workdir), smoke_config())
+    return trained.restore(manager, run, manager.latest_step(), mesh), mesh
 
 
 def report_dir(workdir, config) -> Path:
-  return Path(workdir) / 'eval' / report_module.report_name(config.data)
+  return Path(workdir) / 'eval' / report_paths.report_name(config.data)
 
 
 def write_png(path: Path, image: np.ndarray):
@@ -194,12 +199,12 @@ def test_no_checkpoint_is_one_clear_line(tmp_path):
 
 def test_tta_averages_the_softmax_of_the_views(workdir, restored, test_split):
   restored_run, mesh = restored
-  plain = evaluate.forward(restored_run, test_split, 64, 'none', mesh)['logits']
+  plain = inference.forward(restored_run, test_split, 64, 'none', mesh)['logits']
   mirrored = data.ImageData(test_split.images[:, :, ::-1], test_split.labels, test_split.class_names)
-  mirrored_logits = evaluate.forward(restored_run, mirrored, 64, 'none', mesh)['logits']
-  expected = (np.exp(evaluate.log_softmax(plain)) + np.exp(evaluate.log_softmax(mirrored_logits))) / 2
+  mirrored_logits = inference.forward(restored_run, mirrored, 64, 'none', mesh)['logits']
+  expected = (np.exp(metrics.log_softmax(plain)) + np.exp(metrics.log_softmax(mirrored_logits))) / 2
   np.testing.assert_allclose(
-    evaluate.forward(restored_run, test_split, 64, 'flip', mesh)['tta_probabilities'], expected, atol=1e-6
+    inference.forward(restored_run, test_split, 64, 'flip', mesh)['tta_probabilities'], expected, atol=1e-6
   )
   report = evaluate.evaluate_checkpoint(smoke_config(tta='flip'), str(workdir))
   assert report['tta'] == 'flip' and report['tta_views'] == 2
@@ -220,7 +225,7 @@ def test_predict_gives_sorted_top_k_and_the_class_evaluation_predicts(workdir, r
     write_png(tmp_path / 'images' / f'{i}.png', test_split.images[i])
   output = tmp_path / 'predictions.json'
   rows = predict.run_predict(smoke_config(), str(workdir), [str(tmp_path / 'images')], 3, str(output))
-  logits = evaluate.forward(restored_run, test_split, 64, 'none', mesh)['logits'][:5]
+  logits = inference.forward(restored_run, test_split, 64, 'none', mesh)['logits'][:5]
   assert [row['path'] for row in rows] == [str(tmp_path / 'images' / f'{i}.png') for i in range(5)]
   for row, example_logits in zip(rows, logits, strict=True):
     probabilities = [t['probability'] for t in row['top_k']]
@@ -257,9 +262,9 @@ def test_any_image_is_resized_as_the_run_was_and_the_api_matches_evaluation(work
 def test_training_curves_are_drawn_from_tensorboard(workdir, report, tmp_path):
   assert is_png(workdir / 'training_curves.png')  # Written at the end of training and by evaluation.
   (workdir / 'training_curves.png').unlink()
-  assert report_module.write_training_curves(str(workdir), 8) == str(workdir / 'training_curves.png')
+  assert curves.write_training_curves(str(workdir), 8) == str(workdir / 'training_curves.png')
   assert is_png(workdir / 'training_curves.png')
-  assert report_module.write_training_curves(str(tmp_path), 8) is None
+  assert curves.write_training_curves(str(tmp_path), 8) is None
 
 
 def test_run_json_facts_spare_the_training_data_and_old_config_files_work(workdir, report, tmp_path):
@@ -267,7 +272,7 @@ def test_run_json_facts_spare_the_training_data_and_old_config_files_work(workdi
   config.json written before a field existed takes the current default."""
   copy = tmp_path / 'copy'
   shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('eval', '*.png'))
-  run = evaluate.load_trained_run(str(workdir), smoke_config())
+  run = trained.load_trained_run(str(workdir), smoke_config())
   saved = json.loads((copy / 'run.json').read_text())
   saved.update(
     class_names=list(run.info.class_names),
@@ -301,13 +306,13 @@ def test_checkpoint_choice_is_by_validation_only():
   validated, unvalidated = (
     RunInfo('m', 0.0, '', (8, 8, 3), ('a',), (0.5,), (0.5,), 1, validation=v) for v in ('val', '')
   )
-  assert evaluate.choose_step(manager, 'best', validated) == 5
-  assert evaluate.choose_step(manager, 'best', unvalidated) == 12  # Metrics an earlier version ranked by test.
-  assert evaluate.choose_step(manager, 'latest', validated) == 12
-  assert evaluate.choose_step(manager, '10', validated) == 10
-  assert evaluate.choose_step(FakeManager({5: None, 10: None}), 'best', validated) == 10
+  assert checkpoint.choose_step(manager, 'best', validated) == 5
+  assert checkpoint.choose_step(manager, 'best', unvalidated) == 12  # Metrics an earlier version ranked by test.
+  assert checkpoint.choose_step(manager, 'latest', validated) == 12
+  assert checkpoint.choose_step(manager, '10', validated) == 10
+  assert checkpoint.choose_step(FakeManager({5: None, 10: None}), 'best', validated) == 10
   with pytest.raises(ConfigError, match=r'no checkpoint of step 7 .* steps \[5, 10, 12\]'):
-    evaluate.choose_step(manager, '7', validated)
+    checkpoint.choose_step(manager, '7', validated)
 
 
 def test_config_rules_accept_exactly_the_eval_choices():
@@ -321,13 +326,13 @@ def test_report_names_keep_datasets_apart(tmp_path):
   names = set()
   for parent in ('a', 'b'):
     config = folder_config(tmp_path / parent / 'pets')
-    assert report_module.report_name(config.data) == report_module.report_name(
+    assert report_paths.report_name(config.data) == report_paths.report_name(
       folder_config(tmp_path / parent / 'pets').data
     )
-    names.add(report_module.report_name(config.data))
-  names.add(report_module.report_name(smoke_config().data))
+    names.add(report_paths.report_name(config.data))
+  names.add(report_paths.report_name(smoke_config().data))
   assert len(names) == 3 and all(
-    name.startswith('folder-pets-test-') for name in names - {report_module.report_name(smoke_config().data)}
+    name.startswith('folder-pets-test-') for name in names - {report_paths.report_name(smoke_config().data)}
   )
 
 
@@ -352,19 +357,19 @@ def test_precision_recall_and_f1_are_scikit_learns_on_random_predictions(seed):
   rng = np.random.default_rng(seed)
   model_class_names = [f'class_{j}' for j in range(8)]
   class_names = ['class_4', 'class_0', 'class_6', 'class_2', 'class_5', 'class_1']
-  label_to_model = evaluate.model_indices(class_names, model_class_names)
+  label_to_model = inference.model_indices(class_names, model_class_names)
   labels = rng.integers(0, 5, 300)  # class_1 has no images.
   logits = rng.normal(size=(300, 8))
   logits[:, 2] -= 100  # class_2 is never predicted.
-  metrics = evaluate.classification_metrics({'logits': logits}, labels, label_to_model, class_names, model_class_names)
+  report = metrics.classification_metrics({'logits': logits}, labels, label_to_model, class_names, model_class_names)
   y_true, y_pred, data_classes = label_to_model[labels], logits.argmax(axis=1), label_to_model
   precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=data_classes, zero_division=0.0)
   for i, name in enumerate(class_names):
-    assert metrics['per_class_precision'][name] == pytest.approx(precision[i], abs=1e-12)
-    assert metrics['per_class_recall'][name] == pytest.approx(recall[i], abs=1e-12)
-    assert metrics['per_class_f1'][name] == pytest.approx(f1[i], abs=1e-12)
-  assert metrics['per_class_precision']['class_2'] == 0.0 and metrics['per_class_recall']['class_1'] == 0.0
+    assert report['per_class_precision'][name] == pytest.approx(precision[i], abs=1e-12)
+    assert report['per_class_recall'][name] == pytest.approx(recall[i], abs=1e-12)
+    assert report['per_class_f1'][name] == pytest.approx(f1[i], abs=1e-12)
+  assert report['per_class_precision']['class_2'] == 0.0 and report['per_class_recall']['class_1'] == 0.0
   macro = dict(y_true=y_true, y_pred=y_pred, average='macro', labels=data_classes, zero_division=0.0)
-  assert metrics['macro_precision'] == pytest.approx(precision_score(**macro), abs=1e-12)
-  assert metrics['macro_recall'] == pytest.approx(recall_score(**macro), abs=1e-12)
-  assert metrics['macro_f1'] == pytest.approx(f1_score(**macro), abs=1e-12)
+  assert report['macro_precision'] == pytest.approx(precision_score(**macro), abs=1e-12)
+  assert report['macro_recall'] == pytest.approx(recall_score(**macro), abs=1e-12)
+  assert report['macro_f1'] == pytest.approx(f1_score(**macro), abs=1e-12)

@@ -25,8 +25,11 @@ from PIL import Image
 
 import resnet_flax
 from configs import smoke
-from resnet_flax import augment, evaluate, explain, models, quantize
-from resnet_flax.data import DataError
+from resnet_flax import models
+from resnet_flax.compress import quantize
+from resnet_flax.data import DataError, augment
+from resnet_flax.explain import methods as explain
+from resnet_flax.models import trained
 
 from helpers import run_main, tiny_run_info
 
@@ -70,7 +73,7 @@ def numpy_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0)
 
 def train_tiny(
   images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], steps: int, batch_size: int = 32
-) -> evaluate.Restored:
+) -> trained.Restored:
   """resnet_tiny trained on `images` (Adam, `steps` batches in order, cycling), as evaluation restores a run."""
   mean, std = augment.channel_stats(images)
   info = tiny_run_info(image_shape=images.shape[1:], class_names=tuple(class_names), pixel_mean=mean, pixel_std=std)
@@ -93,11 +96,11 @@ def train_tiny(
   for batch in range(steps):
     part = np.arange(batch * batch_size, (batch + 1) * batch_size) % len(images)
     variables, optimizer_state = step(variables, optimizer_state, images[part], labels[part])
-  return evaluate.Restored(evaluate.TrainedRun(smoke.get_config(), info), model, variables, steps)
+  return trained.Restored(trained.TrainedRun(smoke.get_config(), info), model, variables, steps)
 
 
 @pytest.fixture(scope='module')
-def toy() -> evaluate.Restored:
+def toy() -> trained.Restored:
   images, labels, _ = squares(40 * 32, seed=0)
   return train_tiny(images, labels, ('red', 'green', 'blue'), steps=40)
 
@@ -330,7 +333,7 @@ def test_test_images_are_half_correct_half_misclassified_where_the_class_has_the
 
 
 def test_a_model_served_in_int8_is_refused(toy):
-  int8 = evaluate.Restored(toy.run, toy.model, toy.variables, toy.step, quantize.Recipe('ptq'))
+  int8 = trained.Restored(toy.run, toy.model, toy.variables, toy.step, quantize.Recipe('ptq'))
   with pytest.raises(resnet_flax.errors.ConfigError, match='float model'):
     explain.compile_explain(int8)
 

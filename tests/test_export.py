@@ -18,10 +18,13 @@ import pytest
 
 import resnet_flax
 from configs import smoke
-from resnet_flax import api, evaluate, export, models
-from resnet_flax.distributed import create_mesh
+from resnet_flax import models
+from resnet_flax.deploy import api, export
 from resnet_flax.errors import ConfigError, UserError
-from resnet_flax.workdir import RunInfo
+from resnet_flax.evaluate import inference
+from resnet_flax.models import trained
+from resnet_flax.run.distributed import create_mesh
+from resnet_flax.run.workdir import RunInfo
 
 from helpers import SMOKE_TOTAL_STEPS, run_main
 
@@ -35,7 +38,7 @@ def exported(straight_run, tmp_path_factory):
   shutil.copytree(straight_run, workdir)
   card = export.run_export(smoke.get_config(), str(workdir), command='the command')
   model = resnet_flax.load(str(workdir))
-  return workdir, card, model, evaluate.load_test_split(smoke.get_config().data, model.restored.run.info).images
+  return workdir, card, model, inference.load_test_split(smoke.get_config().data, model.restored.run.info).images
 
 
 def artifact_path(workdir, name: str) -> str:
@@ -149,7 +152,7 @@ def test_a_graph_that_fixes_batch_one_is_converted_with_a_symbolic_batch(tmp_pat
   network = models.create_model_from_config(config, 10)
   variables = models.init_variables(network, (32, 32, 3), jax.random.key(0))
   info = RunInfo('resnet_tiny', 0.25, '', (32, 32, 3), tuple('abcdefghij'), (0.5,) * 3, (0.25,) * 3, 8)
-  model = api.Model(evaluate.Restored(evaluate.TrainedRun(config, info), network, variables, 0), create_mesh())
+  model = api.Model(trained.Restored(trained.TrainedRun(config, info), network, variables, 0), create_mesh())
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8)
   for name in ('tflite', 'onnx'):
     with caplog.at_level(logging.WARNING):

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import config_checks, data, finetune, models, train
+from resnet_flax import data, models
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import RunInfo
+from resnet_flax.run.workdir import RunInfo
+from resnet_flax.train import config_checks, finetune
+from resnet_flax.train import step as train
 
 from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 

@@ -7,9 +7,10 @@ import hypothesis.strategies as st
 import pytest
 
 from configs import smoke
-from resnet_flax import config_checks, train
 from resnet_flax.data import DataError, folder
 from resnet_flax.errors import UserError
+from resnet_flax.train import config_checks
+from resnet_flax.train import step as train
 
 VALUES = st.one_of(
   st.integers(-(10**6), 10**6),

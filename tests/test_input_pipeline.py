@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import distributed, input_pipeline
-from resnet_flax.data import ImageData
+from resnet_flax.data import ImageData, input_pipeline
+from resnet_flax.run import distributed
 
 NUM_EXAMPLES, BATCH = 100, 16  # 6 steps per epoch; 4 examples are left out of each epoch.
 
@@ -108,7 +108,8 @@ import sys
 sys.modules['tensorflow'] = None  # Any import of TensorFlow now fails.
 import functools, jax, numpy as np
 from configs import default
-from resnet_flax import augment, distributed, input_pipeline
+from resnet_flax.data import augment, input_pipeline
+from resnet_flax.run import distributed
 from resnet_flax.data import ImageData
 split = ImageData(np.zeros((64, 8, 8, 3), np.uint8), np.zeros(64, np.int32), ('a',))
 pipeline = input_pipeline.create_pipeline('device', split, 16, 0, distributed.create_mesh())

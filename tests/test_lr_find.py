@@ -11,8 +11,8 @@ import pytest
 from matplotlib import image
 
 from configs import smoke
-from resnet_flax import lr_find
 from resnet_flax.errors import ConfigError
+from resnet_flax.train import lr_find
 
 import helpers
 

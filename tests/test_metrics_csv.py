@@ -9,7 +9,7 @@ import clu
 import numpy as np
 import pytest
 
-from resnet_flax import writers
+from resnet_flax.run import writers
 
 import helpers
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import mixing
+from resnet_flax.data import mixing
 
 BATCH, SIDE = 16, 8
 

@@ -23,9 +23,13 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from configs import smoke
-from resnet_flax import checkpoint, config_checks, evaluate, loop, models, optim, prune, train, writers
+from resnet_flax import evaluate, models, optim
+from resnet_flax.compress import prune
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import RUN_FILE, Steps, check_resumable
+from resnet_flax.run import checkpoint, writers
+from resnet_flax.run.workdir import RUN_FILE, Steps, check_resumable
+from resnet_flax.train import config_checks, loop
+from resnet_flax.train import step as train
 
 from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 
@@ -220,7 +224,7 @@ def test_every_checkpoint_holds_exactly_the_scheduled_zeros(pruned_run):
 
 
 def test_best_is_never_a_checkpoint_from_before_the_target(pruned_run):
-  manager = evaluate.open_checkpoints(str(pruned_run))
+  manager = checkpoint.open_checkpoints(str(pruned_run))
   assert manager.metrics(4) is None  # Its validation accuracy, 0.96, is the highest of all.
   assert checkpoint.best_step(manager) == TARGET_STEP
   manager.close()

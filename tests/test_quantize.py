@@ -17,8 +17,12 @@ from PIL import Image
 
 import resnet_flax
 from configs import smoke
-from resnet_flax import config_checks, evaluate, models, quantize, report, train, writers
+from resnet_flax import evaluate, models
+from resnet_flax.compress import quantize
 from resnet_flax.errors import ConfigError
+from resnet_flax.run import report_paths, writers
+from resnet_flax.train import config_checks
+from resnet_flax.train import step as train
 
 from helpers import finished_steps, load_checkpoint, run_main
 
@@ -37,7 +41,7 @@ def qat_config(init_from, **fields) -> ml_collections.ConfigDict:
 
 
 def report_dir(workdir, suffix: str = ''):
-  return workdir / 'eval' / (report.report_name(smoke_config().data) + suffix)
+  return workdir / 'eval' / (report_paths.report_name(smoke_config().data) + suffix)
 
 
 def leaves(tree) -> dict:

@@ -10,9 +10,12 @@ import optax
 import pytest
 
 from configs import default, smoke
-from resnet_flax import config_checks, evaluate, mixing, models, optim, train
+from resnet_flax import evaluate, models, optim
+from resnet_flax.data import mixing
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import Steps
+from resnet_flax.run.workdir import Steps
+from resnet_flax.train import config_checks
+from resnet_flax.train import step as train
 
 CURVATURE = jnp.array([1.0, 10.0])  # f(w) = 1/2 sum(a * w^2): gradient a * w.
 

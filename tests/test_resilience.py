@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_flax import preemption, writers
+from resnet_flax.run import preemption, writers
 
 from helpers import SMOKE_TOTAL_STEPS, finished_steps, load_checkpoint, run_main, run_smoke
 

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import models, optim, train, writers
+from resnet_flax import models, optim
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import Steps
+from resnet_flax.run import writers
+from resnet_flax.run.workdir import Steps
+from resnet_flax.train import step as train
 
 from helpers import finished_steps, load_checkpoint
 

@@ -13,8 +13,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from configs import smoke
-from resnet_flax import sweep, writers
 from resnet_flax.errors import ConfigError
+from resnet_flax.run import writers
+from resnet_flax.sweep import study as sweep
 
 from helpers import finished_steps, run_main, run_sweep
 

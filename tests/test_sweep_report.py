@@ -14,8 +14,9 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 from PIL import Image
 
-from resnet_flax import sweep, sweep_report
 from resnet_flax.errors import UserError
+from resnet_flax.sweep import report as sweep_report
+from resnet_flax.sweep import study as sweep
 
 from helpers import ROOT, SMOKE_ARGS
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import loop, train, writers
 from resnet_flax.errors import ConfigError
+from resnet_flax.run import writers
+from resnet_flax.train import loop
+from resnet_flax.train import step as train
 
 import helpers
 from helpers import finished_steps, load_checkpoint

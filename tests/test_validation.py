@@ -8,8 +8,10 @@ import jax
 import pytest
 
 from configs import smoke
-from resnet_flax import data, evaluate, input_pipeline, train
+from resnet_flax import data, evaluate
+from resnet_flax.data import input_pipeline
 from resnet_flax.errors import ConfigError
+from resnet_flax.train import step as train
 
 STEPS_PER_EPOCH = 6  # (512 - 128 held out) // 64.
 

@@ -41,8 +41,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resnet_flax import images
-from resnet_flax.data import DataError, ImageData
+from resnet_flax.data import DataError, ImageData, images
 
 CACHE_FORMAT_VERSION = 2  # Bump when the cached arrays change meaning.
 VALIDATION_DIRS = ('val', 'validation')

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from resnet_flax.data import DataError, ImageData
-from resnet_flax.images import Size, load_image
+from resnet_flax.data.images import Size, load_image
 
 REQUIRED_SPLITS = ('train', 'test')
 OPTIONAL_SPLITS = ('validation',)

@@ -49,8 +49,9 @@ import ml_collections
 import qwix
 from absl import logging
 
-from resnet_flax import layers, models
+from resnet_flax import models
 from resnet_flax.errors import ConfigError
+from resnet_flax.models import layers, trained
 
 MODES = ('none', 'ptq', 'qat')  # `quantize.mode`.
 
@@ -137,6 +138,14 @@ def served_recipe(quantize_config: ml_collections.ConfigDict, trained: dict[str,
       'with --config.quantize.mode=ptq, or fine-tune it with qat into a new workdir (--config.init_from=<its workdir>)'
     )
   return requested if requested.mode == 'ptq' else None
+
+
+def serve(restored: trained.Restored, quantize_config: ml_collections.ConfigDict) -> trained.Restored:
+  """`restored` (float, of `trained.restore`) as it serves under `quantize_config` (the `quantize` section
+  of the config that evaluates or serves): in int8 for PTQ and for a QAT run (`served_recipe`), else as is."""
+  recipe = served_recipe(quantize_config, restored.run.info.quantize)
+  model, variables = serving_model(restored.model, restored.variables, restored.run.info.image_shape, recipe)
+  return dataclasses.replace(restored, model=model, variables=variables, quantized=recipe)
 
 
 def serving_model(

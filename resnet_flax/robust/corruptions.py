@@ -91,9 +91,9 @@ from absl import logging
 from PIL import Image
 
 from resnet_flax import data
-from resnet_flax import report as report_module
 from resnet_flax.data import DataError, ImageData
 from resnet_flax.errors import ConfigError
+from resnet_flax.run import report_paths
 
 GENERATOR_VERSION = 1  # Part of every cache key: bump it when any corruption's output changes.
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -645,7 +645,7 @@ def check_names(value: Any) -> str | None:
 
 # The report.
 
-Classify = Callable[[ImageData], dict[str, np.ndarray]]  # evaluate.forward: a split -> {'logits': [N, K]}.
+Classify = Callable[[ImageData], dict[str, np.ndarray]]  # evaluate.inference.forward: a split -> {'logits': [N, K]}.
 
 
 def report(
@@ -761,7 +761,7 @@ def load_baseline(
   path = (
     baseline
     if os.path.isfile(baseline)
-    else os.path.join(baseline, 'eval', report_module.report_name(config.data), 'report.json')
+    else os.path.join(baseline, 'eval', report_paths.report_name(config.data), 'report.json')
   )
   fix = (
     f'evaluate it with --mode=evaluate --workdir={baseline} --config.eval.corruptions=all '

@@ -18,9 +18,11 @@ import jax
 import ml_collections
 from absl import logging
 
-from resnet_flax import checkpoint, input_pipeline, preemption, prune
+from resnet_flax.compress import prune
+from resnet_flax.data import input_pipeline
 from resnet_flax.errors import NonFiniteError
-from resnet_flax.workdir import Steps
+from resnet_flax.run import checkpoint, preemption
+from resnet_flax.run.workdir import Steps
 
 TrainState = Any  # train.TrainState; not imported: train imports this module.
 

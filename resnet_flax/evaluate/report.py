@@ -1,36 +1,14 @@
-"""What an evaluation leaves on disk: report.json under a name that tells datasets apart, its plots, and
-the training curves of the workdir (matplotlib's object API: no pyplot, no global backend)."""
+"""What an evaluation leaves on disk: report.json and its plots, in the directory that
+`run.report_paths.report_name` names (matplotlib's object API: no pyplot, no global backend)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
 
-import ml_collections
 import numpy as np
-from absl import logging
 from matplotlib.figure import Figure
-
-from resnet_flax import writers
-
-
-def report_name(data_config: ml_collections.ConfigDict) -> str:
-  """`<source>-<name or folder>-test-<hash>`: the hash of what selects the data keeps datasets apart."""
-  identity = {
-    'source': data_config.source,
-    'name': data_config.name,
-    'path': os.path.abspath(os.path.expanduser(data_config.path)) if data_config.path else '',
-  }
-  if data_config.source == 'synthetic':
-    identity.update({k: v for k, v in data_config.items() if k.startswith('synthetic_')})
-  digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-  label = {'folder': os.path.basename(os.path.normpath(identity['path'])), 'synthetic': ''}.get(
-    data_config.source, data_config.name
-  )
-  safe_label = ''.join(c if c.isalnum() or c in '._-' else '_' for c in label)
-  return '-'.join(part for part in (data_config.source, safe_label, 'test', digest) if part)
 
 
 def write_report(report: dict[str, Any], directory: str):
@@ -137,36 +115,3 @@ def plot_corruptions(corruptions: dict[str, Any], title: str, path: str):
   )
   figure.colorbar(image, ax=axes, label='accuracy', shrink=0.8)
   figure.savefig(path, dpi=100)
-
-
-def write_training_curves(workdir: str, steps_per_epoch: int) -> str | None:
-  """`<workdir>/training_curves.png`: loss, accuracy and learning rate against epochs, from TensorBoard."""
-  scalars = writers.read_scalars(workdir)
-  panels = {
-    'loss': ('train_loss', 'eval_loss'),
-    'accuracy': ('train_accuracy', 'eval_accuracy'),
-    'learning rate': ('train_learning_rate',),
-  }
-  if not any(tag in scalars for tags in panels.values() for tag in tags):
-    logging.info('No training scalars in %s: no training_curves.png', workdir)
-    return None
-  figure = Figure(figsize=(15, 4), layout='constrained')
-  for axes, (name, tags) in zip(figure.subplots(1, 3), panels.items(), strict=True):
-    for tag in tags:
-      if tag in scalars:
-        steps, values = zip(*scalars[tag], strict=True)
-        axes.plot(
-          np.array(steps) / steps_per_epoch,
-          values,
-          label=tag.replace('_', ' '),
-          marker='o' if tag.startswith('eval') else None,
-          markersize=3,
-        )
-    axes.set_xlabel('epoch')
-    axes.set_title(name)
-    axes.grid(alpha=0.3)
-    axes.legend()
-  figure.suptitle(os.path.basename(os.path.normpath(workdir)))
-  path = os.path.join(workdir, 'training_curves.png')
-  figure.savefig(path, dpi=100)
-  return path

@@ -75,8 +75,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resnet_flax import api, augment, config_checks, data, evaluate
+from resnet_flax import data
+from resnet_flax.data import augment
+from resnet_flax.deploy import api
 from resnet_flax.errors import ConfigError
+from resnet_flax.evaluate import inference
+from resnet_flax.train import config_checks
 
 EXPORT_DIR = 'export'
 MODEL_CARD = 'model_card.json'
@@ -419,7 +423,7 @@ def evaluate_artifacts(
 ) -> dict[str, Any]:
   """Test accuracy of the JAX model and of each artifact run by its own runtime, with the artifact's
   top-1 agreement with the JAX model and its largest probability difference from it."""
-  targets = evaluate.model_indices(split.class_names, model.class_names)[split.labels]
+  targets = inference.model_indices(split.class_names, model.class_names)[split.labels]
   batches = range(0, len(split), batch_size)
   reference = np.concatenate([model.predict(split.images[i : i + batch_size]) for i in batches])
   artifacts = {}
@@ -467,11 +471,11 @@ def run_export(
   names = choose_formats(formats, model.quantization)
   calibration = None
   if any(FORMATS[name].calibrated for name in names):
-    train = data.load_splits(evaluate.resized_as_trained(config.data, model.restored.run.info))['train']
+    train = data.load_splits(inference.resized_as_trained(config.data, model.restored.run.info))['train']
     calibration = calibration_images(train.images)
   split = None
   if test_images != 0:  # Loaded before anything is written: a data error leaves the last export as it was.
-    split = evaluate.load_test_split(config.data, model.restored.run.info)
+    split = inference.load_test_split(config.data, model.restored.run.info)
     subset = chosen_test_images(len(split), test_images)
     split = data.ImageData(split.images[subset], split.labels[subset], split.class_names)
   directory = os.path.join(workdir, EXPORT_DIR)

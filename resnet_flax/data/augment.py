@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_flax import policies
+from resnet_flax.data import policies
 
 PAD_MODES = ('reflect', 'constant')
 # Test-time augmentation (`eval.tta`): the (flip, shift) views of `view` whose softmax is averaged.

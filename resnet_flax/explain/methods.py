@@ -64,8 +64,13 @@ import scipy.stats
 from absl import logging
 from matplotlib.figure import Figure
 
-from resnet_flax import api, augment, config_checks, evaluate, models, predict
+from resnet_flax import models
+from resnet_flax.data import augment
+from resnet_flax.deploy import api, predict
 from resnet_flax.errors import ConfigError
+from resnet_flax.evaluate import inference, metrics
+from resnet_flax.models import trained
+from resnet_flax.train import config_checks
 
 IG_STEPS = 64  # Gauss-Legendre nodes of the path integral to start with, ...
 IG_MAX_STEPS = 1024  # ... doubled for the images whose completeness error exceeds IG_TOLERANCE, up to this.
@@ -232,7 +237,7 @@ def integrated_gradients(
 class Explainer:
   """A restored model's explanations, compiled (`compile_explain`): call it on images."""
 
-  restored: evaluate.Restored
+  restored: trained.Restored
   maps: Callable  # `maps_and_logits`, jitted: (variables, pixels, classes, baseline) -> outputs.
   gradients: Callable  # `path_gradients`, jitted: (variables, images, targets, alphas, weights, baseline).
 
@@ -262,7 +267,7 @@ class Explainer:
     return Explanation(
       pixels=pixels,
       classes=outputs['classes'],
-      probabilities=np.exp(evaluate.log_softmax(outputs['all_logits'])).astype(np.float32),
+      probabilities=np.exp(metrics.log_softmax(outputs['all_logits'])).astype(np.float32),
       grad_cam=outputs['grad_cam'],
       attributions=outputs['attributions'],
       logits=outputs['logits'],
@@ -303,7 +308,7 @@ def _pad(values: np.ndarray, count: int) -> np.ndarray:
   return np.pad(values, ((0, _padded_size(count) - count),) + ((0, 0),) * (values.ndim - 1))
 
 
-def compile_explain(restored: evaluate.Restored) -> Explainer:
+def compile_explain(restored: trained.Restored) -> Explainer:
   """The `Explainer` of `restored`'s model, in float32 whatever it was trained in."""
   if restored.quantized is not None:
     raise ConfigError(
@@ -348,7 +353,7 @@ def last_stage(model: nn.Module) -> tuple[str, ...]:
   return blocks + (('final_norm',) if model.block_cls.preactivation else ())
 
 
-def randomized_variables(restored: evaluate.Restored, key: jax.Array, names: Sequence[str]) -> dict[str, Any]:
+def randomized_variables(restored: trained.Restored, key: jax.Array, names: Sequence[str]) -> dict[str, Any]:
   """`restored`'s variables with the modules `names` (parameters and BatchNorm statistics) as a fresh
   initialisation with `key` draws them."""
   fresh = models.init_variables(restored.model, restored.run.info.image_shape, key)
@@ -434,8 +439,8 @@ def choose_test_images(
 
 def from_test_split(config: ml_collections.ConfigDict, model: api.Model, per_class: int) -> Chosen:
   """`choose_test_images` of the test split `config.data` selects, classified by `model`."""
-  split = evaluate.load_test_split(config.data, model.restored.run.info)
-  labels = evaluate.model_indices(split.class_names, model.class_names)[split.labels]
+  split = inference.load_test_split(config.data, model.restored.run.info)
+  labels = inference.model_indices(split.class_names, model.class_names)[split.labels]
   predictions = model.predict(split.images).argmax(axis=1)
   indices, short = choose_test_images(labels, predictions, per_class)
   selection = (

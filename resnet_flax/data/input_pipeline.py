@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_flax.data import ImageData
-from resnet_flax.workdir import steps_per_epoch
+from resnet_flax.run.workdir import steps_per_epoch
 
 Batch = dict[str, jax.Array]
 

@@ -46,9 +46,12 @@ from ml_collections import config_flags
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from resnet_flax import checkpoint, cli, config_checks, data, evaluate, preemption, train, writers
+from resnet_flax import cli, data
 from resnet_flax.errors import ConfigError, NonFiniteError, UserError
-from resnet_flax.workdir import Steps
+from resnet_flax.run import checkpoint, preemption, writers
+from resnet_flax.run.workdir import Steps
+from resnet_flax.train import config_checks
+from resnet_flax.train import step as train
 
 FLAGS = flags.FLAGS
 
@@ -306,7 +309,7 @@ def evaluations(workdir: str) -> dict[int, float]:
 
 def best_validation_accuracy(workdir: str) -> float:
   """The validation accuracy of the best checkpoint: the one `--mode=evaluate` chooses."""
-  with contextlib.closing(evaluate.open_checkpoints(workdir)) as manager:  # Read-only, as --mode=evaluate.
+  with contextlib.closing(checkpoint.open_checkpoints(workdir)) as manager:  # Read-only, as --mode=evaluate.
     step = checkpoint.best_step(manager)
     if step is None:
       raise ConfigError(f'{workdir} holds no checkpoint chosen by validation accuracy')
@@ -532,7 +535,7 @@ def sweep() -> None:
 
 
 def report_only() -> None:
-  from resnet_flax import sweep_report
+  from resnet_flax.sweep import report as sweep_report
 
   sweep_report.write_report(FLAGS.report)
 

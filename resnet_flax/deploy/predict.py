@@ -12,9 +12,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resnet_flax import api, config_checks
 from resnet_flax.data import DataError, folder
+from resnet_flax.deploy import api
 from resnet_flax.errors import ConfigError
+from resnet_flax.train import config_checks
 
 
 def predict(

@@ -23,28 +23,15 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import (
-  adversarial,
-  augment,
-  checkpoint,
-  config_checks,
-  data,
-  distill,
-  distributed,
-  finetune,
-  input_pipeline,
-  layers,
-  loop,
-  mixing,
-  models,
-  optim,
-  prune,
-  quantize,
-  report,
-  writers,
-)
+from resnet_flax import data, models, optim
+from resnet_flax.compress import prune, quantize
+from resnet_flax.data import augment, input_pipeline, mixing
 from resnet_flax.errors import BudgetError, ConfigError
-from resnet_flax.workdir import RunInfo, Steps, check_resumable, check_writable
+from resnet_flax.models import layers
+from resnet_flax.robust import adversarial
+from resnet_flax.run import checkpoint, curves, distributed, writers
+from resnet_flax.run.workdir import RunInfo, Steps, check_resumable, check_writable
+from resnet_flax.train import config_checks, distill, finetune, loop
 
 ADVERSARIAL_STREAM = 2**32 - 2  # fold_in data of the attack's random start; split(step_key, 3)'s keys differ.
 WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
@@ -451,5 +438,5 @@ def train_and_evaluate(
       manager.close()
       writer.flush()
   if jax.process_index() == 0:
-    report.write_training_curves(workdir, steps.per_epoch)
+    curves.write_training_curves(workdir, steps.per_epoch)
   return eval_metrics

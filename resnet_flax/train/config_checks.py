@@ -12,21 +12,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from resnet_flax import (
-  adversarial,
-  attacks,
-  augment,
-  corruptions,
-  data,
-  images,
-  input_pipeline,
-  models,
-  optim,
-  policies,
-  prune,
-  quantize,
-)
+from resnet_flax import data, models, optim
+from resnet_flax.compress import prune, quantize
+from resnet_flax.data import augment, images, input_pipeline, policies
 from resnet_flax.errors import ConfigError
+from resnet_flax.robust import adversarial, attacks, corruptions
 
 DTYPES = ('float32', 'bfloat16')
 

@@ -1,7 +1,7 @@
 """Fine-tuning: a new run that starts from the weights of another run (`init_from`).
 
 `apply_init_from` restores only the weights of the source run's checkpoint, with evaluation's own
-helpers (`evaluate.choose_step`, `load_trained_run`, `restore`: a partial restore into the source
+helpers (`checkpoint.choose_step`, `load_trained_run`, `restore`: a partial restore into the source
 model's own abstract variables; its EMA of the weights when it kept one; never the optimizer state),
 then puts them into this run's freshly initialised variables (`transplant`):
 
@@ -46,9 +46,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from resnet_flax import distributed, evaluate, models
+from resnet_flax import models
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import CONFIG_FILE, RUN_FILE
+from resnet_flax.models import trained
+from resnet_flax.run import checkpoint, distributed
+from resnet_flax.run.workdir import CONFIG_FILE, RUN_FILE
 
 LeafPath = tuple[str, ...]  # A leaf of flattened variables: ('params', 'stem_conv', 'kernel').
 
@@ -110,23 +112,23 @@ def apply_init_from(
   return Start(variables, run.info.pixel_mean, run.info.pixel_std, {'path': source_dir, 'step': step})
 
 
-def restore_source(config: ml_collections.ConfigDict) -> tuple[str, int, evaluate.TrainedRun, dict[LeafPath, Any]]:
+def restore_source(config: ml_collections.ConfigDict) -> tuple[str, int, trained.TrainedRun, dict[LeafPath, Any]]:
   """The workdir, step, run and flattened weights (host arrays) of the checkpoint `init_from` names."""
   source_dir, restored = restore_run(config.init_from, config.init_from_checkpoint, 'init_from', config)
   return source_dir, restored.step, restored.run, flax.traverse_util.flatten_dict(jax.device_get(restored.variables))
 
 
-def restore_run(path: str, choice: str, field: str, config: ml_collections.ConfigDict) -> tuple[str, evaluate.Restored]:
+def restore_run(path: str, choice: str, field: str, config: ml_collections.ConfigDict) -> tuple[str, trained.Restored]:
   """The workdir of the run `path` names (`locate`) and the weights evaluation uses of its checkpoint
   `choice` (best | latest | a step), replicated over all devices. `field` is the config field of
   `path` (init_from, distill.teacher), `<field>_checkpoint` that of `choice`; `config` supplies the
   fields the run's config.json predates."""
   workdir, step_of_dir = locate(path, field)
   with contextlib.closing(_open_checkpoints(path, workdir, field)) as manager:
-    run = evaluate.load_trained_run(workdir, config)
+    run = trained.load_trained_run(workdir, config)
     choice = _step_choice(path, choice, step_of_dir, field)
-    step = evaluate.choose_step(manager, choice, run.info, field=f'{field}_checkpoint')
-    return workdir, evaluate.restore(manager, run, step, distributed.create_mesh())
+    step = checkpoint.choose_step(manager, choice, run.info, field=f'{field}_checkpoint')
+    return workdir, trained.restore(manager, run, step, distributed.create_mesh())
 
 
 def locate(path: str, field: str = 'init_from') -> tuple[str, int | None]:
@@ -154,7 +156,7 @@ def locate(path: str, field: str = 'init_from') -> tuple[str, int | None]:
 
 def _open_checkpoints(path: str, workdir: str, field: str) -> ocp.CheckpointManager:
   try:
-    return evaluate.open_checkpoints(workdir)
+    return checkpoint.open_checkpoints(workdir)
   except ConfigError:
     raise ConfigError(
       f'--config.{field}={path!r}: {workdir} has no checkpoint; train it first or point {field} at a trained run'

@@ -38,9 +38,10 @@ import ml_collections
 import optax
 from absl import logging
 
-from resnet_flax import augment, evaluate, finetune
-from resnet_flax.data import ImageData
+from resnet_flax.data import ImageData, augment
 from resnet_flax.errors import ConfigError
+from resnet_flax.models import trained
+from resnet_flax.train import finetune
 
 TeacherLogitsFn = Callable[[Any, jax.Array], jax.Array]  # (teacher variables, student's batch) -> logits.
 
@@ -50,7 +51,7 @@ class Teacher:
   """A trained run that a student learns from."""
 
   path: str  # Its workdir.
-  restored: evaluate.Restored  # Its model, run.json, checkpoint step and the weights evaluation uses.
+  restored: trained.Restored  # Its model, run.json, checkpoint step and the weights evaluation uses.
 
   @property
   def variables(self) -> dict[str, Any]:

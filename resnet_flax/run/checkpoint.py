@@ -20,7 +20,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_flax.errors import UserError
+from resnet_flax.errors import ConfigError, UserError
+from resnet_flax.run.workdir import RunInfo
 
 BEST_METRIC = 'accuracy'
 CORRUPT_DIR = 'checkpoints_corrupt'
@@ -158,3 +159,50 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception):
     shutil.move(path, destination)
   multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
   manager.reload()
+
+
+def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
+  """A read-only manager: unlike `checkpoint.create_manager` it never cleans up temporary directories,
+  so evaluating while training runs cannot delete the save in progress."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  manager = None
+  if os.path.isdir(directory):
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    manager = ocp.CheckpointManager(directory, options=options)
+  if manager is None or not manager.all_steps():
+    raise ConfigError(
+      f'{workdir} has no checkpoint to evaluate: train first with --mode=train '
+      f'--workdir={workdir}, or point --workdir at a trained run'
+    )
+  return manager
+
+
+def choose_step(manager: ocp.CheckpointManager, choice: str, info: RunInfo, field: str = 'eval.checkpoint') -> int:
+  """The step of `choice`, the value of config field `field`: 'best', 'latest' or a step.
+
+  'best' is the best by validation accuracy, and the latest where the run had no validation split
+  (`info.validation`): the test split never chooses, also in workdirs whose checkpoints an earlier
+  version ranked by test accuracy.
+  """
+  steps = manager.all_steps()
+  if choice == 'latest':
+    return max(steps)
+  if choice == 'best':
+    best = best_step(manager) if info.validation else None
+    if best is None:
+      logging.info('%s: the best is the latest, step %d', chosen_by(info), max(steps))
+      return max(steps)
+    return best
+  if int(choice) not in steps:
+    raise ConfigError(
+      f'there is no checkpoint of step {choice} in {manager.directory}; it has steps '
+      f'{sorted(steps)}: choose one of them, best or latest with --config.{field}'
+    )
+  return int(choice)
+
+
+def chosen_by(info: RunInfo) -> str:
+  """What `eval.checkpoint=best` chooses by, for reports."""
+  if info.validation:
+    return f'validation accuracy, on {info.validation}'
+  return 'none: the run had no validation split, so best is the final checkpoint (never chosen by test accuracy)'

@@ -40,9 +40,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from resnet_flax import attacks
 from resnet_flax.data import ImageData
 from resnet_flax.errors import ConfigError
+from resnet_flax.robust import attacks
 
 METHODS = ('none', 'fgsm_rs', 'pgd', 'trades')
 FGSM_RS_STEP = 1.25  # x epsilon: Wong et al.'s step from the random start.

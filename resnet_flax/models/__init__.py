@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from resnet_flax import layers
+from resnet_flax.models import layers
 
 ModuleDef = Any
 

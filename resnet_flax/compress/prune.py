@@ -55,7 +55,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from resnet_flax import models, optim
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import Steps
+from resnet_flax.run.workdir import Steps
 
 LeafPath = tuple[str, ...]  # A leaf of the parameters: ('ResNetBlock_0', 'Conv_0', 'kernel').
 # `prune.scope`: the layers pruned besides the hidden ones, which always are.

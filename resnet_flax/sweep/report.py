@@ -34,9 +34,10 @@ from absl import logging
 from matplotlib import pyplot
 from optuna.visualization import matplotlib as optuna_plots
 
-from resnet_flax import evaluate, sweep
+from resnet_flax import evaluate
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import CONFIG_FILE
+from resnet_flax.run.workdir import CONFIG_FILE
+from resnet_flax.sweep import study as sweep
 
 REPORT_DIR = 'report'
 TEST_NOTE = 'reported, never used to choose: validation accuracy chose the trial'

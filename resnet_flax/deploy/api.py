@@ -29,11 +29,15 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
-from resnet_flax import augment, distributed, evaluate, images, quantize
-from resnet_flax.data import DataError, ImageData, folder
+from resnet_flax.compress import quantize
+from resnet_flax.data import DataError, ImageData, augment, folder, images
+from resnet_flax.evaluate import inference, metrics
+from resnet_flax.models import trained
+from resnet_flax.run import distributed
+from resnet_flax.run.checkpoint import choose_step, open_checkpoints
 
 if TYPE_CHECKING:
-  from resnet_flax import explain
+  from resnet_flax.explain import methods as explain
 
 MAX_BATCH = 256  # Inputs go through in batches of a power of two up to this: few shapes, few compilations.
 
@@ -44,7 +48,7 @@ ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 class Model:
   """A trained run's model, ready to classify images (see the module docstring)."""
 
-  restored: evaluate.Restored
+  restored: trained.Restored
   mesh: Mesh
   _compiled: dict[str, Callable] = dataclasses.field(default_factory=dict, repr=False)
 
@@ -89,11 +93,11 @@ class Model:
     pixels = self.pixels(inputs)
     split = ImageData(pixels, np.zeros(len(pixels), np.int32), self.class_names)
     if tta not in self._compiled:
-      self._compiled[tta] = evaluate.compile_forward(self.restored, tta, self.mesh)
-    outputs = evaluate.forward(self.restored, split, _batch_size(len(pixels)), tta, self.mesh, self._compiled[tta])
+      self._compiled[tta] = inference.compile_forward(self.restored, tta, self.mesh)
+    outputs = inference.forward(self.restored, split, _batch_size(len(pixels)), tta, self.mesh, self._compiled[tta])
     if 'tta_probabilities' in outputs:
       return outputs['tta_probabilities']
-    return np.exp(evaluate.log_softmax(outputs['logits'])).astype(np.float32)
+    return np.exp(metrics.log_softmax(outputs['logits'])).astype(np.float32)
 
   def predict_classes(self, inputs: ImageInput | Sequence[ImageInput], tta: str = 'none') -> list[str]:
     """The most probable class name of each image."""
@@ -110,7 +114,7 @@ class Model:
     one class index or name for all, or one per image. Integrated gradients start from a uniform image
     of `baseline` in [0, 1] (0: black) and take `steps` nodes (None: as many as a 1% completeness error
     needs, see `explain.Explainer`). Returns an `explain.Explanation`."""
-    from resnet_flax import explain  # Imported on use: it imports this module (and scipy, matplotlib).
+    from resnet_flax import explain  # Imported on use: it imports this module and scipy, matplotlib.
 
     pixels = self.pixels(inputs)
     if 'explain' not in self._compiled:
@@ -162,8 +166,8 @@ def load(
   config = config or default.get_config()
   quantize_config = ml_collections.ConfigDict(config.quantize.to_dict())  # A copy: the caller's stays as it is.
   quantize_config.mode = quantize or quantize_config.mode
-  with contextlib.closing(evaluate.open_checkpoints(workdir)) as manager:
-    run = evaluate.load_trained_run(workdir, config)
-    step = evaluate.choose_step(manager, str(checkpoint), run.info)
+  with contextlib.closing(open_checkpoints(workdir)) as manager:
+    run = trained.load_trained_run(workdir, config)
+    step = choose_step(manager, str(checkpoint), run.info)
     mesh = distributed.create_mesh()
-    return Model(evaluate.restore(manager, run, step, mesh, quantize_config), mesh)
+    return Model(quantize.serve(trained.restore(manager, run, step, mesh), quantize_config), mesh)

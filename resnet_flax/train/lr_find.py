@@ -57,20 +57,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
-from resnet_flax import (
-  augment,
-  config_checks,
-  data,
-  distill,
-  distributed,
-  input_pipeline,
-  models,
-  optim,
-  quantize,
-  train,
-)
+from resnet_flax import data, models, optim
+from resnet_flax.compress import quantize
+from resnet_flax.data import augment, input_pipeline
 from resnet_flax.errors import ConfigError
-from resnet_flax.workdir import check_writable
+from resnet_flax.run import distributed
+from resnet_flax.run.workdir import check_writable
+from resnet_flax.train import config_checks, distill
+from resnet_flax.train import step as train
 
 OUTPUT_DIR = 'lr_find'
 DEFAULT_STEPS = 300
