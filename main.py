@@ -18,8 +18,7 @@ from ml_collections import config_flags
 from resnet_flax import cli, evaluate
 from resnet_flax.deploy import export, predict
 from resnet_flax.explain import methods as explain
-from resnet_flax.train import lr_find
-from resnet_flax.train import step as train
+from resnet_flax.train import lr_find, trainer
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
@@ -54,7 +53,7 @@ flags.DEFINE_integer('process_id', None, 'Several processes: the index of this o
 flags.mark_flags_as_required(['config', 'workdir'])
 
 MODES = {
-  'train': lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir),
+  'train': lambda: trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir),
   'evaluate': lambda: evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir),
   'predict': lambda: predict.run_predict(
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output

@@ -21,7 +21,7 @@ from absl import app, flags, logging  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import quick  # noqa: E402
 from resnet_flax import writers  # noqa: E402
-from resnet_flax.train import step as train
+from resnet_flax.train import trainer
 
 flags.DEFINE_string('model', 'resnet_tiny', 'Model preset.')
 flags.DEFINE_integer('batch_size', 256, 'Global batch size.')
@@ -63,7 +63,7 @@ def short_real_run(option: str) -> dict[str, float]:
   config.data.source, config.data.path = 'folder', FLAGS.data_path
   config.num_epochs, config.eval_every_epochs, config.log_every_steps = FLAGS.train_epochs, 100.0, 5
   with tempfile.TemporaryDirectory() as workdir:
-    metrics = train.train_and_evaluate(config, workdir)
+    metrics = trainer.train_and_evaluate(config, workdir)
     losses = writers.read_scalars(workdir)['train_loss']
   return {'first_train_loss': losses[0][1], 'last_train_loss': losses[-1][1], 'test_accuracy': metrics['accuracy']}
 

@@ -37,7 +37,7 @@ from resnet_flax import models, optim
 from resnet_flax.data import ImageData, augment, input_pipeline
 from resnet_flax.run import distributed
 from resnet_flax.run.workdir import Steps
-from resnet_flax.train import step as train
+from resnet_flax.train import step, trainer
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch')
@@ -118,13 +118,13 @@ def random_split(num_images: int, num_classes: int = 10, image_shape: Sequence[i
 
 @dataclasses.dataclass
 class JaxTrainer:
-  """The train step as `train.train_and_evaluate` builds it (jitted over the ('data',) mesh, the
+  """The train step as `trainer.train_and_evaluate` builds it (jitted over the ('data',) mesh, the
   replicated state donated), with its state; `run` steps through batches and waits for the device."""
 
   config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   train_fn: Callable
-  state: train.TrainState
+  state: step.TrainState
   pixel_mean: tuple[float, ...]
   pixel_std: tuple[float, ...]
   step: int = 0  # Steps run, counted on the host.
@@ -166,19 +166,19 @@ class JaxTrainer:
 
 
 def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> JaxTrainer:
-  """The same calls, in the same order, as `train.train_and_evaluate`."""
+  """The same calls, in the same order, as `trainer.train_and_evaluate`."""
   num_classes = len(split.class_names)
   steps = Steps.of(config, len(split))
   model = models.create_model_from_config(config, num_classes)
   mean, std = augment.channel_stats(split.images)
-  variables = train.initial_variables(config, model, split, mean, std)
+  variables = trainer.initial_variables(config, model, split, mean, std)
   learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps)
   mesh = distributed.create_mesh()
   tx = optim.create_optimizer(config.optim, learning_rate_fn)
   state = jax.device_put(
-    train.create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P())
+    step.create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P())
   )
-  train_fn, _ = train.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch)
+  train_fn, _ = step.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch)
   return JaxTrainer(config, mesh, train_fn, state, mean, std)
 
 

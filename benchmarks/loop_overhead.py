@@ -20,7 +20,7 @@ from absl import app, flags, logging  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_flax import data, writers  # noqa: E402
-from resnet_flax.train import step as train
+from resnet_flax.train import trainer
 
 flags.DEFINE_string('model', 'resnet_tiny', 'Model preset.')
 flags.DEFINE_integer('batch_size', 256, 'Global batch size.')
@@ -50,7 +50,7 @@ def make_config():
 
 def loop_images_per_sec(config) -> float:
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
     rates = [v for step, v in writers.read_scalars(workdir)['images_per_sec'] if step > LOG_EVERY]
   return statistics.median(rates)
 

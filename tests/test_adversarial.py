@@ -15,8 +15,7 @@ from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
 from resnet_flax.robust import adversarial
 from resnet_flax.run import checkpoint
-from resnet_flax.train import config_checks
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, step, trainer
 
 from helpers import restore_smoke_run
 
@@ -46,7 +45,7 @@ def test_training_images_are_attacks_inside_the_ball(trained, method):
   if method == 'trades':  # It moves the prediction away from the clean one.
     assert float(adversarial.kl_from_clean(clean_logits, attacked_logits).mean()) > 1e-3
   else:  # It raises the loss it trains on.
-    loss = lambda logits: float(jnp.mean(train.cross_entropy(logits, targets)))
+    loss = lambda logits: float(jnp.mean(step.cross_entropy(logits, targets)))
     assert loss(attacked_logits) > loss(clean_logits) + 0.05
 
 
@@ -73,9 +72,9 @@ def test_the_guard_ends_training_and_the_collapsed_model_never_ranks(tmp_path, m
     lambda *args: lambda variables, batch: {adversarial.GUARD_METRIC: next(guard_accuracies)},
   )
   accuracies = itertools.chain([0.5, 0.6, 0.9], itertools.repeat(0.95))  # The collapsed model looks best.
-  monkeypatch.setattr(train, 'compute_eval_metrics', lambda *args: {'accuracy': next(accuracies), 'loss': 1.0})
+  monkeypatch.setattr(trainer, 'compute_eval_metrics', lambda *args: {'accuracy': next(accuracies), 'loss': 1.0})
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
   steps_per_epoch = (512 - 128) // config.batch_size
   stopped = 3 * steps_per_epoch
   assert f'catastrophic overfitting at step {stopped}' in caplog.text

@@ -12,8 +12,7 @@ from resnet_flax import models, optim
 from resnet_flax.data import ImageData, augment
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import layers
-from resnet_flax.train import config_checks
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, trainer
 
 
 def _correlated_images(n: int = 256, size: int = 8, seed: int = 0) -> np.ndarray:
@@ -73,11 +72,11 @@ def test_initial_variables_set_the_whitening_stem_from_the_normalized_training_i
   assert not np.any(
     models.init_variables(model, images.shape[1:], jax.random.key(0))['params'][layers.WHITENING]['kernel']
   )
-  variables = train.initial_variables(config, model, split, mean, std)
+  variables = trainer.initial_variables(config, model, split, mean, std)
   expected = layers.whitening_kernel(augment.normalize(images, mean, std))
   np.testing.assert_allclose(variables['params'][layers.WHITENING]['kernel'], expected, rtol=1e-5, atol=1e-6)
   config.model.stem = ''
-  plain = train.initial_variables(config, models.create_model_from_config(config, 10), split, mean, std)
+  plain = trainer.initial_variables(config, models.create_model_from_config(config, 10), split, mean, std)
   assert layers.WHITENING not in plain['params']
 
 
@@ -153,5 +152,5 @@ def test_smoke_trains_with_the_airbench_options(tmp_path):
   config.model.stem, config.model.dirac_init = 'whiten', True
   config.augment.train_ops, config.augment.alternating_flip = ('crop',), True
   config.optim.bn_scale_frozen, config.optim.bn_bias_lr_multiplier = True, 4.0
-  metrics = train.train_and_evaluate(config, str(tmp_path))
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
   assert metrics['accuracy'] > 0.2  # 10 classes: above chance after one epoch.

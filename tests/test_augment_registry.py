@@ -11,7 +11,7 @@ import pytest
 
 from configs import default, smoke
 from resnet_flax.data import augment
-from resnet_flax.train import step as train
+from resnet_flax.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO_MEAN, UNIT_STD = (0.0,) * 3, (1.0,) * 3  # Identity normalization up to the 1/255 scale.
@@ -166,7 +166,7 @@ def test_training_runs_a_newly_registered_op_with_its_argument(add_amount, tmp_p
   config = smoke.get_config()
   config.num_epochs = 1.0
   config.augment.train_ops = ('crop', 'flip', 'add_amount(amount=3)')
-  train.train_and_evaluate(config, str(tmp_path))
+  trainer.train_and_evaluate(config, str(tmp_path))
   jax.effects_barrier()
   amounts, indices, epochs = zip(*add_amount, strict=True)
   assert set(amounts) == {3} and set(epochs) == {0}

@@ -11,8 +11,7 @@ from resnet_flax import optim
 from resnet_flax.data import ImageData, input_pipeline
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import distributed
-from resnet_flax.train import config_checks, loop
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, loop, step, trainer
 
 import helpers
 
@@ -90,10 +89,10 @@ def test_weighted_loss_is_the_mean_of_the_weighted_cross_entropies():
   weights = np.array([0.5, 1.0, 4.0], np.float32)
   log_probabilities = jax.nn.log_softmax(logits)
   by_hand = -sum(weights[y] * log_probabilities[i, y] for i, y in enumerate(labels)) / len(labels)
-  loss = train.cross_entropy(logits, jax.nn.one_hot(labels, 3), class_weights=weights).mean()
+  loss = step.cross_entropy(logits, jax.nn.one_hot(labels, 3), class_weights=weights).mean()
   assert loss == pytest.approx(float(by_hand), rel=1e-6)
-  assert train.cross_entropy(logits, jax.nn.one_hot(labels, 3), class_weights=np.ones(3)).mean() == pytest.approx(
-    float(train.cross_entropy(logits, jax.nn.one_hot(labels, 3)).mean()), rel=1e-7
+  assert step.cross_entropy(logits, jax.nn.one_hot(labels, 3), class_weights=np.ones(3)).mean() == pytest.approx(
+    float(step.cross_entropy(logits, jax.nn.one_hot(labels, 3)).mean()), rel=1e-7
   )
 
 
@@ -102,8 +101,8 @@ def test_a_mixed_target_weighs_its_example_by_the_mix_of_its_classes():
   logits = jnp.array([[1.0, -0.5, 0.25]])
   target = jnp.array([[0.7, 0.0, 0.3]])
   weights = np.array([0.5, 1.0, 4.0], np.float32)
-  unweighted = train.cross_entropy(logits, target, label_smoothing=0.1)
-  weighted = train.cross_entropy(logits, target, label_smoothing=0.1, class_weights=weights)
+  unweighted = step.cross_entropy(logits, target, label_smoothing=0.1)
+  weighted = step.cross_entropy(logits, target, label_smoothing=0.1, class_weights=weights)
   np.testing.assert_allclose(weighted, unweighted * (0.7 * 0.5 + 0.3 * 4.0), rtol=1e-6)
 
 
@@ -168,7 +167,7 @@ def test_an_unknown_sampling_is_refused():
 def test_a_run_with_balanced_sampling_and_weights_trains_without_hidden_transfers(tmp_path, monkeypatch):
   """Both options reach the compiled steps, as constants and device arrays, with no implicit host-device copies;
   the weights weigh the training loss only."""
-  run, cross_entropy, weights_seen = loop.TrainLoop.run, train.cross_entropy, []
+  run, cross_entropy, weights_seen = loop.TrainLoop.run, step.cross_entropy, []
 
   def guarded_run(self, state, start_step):
     with jax.transfer_guard('disallow'):
@@ -179,10 +178,10 @@ def test_a_run_with_balanced_sampling_and_weights_trains_without_hidden_transfer
     return cross_entropy(logits, targets, label_smoothing, class_weights)
 
   monkeypatch.setattr(loop.TrainLoop, 'run', guarded_run)
-  monkeypatch.setattr(train, 'cross_entropy', recording_cross_entropy)
+  monkeypatch.setattr(step, 'cross_entropy', recording_cross_entropy)
   config = smoke.get_config()
   config.num_epochs, config.data.pipeline = 1.0, 'device'
   config.data.sampling, config.optim.class_weights = 'balanced', "{'class_0': 3.0}"
-  metrics = train.train_and_evaluate(config, str(tmp_path))
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
   assert helpers.finished_steps(tmp_path)[-1] == 8 and metrics['accuracy'] > 0
   assert weights_seen == [[3.0] + [1.0] * 9, None]  # Traced once each: the train step, then the eval step.

@@ -23,8 +23,7 @@ from resnet_flax import data, models
 from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
 from resnet_flax.run.workdir import RUN_FILE, RunInfo, check_resumable
-from resnet_flax.train import config_checks, distill
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, distill, trainer
 
 from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 
@@ -150,7 +149,7 @@ def trained(straight_run, tmp_path_factory) -> Trained:
       ('distilled', student_config(straight_run)),
     ):
       workdirs[name] = tmp_path_factory.mktemp(name)
-      train.train_and_evaluate(config, str(workdirs[name]))
+      trainer.train_and_evaluate(config, str(workdirs[name]))
   return Trained(workdirs, teacher_files, [teacher for teacher in teachers if teacher is not None])
 
 
@@ -202,7 +201,7 @@ def test_a_resume_with_another_teacher_is_refused(straight_run, trained, change)
   with pytest.raises(
     ConfigError, match=r'holds checkpoints of another model, data shape, teacher, quantization or pruning \(teacher: '
   ) as error:
-    train.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
   assert '\n' not in str(error.value)
   assert file_digests(workdir) == before
 

@@ -28,8 +28,7 @@ from resnet_flax.evaluate import inference, metrics
 from resnet_flax.models import trained
 from resnet_flax.run import checkpoint, curves, distributed, report_paths, writers
 from resnet_flax.run.workdir import LATER_FACTS, RunInfo
-from resnet_flax.train import config_checks
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12
@@ -87,7 +86,7 @@ def test_split():
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('trained')
-  train.train_and_evaluate(smoke_config(), str(workdir))
+  trainer.train_and_evaluate(smoke_config(), str(workdir))
   return workdir
 
 

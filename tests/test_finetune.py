@@ -16,8 +16,7 @@ from configs import smoke
 from resnet_flax import data, models
 from resnet_flax.errors import ConfigError
 from resnet_flax.run.workdir import RunInfo
-from resnet_flax.train import config_checks, finetune
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, finetune, trainer
 
 from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 
@@ -109,7 +108,7 @@ def test_other_classes_keep_the_rows_of_the_shared_ones(straight_run, tmp_path, 
 def probe_run(straight_run, tmp_path_factory):
   """A linear probe of the source: 8 steps that train only the classifier."""
   workdir = tmp_path_factory.mktemp('probe')
-  train.train_and_evaluate(finetune_config(straight_run, **PROBE), str(workdir))
+  trainer.train_and_evaluate(finetune_config(straight_run, **PROBE), str(workdir))
   return workdir
 
 

@@ -9,8 +9,7 @@ import pytest
 from configs import smoke
 from resnet_flax.data import DataError, folder
 from resnet_flax.errors import UserError
-from resnet_flax.train import config_checks
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, trainer
 
 VALUES = st.one_of(
   st.integers(-(10**6), 10**6),
@@ -57,7 +56,7 @@ def test_a_refused_config_leaves_no_workdir(tmp_path, field, value):
   except UserError:
     workdir = tmp_path / f'run_{abs(hash((field, repr(value))))}'
     with pytest.raises(UserError):
-      train.train_and_evaluate(config, str(workdir))
+      trainer.train_and_evaluate(config, str(workdir))
     assert not workdir.exists()
   else:
     hypothesis.assume(False)

@@ -28,8 +28,7 @@ from resnet_flax.compress import prune
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import checkpoint, writers
 from resnet_flax.run.workdir import RUN_FILE, Steps, check_resumable
-from resnet_flax.train import config_checks, loop
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, loop, trainer
 
 from helpers import finished_steps, load_checkpoint, run_main, tiny_run_info
 
@@ -192,7 +191,7 @@ def falling_validation_accuracy():
     return {'accuracy': 1 - step / 100, 'loss': step / 100}
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(train, 'compute_eval_metrics', stand_in)
+    patch.setattr(trainer, 'compute_eval_metrics', stand_in)
     patch.setattr(loop.TrainLoop, 'run', guarded_run)
     yield
 
@@ -201,7 +200,7 @@ def falling_validation_accuracy():
 def pruned_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('pruned')
   with falling_validation_accuracy():
-    train.train_and_evaluate(pruned_config(), str(workdir))
+    trainer.train_and_evaluate(pruned_config(), str(workdir))
   return workdir
 
 
@@ -261,7 +260,7 @@ def test_a_resume_mid_pruning_is_bitwise_identical(pruned_run, tmp_path, caplog)
   for step in (8, 12, 16):
     shutil.rmtree(tmp_path / 'checkpoints' / str(step))
   with falling_validation_accuracy(), caplog.at_level(logging.INFO):
-    train.train_and_evaluate(pruned_config(), str(tmp_path))
+    trainer.train_and_evaluate(pruned_config(), str(tmp_path))
   assert 'Resuming from the checkpoint of step 4' in caplog.text
   resumed, straight = load_checkpoint(tmp_path, 16), load_checkpoint(pruned_run, 16)
   assert flatten_dict(resumed['opt_state']['masks'])  # Params, statistics, EMA, optimizer state with the masks.

@@ -21,8 +21,7 @@ from resnet_flax import evaluate, models
 from resnet_flax.compress import quantize
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import report_paths, writers
-from resnet_flax.train import config_checks
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, trainer
 
 from helpers import finished_steps, load_checkpoint, run_main
 
@@ -63,7 +62,7 @@ def float_run(straight_run, tmp_path_factory):
 @pytest.fixture(scope='module')
 def qat_run(straight_run, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('qat')
-  train.train_and_evaluate(qat_config(straight_run), str(workdir))
+  trainer.train_and_evaluate(qat_config(straight_run), str(workdir))
   return workdir
 
 
@@ -134,7 +133,7 @@ def test_qat_records_its_recipe_and_resumes_bitwise(qat_run, tmp_path):
   resumed = tmp_path / 'resumed'
   shutil.copytree(qat_run, resumed)
   shutil.rmtree(resumed / 'checkpoints' / str(QAT_STEPS))
-  train.train_and_evaluate(qat_config(qat_run.parent / 'never_read'), str(resumed))  # init_from is not applied again.
+  trainer.train_and_evaluate(qat_config(qat_run.parent / 'never_read'), str(resumed))  # init_from is not applied again.
   straight, again = load_checkpoint(qat_run, QAT_STEPS), load_checkpoint(resumed, QAT_STEPS)
   for name in ('params', 'batch_stats', 'opt_state', 'step'):
     jax.tree.map(np.testing.assert_array_equal, again[name], straight[name])
@@ -171,7 +170,7 @@ def test_bad_values_are_refused(fields, message):
 
 def test_ptq_is_not_a_training_mode(straight_run, tmp_path):
   with pytest.raises(ConfigError, match=r'quantize.mode=ptq quantizes a trained run when it is evaluated') as error:
-    train.train_and_evaluate(smoke_config(**{'quantize.mode': 'ptq', 'num_epochs': 1.0}), str(tmp_path))
+    trainer.train_and_evaluate(smoke_config(**{'quantize.mode': 'ptq', 'num_epochs': 1.0}), str(tmp_path))
   assert '\n' not in str(error.value) and not any(tmp_path.iterdir())
 
 
@@ -193,7 +192,7 @@ def test_serving_other_than_trained_is_refused(float_run, qat_run, run, fields, 
 def test_a_resume_with_another_quantization_is_refused(qat_run, fields):
   config = qat_config(qat_run.parent, **fields)
   with pytest.raises(ConfigError, match=r'holds checkpoints of another model, .*\(quantize: ') as error:
-    train.train_and_evaluate(config, str(qat_run))
+    trainer.train_and_evaluate(config, str(qat_run))
   assert '\n' not in str(error.value)
 
 

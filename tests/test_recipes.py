@@ -14,8 +14,7 @@ from resnet_flax import evaluate, models, optim
 from resnet_flax.data import mixing
 from resnet_flax.errors import ConfigError
 from resnet_flax.run.workdir import Steps
-from resnet_flax.train import config_checks
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, step, trainer
 
 CURVATURE = jnp.array([1.0, 10.0])  # f(w) = 1/2 sum(a * w^2): gradient a * w.
 
@@ -121,7 +120,7 @@ def test_label_smoothing_spreads_the_target():
   one_hot = jax.nn.one_hot(jnp.array([0]), 3)
   smoothed = jnp.array([[1 - 0.3 + 0.1, 0.1, 0.1]])
   expected = -jnp.sum(smoothed * jax.nn.log_softmax(logits))
-  np.testing.assert_allclose(train.cross_entropy(logits, one_hot, 0.3), [expected], rtol=1e-6)
+  np.testing.assert_allclose(step.cross_entropy(logits, one_hot, 0.3), [expected], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +132,7 @@ def test_smoke_trains_with_the_option(tmp_path, override):
   for field, value in override.items():
     section, _, name = field.rpartition('.')
     (config[section] if section else config)[name] = value
-  metrics = train.train_and_evaluate(config, str(tmp_path))
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
   assert metrics['accuracy'] > 0.2  # 10 classes: above chance after one epoch.
   # --mode=evaluate restores the weights training evaluated (the EMA, with ema_decay), whatever the optimizer.
   report = evaluate.evaluate_checkpoint(config, str(tmp_path))
@@ -220,12 +219,12 @@ def test_the_train_step_mixes_with_the_configs_mix_prob(monkeypatch):
   config.augment.mixup_alpha, config.augment.mix_prob = 1.0, 0.3
   model = models.create_model_from_config(config, 10)
   tx = optim.create_optimizer(config.optim, lambda step: 0.1)
-  state = train.create_train_state(model, models.init_variables(model, (8, 8, 3)), tx)
+  state = step.create_train_state(model, models.init_variables(model, (8, 8, 3)), tx)
   batch = {'image': jnp.zeros((8, 8, 8, 3), jnp.uint8), 'label': jnp.zeros(8, jnp.int32), 'index': jnp.arange(8)}
-  step = functools.partial(
-    train.train_step, config=config, learning_rate_fn=lambda s: 0.1, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10
+  train_step = functools.partial(
+    step.train_step, config=config, learning_rate_fn=lambda s: 0.1, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10
   )
-  jax.eval_shape(functools.partial(step, steps_per_epoch=10), state, batch)
+  jax.eval_shape(functools.partial(train_step, steps_per_epoch=10), state, batch)
   assert seen == [0.3]
 
 

@@ -11,7 +11,7 @@ from resnet_flax import models, optim
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import writers
 from resnet_flax.run.workdir import Steps
-from resnet_flax.train import step as train
+from resnet_flax.train import step, trainer
 
 from helpers import finished_steps, load_checkpoint
 
@@ -37,7 +37,7 @@ def test_scanned_steps_equal_the_steps_one_by_one():
   config = tiny_smoke_config()
   model = models.create_model_from_config(config, NUM_CLASSES)
   learning_rate_fn = optim.create_learning_rate_fn(config.optim, Steps.of(config, STEPS_PER_EPOCH * config.batch_size))
-  state = train.create_train_state(
+  state = step.create_train_state(
     model,
     models.init_variables(model, (SIZE, SIZE, 3), jax.random.key(0)),
     optim.create_optimizer(config.optim, learning_rate_fn),
@@ -50,7 +50,7 @@ def test_scanned_steps_equal_the_steps_one_by_one():
   }
   train_fn = jax.jit(
     functools.partial(
-      train.train_stack,
+      step.train_stack,
       config=config,
       learning_rate_fn=learning_rate_fn,
       mean=(0.5,) * 3,
@@ -85,7 +85,7 @@ def runs(tmp_path_factory):
   workdirs = {}
   for steps_per_call in (1, 4):
     workdirs[steps_per_call] = tmp_path_factory.mktemp(f'steps_per_call_{steps_per_call}')
-    train.train_and_evaluate(tiny_smoke_config(steps_per_call=steps_per_call), str(workdirs[steps_per_call]))
+    trainer.train_and_evaluate(tiny_smoke_config(steps_per_call=steps_per_call), str(workdirs[steps_per_call]))
   return workdirs
 
 
@@ -107,4 +107,4 @@ def test_the_loop_logs_evaluates_and_saves_at_the_same_steps(runs):
 
 def test_steps_per_call_must_be_positive(tmp_path):
   with pytest.raises(ConfigError, match=r'--config.steps_per_call=0 is invalid: must be > 0'):
-    train.train_and_evaluate(tiny_smoke_config(steps_per_call=0), str(tmp_path))
+    trainer.train_and_evaluate(tiny_smoke_config(steps_per_call=0), str(tmp_path))

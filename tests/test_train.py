@@ -12,8 +12,7 @@ import pytest
 from configs import smoke
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import writers
-from resnet_flax.train import loop
-from resnet_flax.train import step as train
+from resnet_flax.train import loop, trainer
 
 import helpers
 from helpers import finished_steps, load_checkpoint
@@ -140,7 +139,7 @@ def test_resume_with_another_model_is_refused(straight_run):
   config = smoke.get_config()
   config.model.name = 'resnet18'
   with pytest.raises(ConfigError, match=r'model.name: resnet_tiny -> resnet18.*use a new --workdir'):
-    train.train_and_evaluate(config, str(straight_run))
+    trainer.train_and_evaluate(config, str(straight_run))
 
 
 @pytest.mark.parametrize('pipeline', ['device', 'tfdata'])
@@ -159,7 +158,7 @@ def test_training_steps_make_no_hidden_host_device_transfers(pipeline, tmp_path,
   monkeypatch.setattr(loop.TrainLoop, 'run', guarded_run)
   config = smoke.get_config()
   config.num_epochs, config.data.pipeline = 1.0, pipeline
-  metrics = train.train_and_evaluate(config, str(tmp_path))
+  metrics = trainer.train_and_evaluate(config, str(tmp_path))
   assert finished_steps(tmp_path)[-1] == 8 and metrics['accuracy'] > 0
 
 
@@ -184,5 +183,5 @@ def test_bfloat16_on_a_cpu_is_warned_about(caplog, half_precision, dtype, backen
   config = smoke.get_config()
   config.half_precision, config.model.dtype = half_precision, dtype
   with caplog.at_level('WARNING'):
-    train.warn_if_bfloat16_on_cpu(config, backend)
+    trainer.warn_if_bfloat16_on_cpu(config, backend)
   assert any('bfloat16 on a CPU' in record.getMessage() for record in caplog.records) == warns

@@ -11,7 +11,7 @@ from configs import smoke
 from resnet_flax import data, evaluate
 from resnet_flax.data import input_pipeline
 from resnet_flax.errors import ConfigError
-from resnet_flax.train import step as train
+from resnet_flax.train import step, trainer
 
 STEPS_PER_EPOCH = 6  # (512 - 128 held out) // 64.
 
@@ -30,15 +30,15 @@ def test_best_is_chosen_by_validation_even_where_test_disagrees(tmp_path, monkey
   the one with the *worst* test accuracy, and the report must say the validation split chose it."""
   config = validated_config(epochs=4)
   test_batches = list(input_pipeline.padded_batches(data.load_splits(config.data)['test'], config.eval_batch_size))
-  test_accuracy, compute = {}, train.compute_eval_metrics
+  test_accuracy, compute = {}, step.compute_eval_metrics
 
   def inverted_validation(eval_fn, state, batches):
     measured = compute(eval_fn, state, test_batches)
     test_accuracy[int(jax.device_get(state.step))] = measured['accuracy']
     return {**measured, 'accuracy': 1 - measured['accuracy']}
 
-  monkeypatch.setattr(train, 'compute_eval_metrics', inverted_validation)
-  train.train_and_evaluate(config, str(tmp_path))
+  monkeypatch.setattr(trainer, 'compute_eval_metrics', inverted_validation)
+  trainer.train_and_evaluate(config, str(tmp_path))
   monkeypatch.undo()
 
   assert sorted(test_accuracy) == [6, 12, 18, 24]
@@ -60,16 +60,16 @@ def test_without_validation_best_is_the_final_checkpoint(straight_run):
 def test_early_stopping_ends_with_a_checkpoint_and_says_why(tmp_path, monkeypatch, caplog):
   config = validated_config(epochs=6, early_stopping_patience=2)
   scripted = itertools.chain([0.5, 0.6, 0.55, 0.58], itertools.repeat(0.9))  # Best at the 2nd evaluation.
-  monkeypatch.setattr(train, 'compute_eval_metrics', lambda *args: {'accuracy': next(scripted), 'loss': 1.0})
+  monkeypatch.setattr(trainer, 'compute_eval_metrics', lambda *args: {'accuracy': next(scripted), 'loss': 1.0})
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
   stopped_at = 4 * STEPS_PER_EPOCH
   assert f'early stopping at step {stopped_at}: no better validation accuracy than 0.6000 (step 12)' in caplog.text
   assert max(int(p.name) for p in (tmp_path / 'checkpoints').glob('[0-9]*')) == stopped_at
 
   caplog.clear()
   with caplog.at_level(logging.INFO):
-    assert train.train_and_evaluate(config, str(tmp_path)) == {}  # Rerunning the command does not train on.
+    assert trainer.train_and_evaluate(config, str(tmp_path)) == {}  # Rerunning the command does not train on.
   assert f'Training already ended, early stopping at step {stopped_at}' in caplog.text
 
 
@@ -77,4 +77,4 @@ def test_early_stopping_needs_a_validation_split(tmp_path):
   config = smoke.get_config()
   config.early_stopping_patience = 3
   with pytest.raises(ConfigError, match='early_stopping_patience=3 needs a validation split, never the test split'):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))

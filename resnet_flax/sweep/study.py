@@ -50,8 +50,7 @@ from resnet_flax import cli, data
 from resnet_flax.errors import ConfigError, NonFiniteError, UserError
 from resnet_flax.run import checkpoint, preemption, writers
 from resnet_flax.run.workdir import Steps
-from resnet_flax.train import config_checks
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, trainer
 
 FLAGS = flags.FLAGS
 
@@ -345,7 +344,7 @@ class Objective:
         raise optuna.TrialPruned(f'validation accuracy {metrics[checkpoint.BEST_METRIC]:.4f} at step {step}')
 
     try:
-      train.train_and_evaluate(with_params(self.config, params), workdir, on_evaluation=report)
+      trainer.train_and_evaluate(with_params(self.config, params), workdir, on_evaluation=report)
       if preemption.received_signal():  # Training stopped at a step boundary with a checkpoint.
         raise self.requeue(trial, preemption.received_signal())
       return best_validation_accuracy(workdir)

@@ -1,16 +1,16 @@
 """The learning-rate range test (Smith 2017, "Cyclical learning rates", section 3.3): a plot and a peak rate.
 
-`run_lr_find` trains the config's model from its fresh initial weights (`train.initial_variables`) with
+`run_lr_find` trains the config's model from its fresh initial weights (`trainer.initial_variables`) with
 the config's optimizer, loss, augmentation, batch size and pipeline, but with a learning rate that
 rises exponentially from `min_lr` to `max_lr` over `num_steps` steps, records each step's loss, and
 writes `<workdir>/lr_find/lr_find.json` and `lr_find.png`. It never touches the workdir's checkpoints,
 run.json or TensorBoard events, and never uses the test split. It works wherever training does: the
-step is training's own (`train.train_step`, jitted and sharded by `train.jit_steps`).
+step is training's own (`train_step`, jitted and sharded by `jit_steps`).
 
 - **Compiled loop.** The steps run as a `lax.scan` over a stack of batches (`find_stack`), one call for
   `config.steps_per_call` steps: the knob training has for the same trade-off. XLA:CPU runs convolutions
   inside a loop tens of times slower (jax#12868), so with `steps_per_call=1` (the CPU default) each call
-  is one step without a loop, as `train.train_stack` runs it; on an accelerator
+  is one step without a loop, as `train.step.train_stack` runs it; on an accelerator
   `--config.steps_per_call=<num_steps>` makes the finder one scan, cut only at epoch ends (where the
   pipelines start a new order). The host reads the losses after each call and stops once the loss has
   diverged: the steps past that point are not worth their time.
@@ -63,8 +63,8 @@ from resnet_flax.data import augment, input_pipeline
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import distributed
 from resnet_flax.run.workdir import check_writable
-from resnet_flax.train import config_checks, distill
-from resnet_flax.train import step as train
+from resnet_flax.train import config_checks, distill, trainer
+from resnet_flax.train.step import TrainState, create_train_state, jit_steps, train_step
 
 OUTPUT_DIR = 'lr_find'
 DEFAULT_STEPS = 300
@@ -82,13 +82,13 @@ def exponential_schedule(min_lr: float, max_lr: float, num_steps: int) -> optax.
 
 
 def find_stack(
-  state: train.TrainState, stack: dict[str, jax.Array], teacher_variables: Any = None, **step_kwargs
-) -> tuple[train.TrainState, dict[str, jax.Array]]:
-  """`train.train_step` on each batch of a stack [steps, B, ...]: the state after them, and each step's
-  loss and learning rate [steps]. One step runs without a loop, as in `train.train_stack` (jax#12868)."""
+  state: TrainState, stack: dict[str, jax.Array], teacher_variables: Any = None, **step_kwargs
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` on each batch of a stack [steps, B, ...]: the state after them, and each step's
+  loss and learning rate [steps]. One step runs without a loop, as in `train.step.train_stack` (jax#12868)."""
 
   def step(state, batch):
-    state, step_metrics = train.train_step(state, batch, teacher_variables, **step_kwargs)
+    state, step_metrics = train_step(state, batch, teacher_variables, **step_kwargs)
     return state, {'loss': step_metrics.loss.compute(), 'learning_rate': step_metrics.learning_rate.compute()}
 
   if stack['label'].shape[0] == 1:
@@ -202,16 +202,16 @@ def run_lr_find(
   num_classes = len(train_split.class_names)
   model = quantize.training_model(models.create_model_from_config(config, num_classes), config.quantize)
   mean, std = augment.channel_stats(train_split.images)
-  variables = train.initial_variables(config, model, train_split, mean, std)
+  variables = trainer.initial_variables(config, model, train_split, mean, std)
   learning_rate_fn = exponential_schedule(min_lr, max_lr, num_steps)
   mesh = distributed.create_mesh()
-  state = train.create_train_state(model, variables, optim.create_optimizer(config.optim, learning_rate_fn))
+  state = create_train_state(model, variables, optim.create_optimizer(config.optim, learning_rate_fn))
   state = jax.device_put(state, NamedSharding(mesh, P()))
   pipeline = input_pipeline.create_pipeline(
     config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
   )
   class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
-  train_fn, _ = train.jit_steps(
+  train_fn, _ = jit_steps(
     config,
     mesh,
     learning_rate_fn,

@@ -7,7 +7,6 @@ of (seed, step, example index), so a resumed run is bit-identical to an uninterr
 """
 
 import functools
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,24 +16,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
-from clu import metrics, parameter_overview
+from clu import metrics
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import data, models, optim
-from resnet_flax.compress import prune, quantize
+from resnet_flax import models, optim
+from resnet_flax.compress import prune
 from resnet_flax.data import augment, input_pipeline, mixing
-from resnet_flax.errors import BudgetError, ConfigError
-from resnet_flax.models import layers
+from resnet_flax.errors import BudgetError
 from resnet_flax.robust import adversarial
-from resnet_flax.run import checkpoint, curves, distributed, writers
-from resnet_flax.run.workdir import RunInfo, Steps, check_resumable, check_writable
-from resnet_flax.train import config_checks, distill, finetune, loop
+from resnet_flax.train import distill
 
 ADVERSARIAL_STREAM = 2**32 - 2  # fold_in data of the attack's random start; split(step_key, 3)'s keys differ.
-WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
 
 
 class TrainState(train_state.TrainState):
@@ -124,27 +118,8 @@ def train_step(
   """
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
-  images = augment.augment_batch(
-    batch['image'],
-    augment_key,
-    config.augment,
-    mean,
-    std,
-    indices=batch['index'],
-    epoch=state.step // steps_per_epoch,
-    seed=config.seed,
-  )
-  targets = jax.nn.one_hot(batch['label'], num_classes)
-  if config.augment.mixup_alpha or config.augment.cutmix_alpha:
-    images, targets = mixing.mix_batch(
-      images,
-      batch['label'],
-      mix_key,
-      num_classes=num_classes,
-      mixup_alpha=config.augment.mixup_alpha,
-      cutmix_alpha=config.augment.cutmix_alpha,
-      prob=config.augment.mix_prob,
-    )
+  epoch = state.step // steps_per_epoch
+  images, targets = augmented_batch(batch, augment_key, mix_key, epoch, config, mean, std, num_classes)
   # Once per step, outside the differentiated loss: SAM neither recomputes nor differentiates the teacher.
   teacher_logits = None if teacher_logits_fn is None else teacher_logits_fn(teacher_variables, images)
   # A frozen backbone (linear probe) runs in inference mode: its BatchNorm statistics stay as they are.
@@ -154,13 +129,8 @@ def train_step(
   )
   method = config.adversarial.method
   if method != 'none':  # Also outside the loss: SAM's ascent keeps the step's adversarial images.
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    if method == 'trades':  # TRADES' code attacks in eval mode; Wong's and Madry's in train mode.
-      attacked = lambda x: state.apply_fn(variables, x, train=False)
-    else:
-      attacked = lambda x: forward(variables, x)[0]
     attack_key = jax.random.fold_in(step_key, ADVERSARIAL_STREAM)
-    adversarial_images = adversarial.perturb(attacked, images, targets, attack_key, config.adversarial, mean, std)
+    adversarial_images = attack_batch(state, forward, images, targets, attack_key, config.adversarial, mean, std)
     images = images if method == 'trades' else adversarial_images
 
   def loss_fn(params):
@@ -182,10 +152,66 @@ def train_step(
     ema = optim.update_ema(state.ema, new_state.params, batch_stats, config.ema_decay)
     new_state = new_state.replace(ema=prune.mask_ema(ema, new_state.opt_state))
   new_state = skip_if_nonfinite(state, new_state, loss, grads)
-  step_metrics = TrainMetrics.single_from_model_output(
+  return new_state, TrainMetrics.single_from_model_output(
     loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step)
   )
-  return new_state, step_metrics
+
+
+def augmented_batch(
+  batch: dict[str, jax.Array],
+  augment_key: jax.Array,
+  mix_key: jax.Array,
+  epoch: jax.Array,
+  config: ml_collections.ConfigDict,
+  mean,
+  std,
+  num_classes: int,
+) -> tuple[jax.Array, jax.Array]:
+  """The normalized, augmented images of a uint8 batch and their [B, num_classes] targets, mixed
+  (mixup/CutMix) when the config asks for it."""
+  images = augment.augment_batch(
+    batch['image'],
+    augment_key,
+    config.augment,
+    mean,
+    std,
+    indices=batch['index'],
+    epoch=epoch,
+    seed=config.seed,
+  )
+  targets = jax.nn.one_hot(batch['label'], num_classes)
+  if config.augment.mixup_alpha or config.augment.cutmix_alpha:
+    images, targets = mixing.mix_batch(
+      images,
+      batch['label'],
+      mix_key,
+      num_classes=num_classes,
+      mixup_alpha=config.augment.mixup_alpha,
+      cutmix_alpha=config.augment.cutmix_alpha,
+      prob=config.augment.mix_prob,
+    )
+  return images, targets
+
+
+def attack_batch(
+  state: TrainState,
+  forward: Callable,
+  images: jax.Array,
+  targets: jax.Array,
+  key: jax.Array,
+  adversarial_config: ml_collections.ConfigDict,
+  mean,
+  std,
+) -> jax.Array:
+  """The adversarial images of `adversarial.perturb` against the current weights; `forward(variables,
+  images)` is the training-mode forward pass. TRADES' code attacks in eval mode; Wong's and Madry's in
+  train mode."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if adversarial_config.method == 'trades':
+    attacked = lambda x: state.apply_fn(variables, x, train=False)
+  else:
+    attacked = lambda x: forward(variables, x)[0]
+  return adversarial.perturb(attacked, images, targets, key, adversarial_config, mean, std)
 
 
 def train_stack(
@@ -280,163 +306,3 @@ def jit_steps(
     out_shardings=replicated,
   )
   return train_fn, eval_fn
-
-
-def initial_variables(
-  config: ml_collections.ConfigDict, model: flax.linen.Module, train_split: data.ImageData, mean, std
-):
-  """Initialised weights of `model`, a whitening stem set from the training images, within the budget."""
-  variables = models.init_variables(model, train_split.images.shape[1:], jax.random.key(config.seed))
-  if layers.WHITENING in variables['params']:
-    whitening_images = augment.normalize(train_split.images[:WHITENING_IMAGES], mean, std)
-    variables = layers.set_patch_whitening(variables, whitening_images)
-  parameter_overview.log_parameter_overview(variables['params'])
-  num_params = check_param_budget(variables['params'], config.model.max_params)
-  logging.info(
-    '%s: %s trainable parameters (budget %s)', config.model.name, f'{num_params:,}', f'{config.model.max_params:,}'
-  )
-  return variables
-
-
-def guarded(
-  evaluate_fn: Callable, config: ml_collections.ConfigDict, model, splits, pipeline, mean, std
-) -> tuple[Callable, adversarial.Guard]:
-  """`evaluate_fn` that also measures the overfitting guard's PGD accuracy, and the guard."""
-  split, what = adversarial.guard_split(splits, config.eval_batch_size)
-  apply = lambda variables, pixels: model.apply(variables, augment.normalize(pixels * 255, mean, std), train=False)
-  guard_metric = adversarial.guard_metric_fn(apply, config.adversarial.epsilon, config.seed)
-  logging.info('Overfitting guard: %s on %s at every evaluation', adversarial.GUARD_ATTACK, what)
-  # `split` lives as long as the closure: the pipeline keeps its batches on the devices by its id.
-  batch = lambda: pipeline.eval_batches(split, config.eval_batch_size)[0]
-  guarded_fn = lambda state: {**evaluate_fn(state), **guard_metric(state.eval_variables(), batch())}
-  return guarded_fn, adversarial.Guard(config.adversarial.guard_drop, what)
-
-
-def warn_if_bfloat16_on_cpu(config: ml_collections.ConfigDict, backend: str) -> None:
-  """bfloat16 on a CPU without bf16 units runs as float32 with conversions: measured here, ~7% faster for
-  a resnet_tiny step and less accurate; float32 is the CPU setting."""
-  if backend == 'cpu' and models.compute_dtype(config) == jnp.bfloat16:
-    logging.warning(
-      'bfloat16 on a CPU (half_precision or model.dtype): converted to float32 at every op, a few percent '
-      'faster at a cost in accuracy; --config.half_precision=False --config.model.dtype=float32 is the CPU setting'
-    )
-
-
-def describe_validation(data_config: ml_collections.ConfigDict, splits: dict[str, data.ImageData]) -> str:
-  """What the validation split is, for logs and run.json; '' when there is none."""
-  if 'validation' not in splits:
-    return ''
-  size = len(splits['validation'])
-  if data_config.validation_size:
-    return f'the validation split of {size} held-out training images (data.validation_size)'
-  return f'the validation split of {size} images of the {data_config.source} data'
-
-
-def train_and_evaluate(
-  config: ml_collections.ConfigDict,
-  workdir: str,
-  on_evaluation: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, float]:
-  """Trains (resuming from `workdir` if it holds checkpoints) and returns the final eval metrics.
-
-  `on_evaluation(step, metrics)` follows every evaluation (loop.TrainLoop.on_evaluation).
-  """
-  config_checks.validate(config)
-  warn_if_bfloat16_on_cpu(config, jax.default_backend())
-  check_writable(workdir)
-  logging.info('Config:\n%s', config)
-  splits = data.load_splits(config.data)
-  train_split, eval_split = splits['train'], splits.get('validation', splits['test'])
-  validation = describe_validation(config.data, splits)
-  if config.early_stopping_patience and not validation:
-    raise ConfigError(
-      f'early_stopping_patience={config.early_stopping_patience} needs a validation split, never the test split: '
-      'set --config.data.validation_size=<images>, or add a val/ folder beside train/'
-    )
-  logging.info('Evaluating on %s', validation or 'the test split (reported only: nothing is chosen by it)')
-  steps = Steps.of(config, len(train_split))
-  num_classes = len(train_split.class_names)
-  class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
-  model = quantize.training_model(models.create_model_from_config(config, num_classes), config.quantize)
-  mean, std = augment.channel_stats(train_split.images)
-  variables = initial_variables(config, model, train_split, mean, std)
-  variables, mean, std, init_from = finetune.apply_init_from(
-    config, workdir, variables, train_split.class_names, mean, std
-  )
-  teacher = distill.load_teacher(config, train_split)
-
-  learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps)
-  mesh = distributed.create_mesh()
-  tx = prune.wrap_optimizer(optim.create_optimizer(config.optim, learning_rate_fn), config, steps)
-  state = create_train_state(model, variables, tx, ema=config.ema_decay > 0)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-
-  run = RunInfo(
-    model_name=config.model.name,
-    se_ratio=config.model.se_ratio,
-    stem=config.model.stem,
-    image_shape=train_split.images.shape[1:],
-    class_names=train_split.class_names,
-    pixel_mean=mean,
-    pixel_std=std,
-    steps_per_epoch=steps.per_epoch,
-    init_from=init_from,
-    resize=config.data.resize,
-    validation=validation,
-    teacher=None if teacher is None else teacher.identity,
-    quantize=quantize.run_record(config.quantize),
-    prune=prune.run_record(config.prune),
-  )
-  check_resumable(workdir, run)
-  os.makedirs(workdir, exist_ok=True)
-  manager = checkpoint.create_manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
-  writer = writers.create_writer(workdir, is_primary=jax.process_index() == 0, steps_per_epoch=steps.per_epoch)
-  try:
-    restored = checkpoint.restore_latest_good(manager, state)
-    state = state if restored is None else restored
-    start_step = int(jax.device_get(state.step))
-    if restored is not None:
-      logging.info('Resuming from the checkpoint of step %d in %s', start_step, workdir)
-    if start_step >= steps.total:
-      logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, steps.total)
-      return {}
-    run.save(workdir, config)
-    if jax.process_index() == 0:
-      writers.drop_csv_rows_after(workdir, start_step)  # Rows a killed run wrote after its last checkpoint.
-    if start_step == 0:
-      num_params = models.count_params(variables['params'])
-      writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
-
-    train_fn, eval_fn = jit_steps(
-      config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch, class_weights, teacher
-    )
-    pipeline = input_pipeline.create_pipeline(
-      config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
-    )
-    evaluate_fn = lambda s: compute_eval_metrics(eval_fn, s, pipeline.eval_batches(eval_split, config.eval_batch_size))
-    guard = None
-    if config.adversarial.method != 'none' and config.adversarial.guard_drop:
-      evaluate_fn, guard = guarded(evaluate_fn, config, model, splits, pipeline, mean, std)
-    train_loop = loop.TrainLoop(
-      config,
-      steps,
-      pipeline,
-      train_fn,
-      evaluate_fn,
-      manager,
-      writer,
-      validates=bool(validation),
-      ranks_from=prune.first_ranked_step(config, steps),
-      guard=guard,
-      on_evaluation=on_evaluation,
-    )
-    eval_metrics = train_loop.run(state, start_step)
-  finally:
-    try:
-      checkpoint.wait_until_finished(manager)
-    finally:
-      manager.close()
-      writer.flush()
-  if jax.process_index() == 0:
-    curves.write_training_curves(workdir, steps.per_epoch)
-  return eval_metrics
