@@ -10,14 +10,12 @@
 Running the same command again resumes from the checkpoints in the workdir.
 """
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
 from resnet_flax import cli, evaluate
-from resnet_flax.deploy import export, predict
-from resnet_flax.explain import methods as explain
+from resnet_flax.deploy import export, formats, predict
+from resnet_flax.explain import command
 from resnet_flax.train import lr_find, trainer
 
 FLAGS = flags.FLAGS
@@ -29,7 +27,7 @@ flags.DEFINE_enum(
 flags.DEFINE_list('predict_paths', [], '--mode=predict|explain: image files and folders, comma-separated.')
 flags.DEFINE_integer('top_k', 5, '--mode=predict: how many classes to show per image.', lower_bound=1)
 flags.DEFINE_string('predict_output', None, '--mode=predict: JSON output (default <workdir>/predictions.json).')
-flags.DEFINE_list('export_formats', [], f'--mode=export: of {",".join(export.FORMATS)} (default: all installed).')
+flags.DEFINE_list('export_formats', [], f'--mode=export: of {",".join(formats.FORMATS)} (default: all installed).')
 flags.DEFINE_integer('export_test_images', None, '--mode=export: test images to score (default all).', lower_bound=0)
 flags.DEFINE_integer(
   'explain_per_class', 2, '--mode=explain without --predict_paths: test images per class to explain.', lower_bound=1
@@ -42,14 +40,8 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_float('lr_find_min', None, '--mode=lr_find: first learning rate (default: the config rate / 1000).')
 flags.DEFINE_float('lr_find_max', None, '--mode=lr_find: last learning rate (default: the config rate x 100).')
-flags.DEFINE_string(
-  'compilation_cache_dir',
-  os.path.expanduser('~/.cache/resnet_flax/jax'),
-  'Persistent XLA compilation cache: a resumed run skips compiling. Empty: off.',
-)
-flags.DEFINE_string('coordinator_address', None, 'Several processes: host:port of process 0.')
-flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
-flags.DEFINE_integer('process_id', None, 'Several processes: the index of this one.')
+cli.define_job_flags()
+flags.adopt_module_key_flags(cli)  # `--help` lists them with the modes' flags.
 flags.mark_flags_as_required(['config', 'workdir'])
 
 MODES = {
@@ -59,7 +51,7 @@ MODES = {
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output
   ),
   'export': lambda: export.run_export(FLAGS.config, FLAGS.workdir, FLAGS.export_formats, FLAGS.export_test_images),
-  'explain': lambda: explain.run_explain(
+  'explain': lambda: command.run_explain(
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.explain_per_class, FLAGS.explain_steps
   ),
   'lr_find': lambda: lr_find.run_lr_find(
@@ -71,9 +63,7 @@ MODES = {
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  cli.run(
-    MODES[FLAGS.mode], FLAGS.compilation_cache_dir, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-  )
+  cli.run(MODES[FLAGS.mode], **cli.job_settings())
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import quick  # noqa: E402
-from resnet_flax import writers  # noqa: E402
+from resnet_flax.run import writers  # noqa: E402
 from resnet_flax.train import trainer
 
 flags.DEFINE_string('model', 'resnet_tiny', 'Model preset.')
@@ -52,10 +52,10 @@ def config_for(option: str):
 
 
 def step_seconds(option: str, split) -> list[float]:
-  trainer = common.create_jax_trainer(config_for(option), split)
-  batch = trainer.device_batch(split)
-  trainer.run_on(batch, 1)  # Compiles.
-  return [s / FLAGS.steps for s in common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), FLAGS.repeats)]
+  jax_trainer = common.create_jax_trainer(config_for(option), split)
+  batch = jax_trainer.device_batch(split)
+  jax_trainer.run_on(batch, 1)  # Compiles.
+  return [s / FLAGS.steps for s in common.time_calls(lambda: jax_trainer.run_on(batch, FLAGS.steps), FLAGS.repeats)]
 
 
 def short_real_run(option: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ or skips them), each a normal workdir that `main.py --mode=evaluate` reads too:
 - `qat`: the same fine-tuning with quantization-aware training (`quantize.mode=qat`);
 - `distilled`: the config's recipe from scratch, distilled from `--teacher` (`distill.teacher`), when
   one is given.
-Then every artifact (`artifacts`) is exported (`resnet_flax.deploy.export`) to `<runs_dir>/artifacts/` and
+Then every artifact (`artifacts`) is exported (`resnet_flax.deploy.formats`) to `<runs_dir>/artifacts/` and
 run by its own runtime, JAX included (the `jax.export` artifact, jitted), measuring:
 - test accuracy on the whole test split of the dense run's data;
 - size: the artifact's bytes on disk, and gzip-compressed (what pruning saves until a runtime stores
@@ -45,11 +45,12 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from resnet_flax import data, train  # noqa: E402
-from resnet_flax.deploy import api, export
+from resnet_flax import data  # noqa: E402
+from resnet_flax.deploy import api, export, formats
 from resnet_flax.errors import UserError  # noqa: E402
 from resnet_flax.evaluate import inference
 from resnet_flax.models import trained
+from resnet_flax.train import trainer  # noqa: E402
 
 flags.DEFINE_string('config', 'quick', 'Config module of configs/ the dense run was trained with.')
 flags.DEFINE_string('dense', None, 'Workdir of the trained dense run (with --tiny: trained here).')
@@ -75,7 +76,7 @@ SPARSITIES = (0.5, 0.8, 0.9)
 class Artifact:
   variant: str  # The run it comes from: dense, pruned_80, qat, ...
   label: str  # What the row says.
-  export_format: str  # A key of export.FORMATS.
+  export_format: str  # A key of formats.FORMATS.
   quantize: str | None = None  # resnet_flax.load(..., quantize=): 'ptq' serves a float run in int8 with qwix.
 
 
@@ -134,7 +135,7 @@ def derived_configs(dense: str, teacher: str | None) -> dict[str, ml_collections
 def train_if_needed(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains `workdir` to the end (resuming it), or nothing where it is complete."""
   print(f'training {workdir} (resumes; nothing to do when complete)', flush=True)
-  train.train_and_evaluate(config, workdir)
+  trainer.train_and_evaluate(config, workdir)
 
 
 # Measuring an artifact.
@@ -148,14 +149,14 @@ def gzip_bytes(path: str) -> int | None:
     return len(gzip.compress(f.read(), compresslevel=9))
 
 
-def latency_ms(predict: export.Predict, images: np.ndarray, batch: int, repeats: int) -> dict[str, Any]:
+def latency_ms(predict: formats.Predict, images: np.ndarray, batch: int, repeats: int) -> dict[str, Any]:
   """Milliseconds per call on `batch` images, median and spread over `repeats` calls after a warm-up."""
   inputs = np.ascontiguousarray(images[:batch])
   predict(inputs)  # Compiles, allocates, resizes the interpreter's input.
   return common.summarize([1000 * s for s in common.time_calls(lambda: predict(inputs), repeats)])
 
 
-def accuracy(predict: export.Predict, split: data.ImageData, targets: np.ndarray, batch_size: int) -> float:
+def accuracy(predict: formats.Predict, split: data.ImageData, targets: np.ndarray, batch_size: int) -> float:
   predictions = [predict(split.images[i : i + batch_size]).argmax(1) for i in range(0, len(split), batch_size)]
   return float(np.mean(np.concatenate(predictions) == targets))
 
@@ -166,9 +167,9 @@ def measure(
   """Exports `artifact` of `workdir` to `directory` and measures it (see the module docstring)."""
   model = api.load(workdir, quantize=artifact.quantize)
   served_as = artifact.quantize or 'float'
-  path = os.path.join(directory, f'{artifact.variant}-{served_as}-{export.FORMATS[artifact.export_format].path}')
-  export.export_artifact(model, artifact.export_format, path, calibration)
-  predict = export.load_artifact(artifact.export_format, path)
+  path = os.path.join(directory, f'{artifact.variant}-{served_as}-{formats.FORMATS[artifact.export_format].path}')
+  formats.export_artifact(model, artifact.export_format, path, calibration)
+  predict = formats.load_artifact(artifact.export_format, path)
   targets = inference.model_indices(split.class_names, model.class_names)[split.labels]
   return {
     'variant': artifact.variant,
@@ -178,7 +179,7 @@ def measure(
     'workdir': workdir,
     'checkpoint_step': model.step,
     'test_accuracy': accuracy(predict, split, targets, batch_size=256),
-    'bytes': export.artifact_bytes(path),
+    'bytes': formats.artifact_bytes(path),
     'gzip_bytes': gzip_bytes(path),
     **{f'latency_ms_batch_{b}': latency_ms(predict, split.images, b, FLAGS.repeats) for b in LATENCY_BATCHES},
   }

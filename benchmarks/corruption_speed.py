@@ -22,7 +22,7 @@ from absl import app, flags, logging  # noqa: E402
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_flax import data  # noqa: E402
-from resnet_flax.robust import corruptions
+from resnet_flax.robust import corruption_ops, corruptions  # noqa: E402
 
 flags.DEFINE_string('data_path', None, 'Unpacked CIFAR-10 image folder: corrupt its test images, not noise.')
 flags.DEFINE_integer('examples', 1000, 'Images corrupted by each of the 75 settings.')
@@ -42,10 +42,10 @@ def test_images() -> np.ndarray:
 def corruption_seconds(images: np.ndarray) -> dict[str, float]:
   """Seconds per corruption for its 5 severities, on the host's copy of the result (as evaluation reads it)."""
   seconds = {}
-  for name in corruptions.CORRUPTIONS:
+  for name in corruption_ops.CORRUPTIONS:
     start = time.perf_counter()
-    for severity in corruptions.SEVERITIES:
-      corruptions.corrupt(images, name, severity)
+    for severity in corruption_ops.SEVERITIES:
+      corruption_ops.corrupt(images, name, severity)
     seconds[name] = time.perf_counter() - start
   return seconds
 
@@ -61,7 +61,7 @@ def main(_):
   source = f'CIFAR-10 test images from {FLAGS.data_path}' if FLAGS.data_path else 'uint8 noise'
   print(f'device: {common.jax_device()}; {len(images)} images ({source}) x 75 settings, {FLAGS.repeats} repeats')
   results = {'corruptions': {}}
-  for name in corruptions.CORRUPTIONS:
+  for name in corruption_ops.CORRUPTIONS:
     values = [p[name] for p in passes]
     results['corruptions'][name] = {'first_pass_seconds': first[name], 'seconds': common.summarize(values)}
     print(f'{name:18s} 5 severities {common.describe(values, lambda v: f"{v:.2f} s")}; first {first[name]:.2f} s')

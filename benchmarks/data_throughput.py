@@ -23,10 +23,10 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import input_pipeline  # noqa: E402
 from resnet_flax.data import (
   ImageData,  # noqa: E402
   augment,
+  input_pipeline,  # noqa: E402
 )
 from resnet_flax.run import distributed
 
@@ -68,20 +68,20 @@ def augment_and_step_seconds(split: ImageData) -> tuple[list[float], list[float]
   config.model.name = FLAGS.model
   config.augment.train_ops = ('crop', 'flip', 'cutout')
   config.batch_size = FLAGS.batch_size
-  trainer = common.create_jax_trainer(config, split)
-  batch = trainer.device_batch(split)
+  jax_trainer = common.create_jax_trainer(config, split)
+  batch = jax_trainer.device_batch(split)
   context = {'indices': batch['index'][0], 'epoch': 0, 'seed': config.seed}
   augment_fn = jax.jit(
     lambda images, key: augment.augment_batch(
-      images, key, config.augment, trainer.pixel_mean, trainer.pixel_std, **context
+      images, key, config.augment, jax_trainer.pixel_mean, jax_trainer.pixel_std, **context
     )
   )
   images = batch['image'][0]
   augment_calls = lambda n: jax.block_until_ready([augment_fn(images, jax.random.key(0)) for _ in range(n)])
   augment_calls(1)  # Compiles.
   augment_seconds = common.time_calls(lambda: augment_calls(AUGMENT_CALLS), FLAGS.repeats)
-  trainer.run_on(batch, 1)  # Compiles; the state is donated from here on.
-  step_seconds = common.time_calls(lambda: trainer.run_on(batch, FLAGS.step_repeats), FLAGS.repeats)
+  jax_trainer.run_on(batch, 1)  # Compiles; the state is donated from here on.
+  step_seconds = common.time_calls(lambda: jax_trainer.run_on(batch, FLAGS.step_repeats), FLAGS.repeats)
   return [s / AUGMENT_CALLS for s in augment_seconds], [s / FLAGS.step_repeats for s in step_seconds]
 
 

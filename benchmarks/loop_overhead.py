@@ -19,7 +19,8 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from resnet_flax import data, writers  # noqa: E402
+from resnet_flax import data  # noqa: E402
+from resnet_flax.run import writers  # noqa: E402
 from resnet_flax.train import trainer
 
 flags.DEFINE_string('model', 'resnet_tiny', 'Model preset.')
@@ -58,10 +59,10 @@ def loop_images_per_sec(config) -> float:
 def bare_step_images_per_sec(config) -> float:
   """The train step alone, on one device-resident batch, state donated from call to call."""
   split = data.load_splits(config.data)['train']
-  trainer = common.create_jax_trainer(config, split)
-  batch = trainer.device_batch(split)
-  trainer.run_on(batch, 1)  # Compiles.
-  (seconds,) = common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), repeats=1)
+  jax_trainer = common.create_jax_trainer(config, split)
+  batch = jax_trainer.device_batch(split)
+  jax_trainer.run_on(batch, 1)  # Compiles.
+  (seconds,) = common.time_calls(lambda: jax_trainer.run_on(batch, FLAGS.steps), repeats=1)
   return FLAGS.steps * config.batch_size / seconds
 
 

@@ -94,26 +94,28 @@ def rates(seconds: list[float]) -> list[float]:
 def jax_figures(model_name: str) -> dict:
   config = make_config(model_name)
   split = common.random_split(FLAGS.dataset_size)
-  trainer = common.create_jax_trainer(config, split)
-  batch = trainer.device_batch(split)
-  (first_step_s,) = common.time_calls(lambda: trainer.run_on(batch, 1), repeats=1)
-  trainer.run_on(batch, FLAGS.warmup_steps)
-  step_seconds = common.time_calls(lambda: trainer.run_on(batch, FLAGS.steps), FLAGS.repeats)
+  jax_trainer = common.create_jax_trainer(config, split)
+  batch = jax_trainer.device_batch(split)
+  (first_step_s,) = common.time_calls(lambda: jax_trainer.run_on(batch, 1), repeats=1)
+  jax_trainer.run_on(batch, FLAGS.warmup_steps)
+  step_seconds = common.time_calls(lambda: jax_trainer.run_on(batch, FLAGS.steps), FLAGS.repeats)
   peak_bytes = common.jax_peak_bytes()
 
-  pipeline = trainer.pipeline(split)
+  pipeline = jax_trainer.pipeline(split)
   epoch_images = pipeline.steps_per_epoch * config.batch_size
 
   def epoch_rates(steps_per_call: int) -> list[float]:
-    trainer.run_epoch(pipeline, steps_per_call)  # Compiles the permutation, the gather and the calls of each length.
-    timings = common.time_calls(lambda: trainer.run_epoch(pipeline, steps_per_call), FLAGS.repeats)
+    jax_trainer.run_epoch(
+      pipeline, steps_per_call
+    )  # Compiles the permutation, the gather and the calls of each length.
+    timings = common.time_calls(lambda: jax_trainer.run_epoch(pipeline, steps_per_call), FLAGS.repeats)
     return [epoch_images / s for s in timings]
 
-  trainer.run_epoch(pipeline, 1)  # To the start of an epoch.
+  jax_trainer.run_epoch(pipeline, 1)  # To the start of an epoch.
   pipeline_rates, scanned_rates = epoch_rates(1), epoch_rates(FLAGS.steps_per_call)
   return {
     'device': common.jax_device(),
-    'num_params': models.count_params(trainer.state.params),
+    'num_params': models.count_params(jax_trainer.state.params),
     'first_step_s': first_step_s,
     'step_images_per_sec': common.summarize(rates(step_seconds)),
     'pipeline_images_per_sec': common.summarize(pipeline_rates),

@@ -11,7 +11,7 @@ CPU with the real images:
       --data_path=<cifar10-jpeg>
 
 `--data_path` (default $CIFAR10_JPEG_DIR) sets `data.source=folder` and `data.path`. Seeds 0 .. --seeds - 1
-each run `train.train_and_evaluate` in a fresh temporary workdir. Per seed it measures:
+each run `trainer.train_and_evaluate` in a fresh temporary workdir. Per seed it measures:
 - wall_s: the whole `train_and_evaluate` call: loading the data (decoded and cached beforehand),
   initialisation, compilation, every training step, the evaluations and checkpoints the config asks
   for (every `eval_every_epochs` and at the end), and the training-curves plot.
@@ -57,8 +57,9 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from resnet_flax import data, evaluate, train  # noqa: E402
+from resnet_flax import data, evaluate  # noqa: E402
 from resnet_flax.errors import UserError  # noqa: E402
+from resnet_flax.train import trainer  # noqa: E402
 
 config_flags.DEFINE_config_file('config', str(ROOT / 'configs' / 'fast.py'), 'Config file, as main.py takes it.')
 flags.DEFINE_integer('seeds', 5, 'Runs, with seeds 0 .. seeds - 1.')
@@ -92,7 +93,7 @@ def run_seed(config: ml_collections.ConfigDict, seed: int) -> dict[str, Any]:
   with tempfile.TemporaryDirectory() as workdir:
     with common.CompileTimer() as compile_timer:
       start = time.perf_counter()
-      metrics = train.train_and_evaluate(config, workdir)
+      metrics = trainer.train_and_evaluate(config, workdir)
       wall_s = time.perf_counter() - start
     figures = {
       'seed': seed,
@@ -172,9 +173,9 @@ def fit_epochs(config: ml_collections.ConfigDict, split: data.ImageData) -> dict
   for two epochs of `split`: the first holds the compilation that the run will repeat (with its schedule's
   length as a new constant), the second is the epoch's time. Then num_epochs = the whole epochs in
   FIT_SHARE of the time left after one more compilation, never more than the config's."""
-  trainer = common.create_jax_trainer(config, split)
-  pipeline = trainer.pipeline(split)
-  first_s, epoch_s = common.time_calls(lambda: trainer.run_epoch(pipeline, config.steps_per_call), repeats=2)
+  jax_trainer = common.create_jax_trainer(config, split)
+  pipeline = jax_trainer.pipeline(split)
+  first_s, epoch_s = common.time_calls(lambda: jax_trainer.run_epoch(pipeline, config.steps_per_call), repeats=2)
   compile_s = max(first_s - epoch_s, 0.0)
   left_s = common.seconds_left()
   config.num_epochs = min(config.num_epochs, float(math.floor((FIT_SHARE * left_s - compile_s) / epoch_s)))

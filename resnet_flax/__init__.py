@@ -10,6 +10,6 @@ from typing import Any
 
 def load(workdir: str, checkpoint: str | int = 'best', **kwargs: Any):
   """The model of the trained run in `workdir`: see `resnet_flax.deploy.api.load`."""
-  from resnet_flax import api  # Imported on use: `import resnet_flax` stays cheap, and free of cycles.
+  from resnet_flax.deploy import api  # Imported on use: `import resnet_flax` stays cheap, and free of cycles.
 
   return api.load(workdir, checkpoint, **kwargs)

@@ -100,6 +100,27 @@ def exit_with_error(message: str):
   sys.exit(1)
 
 
+JOB_FLAGS = ('compilation_cache_dir', 'coordinator_address', 'num_processes', 'process_id')
+
+
+def define_job_flags() -> None:
+  """The flags of a job rather than of a mode: the persistent compilation cache, and the rendezvous of
+  several processes (`distributed.initialize`)."""
+  flags.DEFINE_string(
+    'compilation_cache_dir',
+    os.path.expanduser('~/.cache/resnet_flax/jax'),
+    'Persistent XLA compilation cache: a resumed run skips compiling. Empty: off.',
+  )
+  flags.DEFINE_string('coordinator_address', None, 'Several processes: host:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
+  flags.DEFINE_integer('process_id', None, 'Several processes: the index of this one.')
+
+
+def job_settings() -> dict[str, object]:
+  """The values of `define_job_flags`' flags, as `run` takes them."""
+  return {name: flags.FLAGS[name].value for name in JOB_FLAGS}
+
+
 def set_compilation_cache(directory: str) -> None:
   """Persistent XLA compilation cache in `directory` ('' turns it off): a resumed run skips compiling."""
   if directory:

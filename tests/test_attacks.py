@@ -14,7 +14,7 @@ from configs import smoke
 from resnet_flax import cli, evaluate
 from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
-from resnet_flax.robust import attacks
+from resnet_flax.robust import attack_steps, attacks
 from resnet_flax.train import config_checks
 
 from helpers import restore_smoke_run
@@ -120,15 +120,15 @@ def test_an_examples_attack_does_not_depend_on_its_batch(model):
 def test_dlr_loss_ignores_shifting_and_scaling_the_logits():
   logits = jax.random.normal(jax.random.key(0), (8, 10))
   labels = jnp.arange(8) % 10
-  loss = attacks.dlr_loss(logits, labels)
-  np.testing.assert_allclose(attacks.dlr_loss(3.0 * logits + 7.0, labels), loss, rtol=1e-5)
+  loss = attack_steps.dlr_loss(logits, labels)
+  np.testing.assert_allclose(attack_steps.dlr_loss(3.0 * logits + 7.0, labels), loss, rtol=1e-5)
   correct = jnp.argmax(logits, axis=1) == labels
   assert bool(jnp.all((loss < 0) == correct))  # Negative exactly where the true class leads.
 
 
 def test_apgd_checkpoints_are_those_of_the_paper():
   """p_j = 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 of 100 iterations (Croce & Hein 2020, 3.2)."""
-  assert list(attacks.apgd_checkpoints(100)) == [22, 41, 57, 70, 80, 87, 93, 99]
+  assert list(attack_steps.apgd_checkpoints(100)) == [22, 41, 57, 70, 80, 87, 93, 99]
 
 
 @pytest.mark.parametrize(

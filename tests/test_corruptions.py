@@ -20,15 +20,15 @@ from configs import smoke
 from resnet_flax import data, evaluate
 from resnet_flax.data import DataError
 from resnet_flax.errors import ConfigError
-from resnet_flax.robust import corruptions
+from resnet_flax.robust import corruption_cache, corruption_ops, corruptions
 from resnet_flax.run.report_paths import report_name
 from resnet_flax.train import config_checks
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
-NAMES = list(corruptions.CORRUPTIONS)
+NAMES = list(corruption_ops.CORRUPTIONS)
 # Corruptions whose output does not depend on the key (no random draw).
 DETERMINISTIC = {'defocus_blur', 'zoom_blur', 'brightness', 'contrast', 'pixelate', 'jpeg_compression'}
-# Their mean pixel change does not grow with severity in the original either (module docstring).
+# Their mean pixel change does not grow with severity in the original either (corruption_ops' docstring).
 NOT_GROWING = {'glass_blur', 'motion_blur', 'frost', 'elastic_transform'}
 
 # Mean absolute pixel change per severity of make_cifar_c.py's own functions (hendrycks/robustness, run
@@ -90,9 +90,12 @@ def mean_change(corrupted: np.ndarray, clean: np.ndarray) -> float:
 
 @pytest.mark.parametrize('name', NAMES)
 def test_the_same_seed_gives_bitwise_the_same_images_and_another_seed_others(images, name):
-  first, again = corruptions.corrupt(images[:8], name, 3, seed=0), corruptions.corrupt(images[:8], name, 3, seed=0)
+  first, again = (
+    corruption_ops.corrupt(images[:8], name, 3, seed=0),
+    corruption_ops.corrupt(images[:8], name, 3, seed=0),
+  )
   np.testing.assert_array_equal(first, again)
-  other_seed = corruptions.corrupt(images[:8], name, 3, seed=1)
+  other_seed = corruption_ops.corrupt(images[:8], name, 3, seed=1)
   assert np.array_equal(first, other_seed) == (name in DETERMINISTIC)
   assert first.dtype == np.uint8 and first.shape == images[:8].shape
   assert not np.array_equal(first, images[:8])
@@ -101,19 +104,19 @@ def test_the_same_seed_gives_bitwise_the_same_images_and_another_seed_others(ima
 @pytest.mark.parametrize('name', sorted(set(NAMES) - DETERMINISTIC))
 def test_an_images_corruption_does_not_depend_on_its_batch(images, name):
   """Image 40 alone, in a batch of 50 and at position 290 of 300 (the second call) is corrupted alike."""
-  alone = corruptions.corrupt(images[40:41], name, 4, seed=3, indices=[40])
-  in_batch = corruptions.corrupt(images, name, 4, seed=3)[40]
+  alone = corruption_ops.corrupt(images[40:41], name, 4, seed=3, indices=[40])
+  in_batch = corruption_ops.corrupt(images, name, 4, seed=3)[40]
   many = np.concatenate([images[:40], np.repeat(images[:1], 250, axis=0), images[40:]])
-  far = corruptions.corrupt(many, name, 4, seed=3, indices=np.r_[:40, 1000:1250, 40:50])[290]
+  far = corruption_ops.corrupt(many, name, 4, seed=3, indices=np.r_[:40, 1000:1250, 40:50])[290]
   np.testing.assert_array_equal(alone[0], in_batch)
   np.testing.assert_array_equal(alone[0], far)
-  other_index = corruptions.corrupt(images[40:41], name, 4, seed=3, indices=[41])
+  other_index = corruption_ops.corrupt(images[40:41], name, 4, seed=3, indices=[41])
   assert not np.array_equal(alone, other_index)
 
 
 @pytest.mark.parametrize('name', NAMES)
 def test_the_pixel_change_grows_with_severity_as_in_the_original(images, name):
-  change = [mean_change(corruptions.corrupt(images, name, s), images) for s in corruptions.SEVERITIES]
+  change = [mean_change(corruption_ops.corrupt(images, name, s), images) for s in corruption_ops.SEVERITIES]
   if name not in NOT_GROWING:
     assert all(b > a for a, b in zip(change, change[1:], strict=False)), change
   elif name == 'glass_blur':  # Two shuffling passes (4, 5) move more than one (1-3), whose blur varies.
@@ -139,7 +142,7 @@ def more_real_images(tmp_path_factory) -> np.ndarray:
 @pytest.mark.parametrize('name', sorted(ORIGINAL_CHANGE))
 def test_the_pixel_change_is_the_originals_on_the_same_real_images(name, more_real_images):
   real = more_real_images
-  change = [mean_change(corruptions.corrupt(real, name, s), real) for s in corruptions.SEVERITIES]
+  change = [mean_change(corruption_ops.corrupt(real, name, s), real) for s in corruption_ops.SEVERITIES]
   np.testing.assert_allclose(change, ORIGINAL_CHANGE[name], rtol=0.06)
 
 
@@ -147,32 +150,38 @@ def test_the_pixel_change_is_the_originals_on_the_same_real_images(name, more_re
 def test_any_square_size_runs(name):
   """24 px: not a power of two (fog's fractal is cropped) and not CIFAR's 32."""
   clean = synthetic_images(3, size=24)
-  corrupted = corruptions.corrupt(clean, name, 5)
+  corrupted = corruption_ops.corrupt(clean, name, 5)
   assert corrupted.dtype == np.uint8 and corrupted.shape == clean.shape and mean_change(corrupted, clean) > 1
 
 
 def test_images_that_are_not_square_rgb_uint8_are_refused(images):
   for bad in (images[:2, :, :30], images[:2, ..., :1], images[:2].astype(np.float32)):
     with pytest.raises(DataError, match=r'uint8 \[N, S, S, 3\]'):
-      corruptions.corrupt(bad, 'fog', 1)
+      corruption_ops.corrupt(bad, 'fog', 1)
 
 
 def test_the_cache_returns_the_same_images_without_making_them_again(images, tmp_path, monkeypatch):
-  made = corruptions.load_or_corrupt(images[:4], 'gaussian_noise', 2, seed=0, cache_dir=str(tmp_path))
+  made = corruption_cache.load_or_corrupt(images[:4], 'gaussian_noise', 2, seed=0, cache_dir=str(tmp_path))
   [path] = tmp_path.glob('gaussian_noise-2-*.npy')
-  monkeypatch.setattr(corruptions, 'corrupt', lambda *args: pytest.fail('made again instead of read'))
-  np.testing.assert_array_equal(corruptions.load_or_corrupt(images[:4], 'gaussian_noise', 2, 0, str(tmp_path)), made)
+  monkeypatch.setattr(corruption_ops, 'corrupt', lambda *args: pytest.fail('made again instead of read'))
+  np.testing.assert_array_equal(
+    corruption_cache.load_or_corrupt(images[:4], 'gaussian_noise', 2, 0, str(tmp_path)), made
+  )
   monkeypatch.undo()
   for changed in ({'seed': 1}, {'severity': 3}, {'indices': [1, 2, 3, 4]}):  # Each is a new file.
     arguments = {'images': images[:4], 'name': 'gaussian_noise', 'severity': 2, 'seed': 0, **changed}
-    corruptions.load_or_corrupt(**arguments, cache_dir=str(tmp_path))
+    corruption_cache.load_or_corrupt(**arguments, cache_dir=str(tmp_path))
   assert len(list(tmp_path.glob('*.npy'))) == 4 and not list(tmp_path.glob('*.tmp'))
   path.write_bytes(b'not an array')  # A broken file is made again.
-  np.testing.assert_array_equal(corruptions.load_or_corrupt(images[:4], 'gaussian_noise', 2, 0, str(tmp_path)), made)
+  np.testing.assert_array_equal(
+    corruption_cache.load_or_corrupt(images[:4], 'gaussian_noise', 2, 0, str(tmp_path)), made
+  )
   np.testing.assert_array_equal(np.load(path), made)
   blocked = tmp_path / 'a_file'
   blocked.write_text('')  # Not a folder: made, not cached.
-  np.testing.assert_array_equal(corruptions.load_or_corrupt(images[:4], 'gaussian_noise', 2, 0, str(blocked)), made)
+  np.testing.assert_array_equal(
+    corruption_cache.load_or_corrupt(images[:4], 'gaussian_noise', 2, 0, str(blocked)), made
+  )
 
 
 def test_examples_are_class_stratified_seeded_and_a_smaller_number_is_a_subset():

@@ -28,7 +28,7 @@ from configs import smoke
 from resnet_flax import models
 from resnet_flax.compress import quantize
 from resnet_flax.data import DataError, augment
-from resnet_flax.explain import methods as explain
+from resnet_flax.explain import command, methods
 from resnet_flax.models import trained
 
 from helpers import run_main, tiny_run_info
@@ -109,7 +109,7 @@ def toy() -> trained.Restored:
 def explained(toy):
   """(explanation of NUM_EXPLAINED unseen toy images for their predicted classes, labels, corners, explainer)."""
   images, labels, corners = squares(NUM_EXPLAINED, seed=1)
-  explainer = explain.compile_explain(toy)
+  explainer = methods.compile_explain(toy)
   return explainer(images, np.full(NUM_EXPLAINED, -1, np.int32)), labels, corners, explainer
 
 
@@ -180,10 +180,10 @@ def test_last_stage_names_modules_that_exist():
     'densenet_bc100_k12': ('DenseBlock_2', 'final_norm'),
   }
   for name, stage in expected.items():
-    assert explain.last_stage(models.create_model(name, 10)) == stage
+    assert methods.last_stage(models.create_model(name, 10)) == stage
   for architecture in TINY_ARCHITECTURES.values():
     model = architecture(num_classes=3)
-    assert set(explain.last_stage(model)) <= set(models.init_variables(model, (8, 8, 3))['params'])
+    assert set(methods.last_stage(model)) <= set(models.init_variables(model, (8, 8, 3))['params'])
 
 
 # Grad-CAM.
@@ -213,7 +213,7 @@ def test_grad_cam_is_class_activation_mapping_behind_pooling_and_a_linear_classi
 def test_a_given_class_is_explained_instead_of_the_predicted_one(toy, explained):
   explanation, labels, corners, explainer = explained
   other = (labels + 1) % len(COLOURS)
-  against = explainer(explanation.pixels, other.astype(np.int32), steps=explain.IG_STEPS)
+  against = explainer(explanation.pixels, other.astype(np.int32), steps=methods.IG_STEPS)
   assert np.array_equal(against.classes, other)
   assert np.all(against.logits < explanation.logits)
   assert not np.allclose(against.grad_cam, explanation.grad_cam)
@@ -223,8 +223,8 @@ def test_a_given_class_is_explained_instead_of_the_predicted_one(toy, explained)
 
 
 def test_quadrature_weights_sum_to_one_and_integrate_polynomials_of_degree_2n_minus_1_exactly():
-  for steps in (1, 8, explain.IG_STEPS):
-    alphas, weights = explain.quadrature(steps)
+  for steps in (1, 8, methods.IG_STEPS):
+    alphas, weights = methods.quadrature(steps)
     assert np.all((alphas > 0) & (alphas < 1))
     assert np.isclose(weights.sum(), 1.0)  # A mean of the path's gradients, not their sum.
     degree = 2 * steps - 1
@@ -237,14 +237,14 @@ def test_integrated_gradients_of_a_quadratic_are_exact_and_complete():
   logits_fn = lambda x: jnp.stack([jnp.sum(w[0] * x**2, axis=(1, 2, 3)), jnp.sum(w[1] * x**2, axis=(1, 2, 3))], -1)
   images = jax.random.uniform(jax.random.key(1), (3, 4, 4, 3))
   targets = jnp.array([0, 1, 1])
-  gradients_fn = functools.partial(explain.path_gradients, logits_fn, baseline=0.25)
-  attributions = explain.integrated_gradients(gradients_fn, images, targets, steps=2, baseline=0.25)
+  gradients_fn = functools.partial(methods.path_gradients, logits_fn, baseline=0.25)
+  attributions = methods.integrated_gradients(gradients_fn, images, targets, steps=2, baseline=0.25)
   np.testing.assert_allclose(attributions, w[targets] * (images**2 - 0.25**2), rtol=1e-5, atol=1e-6)
 
 
 def test_completeness_error_is_within_one_percent_at_the_default_steps(explained):
   explanation = explained[0]
-  assert np.all(explanation.steps == explain.IG_STEPS)  # None needed more.
+  assert np.all(explanation.steps == methods.IG_STEPS)  # None needed more.
   assert explanation.attributions.shape == (NUM_EXPLAINED, SIZE, SIZE, 3)
   assert explanation.integrated_gradients.shape == (NUM_EXPLAINED, SIZE, SIZE)
   assert np.all(np.abs(explanation.logits - explanation.baseline_logits) > 1)  # The error is relative to it.
@@ -254,18 +254,18 @@ def test_completeness_error_is_within_one_percent_at_the_default_steps(explained
 def test_steps_double_for_the_images_short_of_the_tolerance_up_to_the_maximum(explained, monkeypatch):
   explanation, _, _, explainer = explained
   coarse = explainer(explanation.pixels, explanation.classes, steps=2)
-  assert np.all(coarse.steps == 2) and np.any(coarse.completeness_error > explain.IG_TOLERANCE)
-  monkeypatch.setattr(explain, 'IG_STEPS', 2)
-  monkeypatch.setattr(explain, 'IG_MAX_STEPS', 32)
+  assert np.all(coarse.steps == 2) and np.any(coarse.completeness_error > methods.IG_TOLERANCE)
+  monkeypatch.setattr(methods, 'IG_STEPS', 2)
+  monkeypatch.setattr(methods, 'IG_MAX_STEPS', 32)
   refined = explainer(explanation.pixels, explanation.classes)
-  np.testing.assert_array_equal(refined.steps == 2, coarse.completeness_error <= explain.IG_TOLERANCE)
+  np.testing.assert_array_equal(refined.steps == 2, coarse.completeness_error <= methods.IG_TOLERANCE)
   assert set(refined.steps) <= {2, 4, 8, 16, 32}
-  assert np.all((refined.completeness_error <= explain.IG_TOLERANCE) | (refined.steps == 32))
+  assert np.all((refined.completeness_error <= methods.IG_TOLERANCE) | (refined.steps == 32))
 
 
 def test_completeness_error_is_the_relative_gap_of_sum_and_logit_difference(explained):
   explanation = explained[0]
-  doubled = explain.Explanation(**{**vars(explanation), 'attributions': 2 * explanation.attributions})
+  doubled = methods.Explanation(**{**vars(explanation), 'attributions': 2 * explanation.attributions})
   expected = np.abs(
     2 * explanation.attributions.sum(axis=(1, 2, 3)) / (explanation.logits - explanation.baseline_logits) - 1
   )
@@ -277,32 +277,32 @@ def test_completeness_error_is_the_relative_gap_of_sum_and_logit_difference(expl
 
 def test_randomization_check_changes_the_maps_and_would_see_them_unchanged(explained):
   explanation, _, _, explainer = explained
-  check = explain.randomization_check(explainer, explanation, seed=1)
+  check = methods.randomization_check(explainer, explanation, seed=1)
   assert check['reinitialized'] == [models.HEAD, 'ResNetBlock_2']
   assert check['grad_cam_rank_correlation'] < 0.9 and check['integrated_gradients_rank_correlation'] < 0.9, check
   assert len(check['per_image_grad_cam']) == NUM_EXPLAINED
-  unchanged = explain.randomized_variables(explainer.restored, jax.random.key(1), names=())
-  same = explainer(explanation.pixels, explanation.classes, explain.IG_STEPS, variables=unchanged)
-  np.testing.assert_allclose(explain.rank_correlations(explanation.grad_cam, same.grad_cam), 1.0)
+  unchanged = methods.randomized_variables(explainer.restored, jax.random.key(1), names=())
+  same = explainer(explanation.pixels, explanation.classes, methods.IG_STEPS, variables=unchanged)
+  np.testing.assert_allclose(methods.rank_correlations(explanation.grad_cam, same.grad_cam), 1.0)
 
 
 @pytest.mark.slow
 def test_on_natural_images_the_maps_pass_the_randomization_check_and_completeness(cifar):
   """Adebayo et al.'s check with the threshold of issue 14 (< 0.5), for three random re-initialisations."""
   restored, images, labels = cifar
-  explainer = explain.compile_explain(restored)
+  explainer = methods.compile_explain(restored)
   explanation = explainer(images, np.full(len(images), -1, np.int32))
   assert np.mean(explanation.predicted == labels) > 0.3  # Trained (0.41): chance is 0.1.
   # The relative error is ill-conditioned where F(x) - F(x') is near 0 (one image here: -0.07, 1.9% at the cap).
-  within = explanation.completeness_error <= explain.IG_TOLERANCE
-  assert np.all(within | (explanation.steps == explain.IG_MAX_STEPS)) and within.mean() >= 0.9
+  within = explanation.completeness_error <= methods.IG_TOLERANCE
+  assert np.all(within | (explanation.steps == methods.IG_MAX_STEPS)) and within.mean() >= 0.9
   for seed in (1, 2, 3):
-    check = explain.randomization_check(explainer, explanation, seed)
+    check = methods.randomization_check(explainer, explanation, seed)
     assert check['grad_cam_rank_correlation'] < 0.5, check
 
 
 def test_randomized_variables_replace_exactly_the_named_modules(toy):
-  randomized = explain.randomized_variables(toy, jax.random.key(1), (models.HEAD, 'ResNetBlock_2'))
+  randomized = methods.randomized_variables(toy, jax.random.key(1), (models.HEAD, 'ResNetBlock_2'))
   for collection, tree in toy.variables.items():
     for name, module in tree.items():
       same = all(jax.tree.leaves(jax.tree.map(np.array_equal, module, randomized[collection][name])))
@@ -314,28 +314,28 @@ def test_randomized_variables_replace_exactly_the_named_modules(toy):
 
 def test_class_indices_take_nothing_one_class_or_one_per_image_by_index_or_name():
   names = ('red', 'green', 'blue')
-  assert explain.class_indices(None, names, 2).tolist() == [-1, -1]
-  assert explain.class_indices('blue', names, 2).tolist() == [2, 2]
-  assert explain.class_indices([1, 'red'], names, 2).tolist() == [1, 0]
+  assert methods.class_indices(None, names, 2).tolist() == [-1, -1]
+  assert methods.class_indices('blue', names, 2).tolist() == [2, 2]
+  assert methods.class_indices([1, 'red'], names, 2).tolist() == [1, 0]
   for bad in ('violet', 3, [0]):
     with pytest.raises(ValueError):
-      explain.class_indices(bad, names, 2)
+      methods.class_indices(bad, names, 2)
 
 
 def test_test_images_are_half_correct_half_misclassified_where_the_class_has_them():
   labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
   predictions = np.array([0, 1, 0, 2, 1, 1, 1, 0, 1, 0])  # Class 1 is never wrong, class 2 never right.
-  indices, short = explain.choose_test_images(labels, predictions, per_class=2)
+  indices, short = command.choose_test_images(labels, predictions, per_class=2)
   assert indices.tolist() == [0, 1, 4, 5, 7, 8]
   assert short == {1: 0}
-  indices, short = explain.choose_test_images(labels, predictions, per_class=3)
+  indices, short = command.choose_test_images(labels, predictions, per_class=3)
   assert indices.tolist() == [0, 2, 1, 4, 5, 6, 7, 8, 9] and short == {1: 0}
 
 
 def test_a_model_served_in_int8_is_refused(toy):
   int8 = trained.Restored(toy.run, toy.model, toy.variables, toy.step, quantize.Recipe('ptq'))
   with pytest.raises(resnet_flax.errors.ConfigError, match='float model'):
-    explain.compile_explain(int8)
+    methods.compile_explain(int8)
 
 
 # End to end.
@@ -350,9 +350,9 @@ def smoke_copy(straight_run, tmp_path_factory):
 
 
 def read_outputs(workdir):
-  directory = workdir / explain.OUTPUT_DIR
-  assert (directory / explain.GRID_FILE).read_bytes().startswith(PNG_MAGIC)
-  return json.loads((directory / explain.JSON_FILE).read_text())
+  directory = workdir / command.OUTPUT_DIR
+  assert (directory / command.GRID_FILE).read_bytes().startswith(PNG_MAGIC)
+  return json.loads((directory / command.JSON_FILE).read_text())
 
 
 @pytest.mark.slow
@@ -369,10 +369,10 @@ def test_mode_explain_explains_test_images_per_class(smoke_copy):
     assert record['explained_class'] == record['predicted_class'] and 0 < record['probability'] <= 1
     assert record['completeness_error'] <= 0.01
   assert sorted({r['true_class'] for r in records}) == sorted(r['true_class'] for r in records[::2])
-  assert results['integrated_gradients']['steps'].startswith(f'{explain.IG_STEPS}, doubled')  # Adaptive.
+  assert results['integrated_gradients']['steps'].startswith(f'{methods.IG_STEPS}, doubled')  # Adaptive.
   assert {r['integrated_gradients_steps'] for r in records} <= {64, 128, 256, 512, 1024}
   assert results['sanity_check']['reinitialized'] == [models.HEAD, 'ResNetBlock_2']
-  with Image.open(smoke_copy / explain.OUTPUT_DIR / explain.GRID_FILE) as grid:
+  with Image.open(smoke_copy / command.OUTPUT_DIR / command.GRID_FILE) as grid:
     assert grid.height > grid.width  # One row per image.
 
 

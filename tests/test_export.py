@@ -19,7 +19,7 @@ import pytest
 import resnet_flax
 from configs import smoke
 from resnet_flax import models
-from resnet_flax.deploy import api, export
+from resnet_flax.deploy import api, export, formats
 from resnet_flax.errors import ConfigError, UserError
 from resnet_flax.evaluate import inference
 from resnet_flax.models import trained
@@ -42,13 +42,13 @@ def exported(straight_run, tmp_path_factory):
 
 
 def artifact_path(workdir, name: str) -> str:
-  return os.path.join(workdir, export.EXPORT_DIR, export.FORMATS[name].path)
+  return os.path.join(workdir, export.EXPORT_DIR, formats.FORMATS[name].path)
 
 
-@pytest.mark.parametrize('name', list(export.FORMATS))
+@pytest.mark.parametrize('name', list(formats.FORMATS))
 def test_each_format_gives_the_jax_models_probabilities_at_two_batch_sizes(exported, name):
   workdir, _, model, images = exported
-  predict = export.load_artifact(name, artifact_path(workdir, name))
+  predict = formats.load_artifact(name, artifact_path(workdir, name))
   tolerance = 0.02 if name == 'tflite_int8' else 1e-5
   for batch in (images[:1], images[1:6], images[:1]):  # Back to one image: the interpreter resizes again.
     probabilities, expected = predict(batch), model.predict(batch)
@@ -99,9 +99,9 @@ def test_the_model_card(exported):
   assert card['command'] == 'the command' and card['int8_calibration'] == {'split': 'train', 'num_images': 500}
   assert {'jax', 'flax', 'tf2onnx', 'onnxruntime', 'ai-edge-litert'} <= set(card['versions'])
   assert card['test']['num_examples'] == len(images) == 200
-  assert list(card['artifacts']) == list(export.FORMATS)
+  assert list(card['artifacts']) == list(formats.FORMATS)
   for name, artifact in card['artifacts'].items():
-    assert artifact['bytes'] == export.artifact_bytes(artifact_path(workdir, name)) > 0
+    assert artifact['bytes'] == formats.artifact_bytes(artifact_path(workdir, name)) > 0
     assert 0.9 <= artifact['test_accuracy'] <= 1  # The smoke run learns its synthetic classes.
     assert abs(artifact['test_accuracy'] - card['test']['jax_accuracy']) <= 0.01, name
   for name in FLOAT_FORMATS:
@@ -156,9 +156,9 @@ def test_a_graph_that_fixes_batch_one_is_converted_with_a_symbolic_batch(tmp_pat
   images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), np.uint8)
   for name in ('tflite', 'onnx'):
     with caplog.at_level(logging.WARNING):
-      export.export_artifact(model, name, str(tmp_path / name))
+      formats.export_artifact(model, name, str(tmp_path / name))
     np.testing.assert_allclose(
-      export.load_artifact(name, str(tmp_path / name))(images), model.predict(images), atol=1e-5
+      formats.load_artifact(name, str(tmp_path / name))(images), model.predict(images), atol=1e-5
     )
   assert 'converting with a symbolic batch instead' in caplog.text
 
@@ -171,7 +171,7 @@ def test_the_command_exports_every_format(straight_run, tmp_path):
   assert returncode == 0, output
   with open(workdir / export.EXPORT_DIR / export.MODEL_CARD) as f:
     card = json.load(f)
-  assert list(card['artifacts']) == list(export.FORMATS) and card['test']['num_examples'] == 50
+  assert list(card['artifacts']) == list(formats.FORMATS) and card['test']['num_examples'] == 50
   assert card['command'].startswith('python main.py --workdir=') and '--mode=export' in card['command']
 
 
@@ -180,7 +180,7 @@ def test_exporting_leaves_the_processes_log_level_as_it_was(exported, tmp_path):
   trains (the Python API, these tests) would log no INFO line after it."""
   absl_logger = logging.getLogger('absl')
   absl_logger.setLevel(logging.INFO)
-  export.export_artifact(exported[2], 'saved_model', str(tmp_path / 'saved_model'))
+  formats.export_artifact(exported[2], 'saved_model', str(tmp_path / 'saved_model'))
   assert absl_logger.level == logging.INFO
 
 

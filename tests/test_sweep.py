@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from configs import smoke
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import writers
-from resnet_flax.sweep import study as sweep
+from resnet_flax.sweep import records, search_space, workers
 
 from helpers import finished_steps, run_main, run_sweep
 
@@ -49,17 +49,17 @@ def space_file(tmp_path):
 def test_every_field_of_the_space_must_exist_and_fit_the_config():
   config = smoke.get_config()
   with pytest.raises(ConfigError, match=r"'optim.learning_rat'.*did you mean 'optim.learning_rate'"):
-    sweep.check_space({'optim.learning_rat': FloatDistribution(0.1, 1.0)}, config)
+    search_space.check_space({'optim.learning_rat': FloatDistribution(0.1, 1.0)}, config)
   with pytest.raises(ConfigError, match='model.name'):
-    sweep.check_space({'model.name': FloatDistribution(0.1, 1.0)}, config)
+    search_space.check_space({'model.name': FloatDistribution(0.1, 1.0)}, config)
   with pytest.raises(ConfigError, match='optim.label_smoothing=1.5'):
-    sweep.check_space({'optim.label_smoothing': FloatDistribution(0.0, 1.5)}, config)
-  sweep.check_space({'optim.learning_rate': FloatDistribution(0.01, 1.0, log=True)}, config)
+    search_space.check_space({'optim.label_smoothing': FloatDistribution(0.0, 1.5)}, config)
+  search_space.check_space({'optim.learning_rate': FloatDistribution(0.01, 1.0, log=True)}, config)
 
 
 def test_trial_configs_leave_the_base_config_as_it_is():
   config = smoke.get_config()
-  trial = sweep.with_params(config, {'optim.learning_rate': 0.3, 'model.name': 'resnet18_half'})
+  trial = search_space.with_params(config, {'optim.learning_rate': 0.3, 'model.name': 'resnet18_half'})
   assert (trial.optim.learning_rate, trial.model.name) == (0.3, 'resnet18_half')
   assert (config.optim.learning_rate, config.model.name) == (0.05, 'resnet_tiny')
 
@@ -70,12 +70,12 @@ def test_the_grid_walks_choices_and_steps_and_refuses_continuous_ranges():
     'batch_size': IntDistribution(32, 64, step=32),
     'model.name': CategoricalDistribution(['resnet_tiny', 'resnet18_half']),
   }
-  values = sweep.grid(space)
+  values = search_space.grid(space)
   assert values['optim.label_smoothing'] == pytest.approx([0.0, 0.1, 0.2])
   assert values['batch_size'] == [32, 64]
   assert values['model.name'] == ['resnet_tiny', 'resnet18_half']
   with pytest.raises(ConfigError, match='--sampler=grid.*optim.learning_rate'):
-    sweep.grid({'optim.learning_rate': FloatDistribution(0.01, 1.0, log=True)})
+    search_space.grid({'optim.learning_rate': FloatDistribution(0.01, 1.0, log=True)})
 
 
 @pytest.mark.parametrize('learning_rate, queued', [(0.05, True), (0.5, False)])
@@ -83,7 +83,7 @@ def test_the_baseline_trial_is_queued_only_inside_the_space(learning_rate, queue
   config = smoke.get_config()
   config.optim.learning_rate = learning_rate
   study = optuna.create_study(direction='maximize')
-  sweep.enqueue_baseline(study, {'optim.learning_rate': FloatDistribution(0.01, 0.1, log=True)}, config)
+  records.enqueue_baseline(study, {'optim.learning_rate': FloatDistribution(0.01, 0.1, log=True)}, config)
   trials = study.get_trials(states=(TrialState.WAITING,))
   assert [(t.system_attrs['fixed_params'], t.user_attrs) for t in trials] == (
     [({'optim.learning_rate': 0.05}, {'baseline': True})] if queued else []
@@ -96,7 +96,7 @@ def test_evaluations_are_read_back_as_the_trainer_wrote_them(tmp_path):
   writer.write_scalars(10, {'eval_accuracy': 0.1234567})
   writer.write_scalars(20, {'eval_accuracy': 0.5})
   writer.close()
-  assert sweep.evaluations(str(tmp_path)) == {10: pytest.approx(0.1234567, rel=1e-7), 20: 0.5}
+  assert workers.evaluations(str(tmp_path)) == {10: pytest.approx(0.1234567, rel=1e-7), 20: 0.5}
 
 
 def free_port() -> int:
@@ -139,7 +139,7 @@ def wait_for_a_checkpoint_of_trial_0(study_name: str, storage: str, workdir, tim
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     time.sleep(0.1)
-    if not (workdir / sweep.SWEEP_JSON).exists():  # Written once the study exists.
+    if not (workdir / records.SWEEP_JSON).exists():  # Written once the study exists.
       continue
     trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
     if trials and trials[0].state == TrialState.RUNNING and 'pid' in trials[0].user_attrs:
@@ -159,7 +159,7 @@ def check_the_retried_trial_resumed(study: optuna.Study, workdir):
   rows = [(int(row['step']), row['kind']) for row in writers.read_csv_rows(workdir / 'trial-0')]
   assert len(rows) == len(set(rows)) and rows[-1] == (TRIAL_STEPS, 'eval')  # Each step logged once.
   assert not (workdir / f'trial-{retried.number}').exists()
-  assert retried.value == sweep.best_validation_accuracy(str(workdir / 'trial-0'))
+  assert retried.value == workers.best_validation_accuracy(str(workdir / 'trial-0'))
 
 
 @pytest.mark.slow  # 100 s; the PostgreSQL twin below runs in CI.
@@ -179,7 +179,7 @@ def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint_with_sqlite(tmp_
   best_config = workdir / 'report' / 'best_config.py'
   returncode, output = run_main(tmp_path / 'rerun', f'--config={best_config}')
   assert returncode == 0, output
-  assert sweep.best_validation_accuracy(str(tmp_path / 'rerun')) == study.best_value
+  assert workers.best_validation_accuracy(str(tmp_path / 'rerun')) == study.best_value
 
 
 @pytest.mark.skipif(POSTGRES_URL is None, reason='RESNET_FLAX_TEST_POSTGRES_URL is not set (.ci/run starts a server)')

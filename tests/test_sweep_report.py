@@ -15,8 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from PIL import Image
 
 from resnet_flax.errors import UserError
-from resnet_flax.sweep import report as sweep_report
-from resnet_flax.sweep import study as sweep
+from resnet_flax.sweep import records, report
 
 from helpers import ROOT, SMOKE_ARGS
 
@@ -71,11 +70,11 @@ TRIALS = [
 ]
 
 
-def write_sweep(workdir, trials, storage=None) -> sweep.SweepInfo:
+def write_sweep(workdir, trials, storage=None) -> records.SweepInfo:
   """sweep.json and a SQLite study holding `trials`."""
   workdir.mkdir(parents=True, exist_ok=True)
   url = f'sqlite:///{workdir / "study.db"}'
-  info = sweep.SweepInfo(
+  info = records.SweepInfo(
     workdir=str(workdir),
     storage=storage or url,
     study_name='smoke-sweep',
@@ -106,13 +105,13 @@ def swept(straight_run, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('sweep')
   info = write_sweep(workdir, TRIALS, storage='postgresql://sweeper:s3cret@db.example:5432/sweeps')
   shutil.copytree(straight_run, workdir / 'trial-1', ignore=shutil.ignore_patterns('eval'))  # Only the report's.
-  trained = sweep.trial_config(info, TRIALS[1].params)  # What trial 1 trained with, as a sweep would have.
+  trained = records.trial_config(info, TRIALS[1].params)  # What trial 1 trained with, as a sweep would have.
   (workdir / 'trial-1' / 'config.json').write_text(trained.to_json_best_effort(indent=2))
   study = optuna.load_study(study_name=info.study_name, storage=f'sqlite:///{workdir / "study.db"}')
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sweep, 'open_study', lambda _: study)
-    report = sweep_report.write_report(str(workdir))
-  return info, report
+    patch.setattr(records, 'open_study', lambda _: study)
+    written = report.write_report(str(workdir))
+  return info, written
 
 
 def test_table_has_a_row_per_trial_with_its_outcome(swept):
@@ -156,7 +155,7 @@ def test_best_is_chosen_by_validation_and_only_then_tested(swept):
 def test_best_config_reproduces_the_trial_as_main_loads_it(swept):
   info, report = swept
   path = f'{info.workdir}/report/best_config.py'
-  assert load_like_main(path) == sweep.trial_config(info, report['best_trial']['params']).to_dict()
+  assert load_like_main(path) == records.trial_config(info, report['best_trial']['params']).to_dict()
   text = open(path).read()
   assignments = [line.strip() for line in text.splitlines() if line.strip().startswith('config.')]
   assert assignments == [
@@ -198,30 +197,30 @@ def test_importances_are_skipped_with_a_reason(tmp_path, trials, reason):
   study = optuna.create_study(direction='maximize')
   for trial in trials:
     study.add_trial(trial)
-  plots = sweep_report.write_plots(study, study.trials, str(tmp_path))
+  plots = report.write_plots(study, study.trials, str(tmp_path))
   assert plots['param_importances']['written'] is False and reason in plots['param_importances']['skipped_because']
   assert sorted(p.name for p in tmp_path.iterdir()) == ['optimization_history.png']
 
 
 def test_a_workdir_without_a_sweep_is_one_line(tmp_path):
   with pytest.raises(UserError, match='sweep.json does not exist') as error:
-    sweep_report.write_report(str(tmp_path))
+    report.write_report(str(tmp_path))
   assert '\n' not in str(error.value)
 
 
 def test_a_study_without_a_complete_trial_is_one_line_and_writes_nothing(tmp_path):
   write_sweep(tmp_path, [TRIALS[2], TRIALS[3], TRIALS[5]])
   with pytest.raises(UserError, match='no COMPLETE trial yet .0 PRUNED, 1 FAIL, 2 RUNNING.') as error:
-    sweep_report.write_report(str(tmp_path))
+    report.write_report(str(tmp_path))
   assert '\n' not in str(error.value) and not (tmp_path / 'report').exists()
 
 
 def test_a_config_file_changed_since_the_trial_trained_is_refused(tmp_path):
   info = write_sweep(tmp_path, [TRIALS[1]])
   trial = optuna.load_study(study_name=info.study_name, storage=f'sqlite:///{tmp_path / "study.db"}').trials[0]
-  trained = sweep.trial_config(info, {**trial.params, 'optim.learning_rate': 0.5})  # Not what the file gives now.
+  trained = records.trial_config(info, {**trial.params, 'optim.learning_rate': 0.5})  # Not what the file gives now.
   (tmp_path / 'trial-1').mkdir()
   (tmp_path / 'trial-1' / 'config.json').write_text(trained.to_json_best_effort())
   with pytest.raises(UserError, match='changed since trial 0 trained') as error:
-    sweep_report.write_best_config(info, trial, str(tmp_path / 'best_config.py'))
+    report.write_best_config(info, trial, str(tmp_path / 'best_config.py'))
   assert '\n' not in str(error.value) and not (tmp_path / 'best_config.py').exists()

@@ -6,36 +6,12 @@ TensorFlow except `tfds`, so training runs where TensorFlow is absent.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 import ml_collections
 import numpy as np
 
-from resnet_flax.errors import UserError
-
-
-class DataError(UserError, ValueError):
-  """A problem with the user's data or data config, told in one line with its fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageData:
-  """One split held in host memory."""
-
-  images: np.ndarray  # uint8 [N, H, W, C]
-  labels: np.ndarray  # int32 [N]
-  class_names: tuple[str, ...]
-
-  def __post_init__(self):
-    if self.images.dtype != np.uint8 or self.images.ndim != 4:
-      raise DataError(f'images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}')
-    if self.labels.shape != (len(self.images),):
-      raise DataError(f'{len(self.labels)} labels for {len(self.images)} images')
-
-  def __len__(self) -> int:
-    return len(self.images)
-
+from resnet_flax.data.dataset import DataError, ImageData
 
 SOURCES = {
   'synthetic': 'resnet_flax.data.synthetic',

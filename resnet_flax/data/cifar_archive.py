@@ -29,7 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from resnet_flax.data import DataError, ImageData
+from resnet_flax.data.dataset import DataError, ImageData
 
 IMAGE_BYTES = 32 * 32 * 3
 

@@ -41,7 +41,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from resnet_flax.data import DataError, ImageData, images
+from resnet_flax.data import images
+from resnet_flax.data.dataset import DataError, ImageData
 
 CACHE_FORMAT_VERSION = 2  # Bump when the cached arrays change meaning.
 VALIDATION_DIRS = ('val', 'validation')

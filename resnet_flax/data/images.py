@@ -25,7 +25,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-from resnet_flax.data import DataError
+from resnet_flax.data.dataset import DataError
 
 RESIZE_POLICIES = ('squash', 'shorter_side_then_center_crop')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax.data import ImageData
+from resnet_flax.data.dataset import ImageData
 from resnet_flax.run.workdir import steps_per_epoch
 
 Batch = dict[str, jax.Array]

@@ -6,7 +6,7 @@ Needs no files and no network; used by `configs/smoke.py`, tests and benchmarks.
 import ml_collections
 import numpy as np
 
-from resnet_flax.data import ImageData
+from resnet_flax.data.dataset import ImageData
 
 
 def _make_split(

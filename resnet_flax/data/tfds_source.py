@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from resnet_flax.data import DataError, ImageData
+from resnet_flax.data.dataset import DataError, ImageData
 from resnet_flax.data.images import Size, load_image
 
 REQUIRED_SPLITS = ('train', 'test')

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -29,15 +28,13 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
-from resnet_flax.compress import quantize
+from resnet_flax.compress import quantize as quantization  # `load` takes an argument named quantize.
 from resnet_flax.data import DataError, ImageData, augment, folder, images
 from resnet_flax.evaluate import inference, metrics
+from resnet_flax.explain import methods
 from resnet_flax.models import trained
 from resnet_flax.run import distributed
 from resnet_flax.run.checkpoint import choose_step, open_checkpoints
-
-if TYPE_CHECKING:
-  from resnet_flax.explain import methods as explain
 
 MAX_BATCH = 256  # Inputs go through in batches of a power of two up to this: few shapes, few compilations.
 
@@ -80,7 +77,7 @@ class Model:
   def parameter_bytes(self) -> int:
     """Bytes of the arrays the model serves with: weights (int8 and their scales where quantized),
     biases, BatchNorm parameters and statistics."""
-    return quantize.served_bytes(self.restored.variables)
+    return quantization.served_bytes(self.restored.variables)
 
   def pixels(self, inputs: ImageInput | Sequence[ImageInput]) -> np.ndarray:
     """uint8 [N, H, W, 3]: `inputs` as the model sees them, before normalisation."""
@@ -109,17 +106,15 @@ class Model:
     classes: int | str | Sequence[int | str] | None = None,
     steps: int | None = None,
     baseline: float = 0.0,
-  ) -> explain.Explanation:
+  ) -> methods.Explanation:
     """Grad-CAM and integrated gradients of each image for `classes`: None (each image's predicted class),
     one class index or name for all, or one per image. Integrated gradients start from a uniform image
     of `baseline` in [0, 1] (0: black) and take `steps` nodes (None: as many as a 1% completeness error
-    needs, see `explain.Explainer`). Returns an `explain.Explanation`."""
-    from resnet_flax import explain  # Imported on use: it imports this module and scipy, matplotlib.
-
+    needs, see `methods.Explainer`). Returns a `methods.Explanation`."""
     pixels = self.pixels(inputs)
     if 'explain' not in self._compiled:
-      self._compiled['explain'] = explain.compile_explain(self.restored)
-    indices = explain.class_indices(classes, self.class_names, len(pixels))
+      self._compiled['explain'] = methods.compile_explain(self.restored)
+    indices = methods.class_indices(classes, self.class_names, len(pixels))
     return self._compiled['explain'](pixels, indices, steps, baseline)
 
   def _load(self, item: ImageInput) -> np.ndarray:
@@ -170,4 +165,4 @@ def load(
     run = trained.load_trained_run(workdir, config)
     step = choose_step(manager, str(checkpoint), run.info)
     mesh = distributed.create_mesh()
-    return Model(quantize.serve(trained.restore(manager, run, step, mesh), quantize_config), mesh)
+    return Model(quantization.serve(trained.restore(manager, run, step, mesh), quantize_config), mesh)

@@ -358,12 +358,3 @@ def count_params(params) -> int:
 def preset_param_count(name: str, num_classes: int = 10, image_shape: Sequence[int] = (32, 32, 3)) -> int:
   variables = init_variables(create_model(name, num_classes), image_shape)
   return count_params(variables['params'])
-
-
-def main() -> None:
-  for name in PRESETS:
-    print(f'{name:24s} {preset_param_count(name):>12,}')
-
-
-if __name__ == '__main__':
-  main()

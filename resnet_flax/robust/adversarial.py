@@ -42,7 +42,7 @@ from absl import logging
 
 from resnet_flax.data import ImageData
 from resnet_flax.errors import ConfigError
-from resnet_flax.robust import attacks
+from resnet_flax.robust import attack_steps, attacks
 
 METHODS = ('none', 'fgsm_rs', 'pgd', 'trades')
 FGSM_RS_STEP = 1.25  # x epsilon: Wong et al.'s step from the random start.
@@ -74,7 +74,7 @@ def step_size(adversarial: ml_collections.ConfigDict) -> float:
     return adversarial.step_size
   if adversarial.method == 'fgsm_rs':
     return FGSM_RS_STEP * adversarial.epsilon
-  return attacks.PGD_STEP * adversarial.epsilon / adversarial.steps
+  return attack_steps.PGD_STEP * adversarial.epsilon / adversarial.steps
 
 
 def num_steps(adversarial: ml_collections.ConfigDict) -> int:
@@ -107,7 +107,7 @@ def perturb(
     loss_fn = lambda logits: kl_from_clean(clean_logits, logits)
   else:
     loss_fn = lambda logits: optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-  pixels = attacks.pgd_perturb(
+  pixels = attack_steps.pgd_perturb(
     pixel_logits,
     pixels,
     loss_fn,

@@ -37,7 +37,7 @@ from optuna.visualization import matplotlib as optuna_plots
 from resnet_flax import evaluate
 from resnet_flax.errors import ConfigError
 from resnet_flax.run.workdir import CONFIG_FILE
-from resnet_flax.sweep import study as sweep
+from resnet_flax.sweep import records
 
 REPORT_DIR = 'report'
 TEST_NOTE = 'reported, never used to choose: validation accuracy chose the trial'
@@ -45,8 +45,8 @@ TEST_NOTE = 'reported, never used to choose: validation accuracy chose the trial
 
 def write_report(workdir: str) -> dict[str, Any]:
   """Writes `<workdir>/report/` (module docstring) for the sweep in `workdir`; returns what report.json holds."""
-  info = sweep.load_info(workdir)
-  study = sweep.open_study(info)
+  info = records.load_info(workdir)
+  study = records.open_study(info)
   trials = study.get_trials(deepcopy=False)
   best = best_trial(study, trials)
   directory = os.path.join(info.workdir, REPORT_DIR)
@@ -55,12 +55,12 @@ def write_report(workdir: str) -> dict[str, Any]:
   logging.info('Trials of sweep %s:\n%s', info.study_name, table)
   best_config = write_best_config(info, best, os.path.join(directory, 'best_config.py'))
   plots = write_plots(study, trials, directory)
-  config = sweep.trial_config(info, best.params)
+  config = records.trial_config(info, best.params)
   config.eval.checkpoint = 'best'  # The checkpoint whose validation accuracy is the trial's value.
-  test = evaluate.evaluate_checkpoint(config, sweep.trial_workdir(info, best))
+  test = evaluate.evaluate_checkpoint(config, records.trial_workdir(info, best))
   report = {
     'study_name': info.study_name,
-    'storage': sweep.masked(info.storage),  # Without its password.
+    'storage': records.masked(info.storage),  # Without its password.
     'trials': {state.name: sum(t.state == state for t in trials) for state in optuna.trial.TrialState},
     'best_trial': {
       'number': best.number,
@@ -68,7 +68,7 @@ def write_report(workdir: str) -> dict[str, Any]:
       'validation_accuracy': best.value,
       'test_accuracy': test['accuracy'],
       'test_accuracy_note': TEST_NOTE,
-      'workdir': sweep.trial_workdir(info, best),
+      'workdir': records.trial_workdir(info, best),
     },
     'baseline': baseline_summary(trials, best),
     'param_importances': plots['param_importances'],
@@ -176,16 +176,16 @@ def baseline_summary(trials: list[optuna.trial.FrozenTrial], best: optuna.trial.
   }
 
 
-def write_best_config(info: sweep.SweepInfo, trial: optuna.trial.FrozenTrial, path: str) -> str:
+def write_best_config(info: records.SweepInfo, trial: optuna.trial.FrozenTrial, path: str) -> str:
   """best_config.py (module docstring), checked by loading it back, after checking that the sweep's
   config file still gives the config the trial trained with (its workdir's config.json)."""
-  config = sweep.trial_config(info, trial.params)
-  with open(os.path.join(sweep.trial_workdir(info, trial), CONFIG_FILE)) as f:
+  config = records.trial_config(info, trial.params)
+  with open(os.path.join(records.trial_workdir(info, trial), CONFIG_FILE)) as f:
     trained = json.load(f)
   if json.loads(config.to_json_best_effort()) != trained:
     raise ConfigError(
       f'{info.config_file} (or a file it imports) changed since trial {trial.number} trained: its config.json in '
-      f'{sweep.trial_workdir(info, trial)} is what it trained with; restore the file to export best_config.py'
+      f'{records.trial_workdir(info, trial)} is what it trained with; restore the file to export best_config.py'
     )
   with open(path, 'w') as f:
     f.write(best_config_source(info, trial, config))
@@ -198,10 +198,10 @@ def write_best_config(info: sweep.SweepInfo, trial: optuna.trial.FrozenTrial, pa
 
 
 def best_config_source(
-  info: sweep.SweepInfo, trial: optuna.trial.FrozenTrial, config: ml_collections.ConfigDict
+  info: records.SweepInfo, trial: optuna.trial.FrozenTrial, config: ml_collections.ConfigDict
 ) -> str:
   file_values = runpy.run_path(info.config_file)['get_config']().to_dict()
-  base_values = sweep.base_config(info).to_dict()
+  base_values = records.base_config(info).to_dict()
   trial_fields = differences(base_values, config.to_dict())
   overrides = [(k, v) for k, v in differences(file_values, base_values) if k not in dict(trial_fields)]
   body = ["  config = runpy.run_path(SWEEP_CONFIG)['get_config']()"]

@@ -124,16 +124,7 @@ class TrainLoop:
       return {}
     progress = Progress(start_step, steps.total, config.batch_size)
     unlogged_metrics, eval_metrics = [], {}
-    ends_every = (config.log_every_steps, steps.eval_every, config.checkpoint_every_steps, steps.per_epoch)
-    lengths = input_pipeline.call_lengths(start_step, steps.total, config.steps_per_call, ends_every)
-    logging.info(
-      'Training steps %d..%d (%d per epoch) in %d calls of at most %d steps',
-      start_step + 1,
-      steps.total,
-      steps.per_epoch,
-      len(lengths),
-      config.steps_per_call,
-    )
+    lengths = self._call_lengths(start_step)
     with preemption.StopRequest() as stop:
       batches = self.pipeline.train_batches(start_step, lengths)
       step = start_step
@@ -175,6 +166,22 @@ class TrainLoop:
           )
           break
     return eval_metrics
+
+  def _call_lengths(self, start_step: int) -> list[int]:
+    """Steps per compiled call from `start_step` to the end: calls end at log, evaluation, checkpoint and
+    epoch boundaries."""
+    config, steps = self.config, self.steps
+    ends_every = (config.log_every_steps, steps.eval_every, config.checkpoint_every_steps, steps.per_epoch)
+    lengths = input_pipeline.call_lengths(start_step, steps.total, config.steps_per_call, ends_every)
+    logging.info(
+      'Training steps %d..%d (%d per epoch) in %d calls of at most %d steps',
+      start_step + 1,
+      steps.total,
+      steps.per_epoch,
+      len(lengths),
+      config.steps_per_call,
+    )
+    return lengths
 
   def _log_train_metrics(self, state: TrainState, step: int, call_metrics: list, progress: Progress):
     self._check_finite(state)

@@ -45,7 +45,7 @@ import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -198,31 +198,7 @@ def run_lr_find(
   config_checks.validate(config)
   check_settings(config, num_steps, min_lr, max_lr)
   check_writable(workdir)
-  train_split = data.load_splits(config.data)['train']  # With validation_size, training's train split.
-  num_classes = len(train_split.class_names)
-  model = quantize.training_model(models.create_model_from_config(config, num_classes), config.quantize)
-  mean, std = augment.channel_stats(train_split.images)
-  variables = trainer.initial_variables(config, model, train_split, mean, std)
-  learning_rate_fn = exponential_schedule(min_lr, max_lr, num_steps)
-  mesh = distributed.create_mesh()
-  state = create_train_state(model, variables, optim.create_optimizer(config.optim, learning_rate_fn))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  pipeline = input_pipeline.create_pipeline(
-    config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
-  )
-  class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
-  train_fn, _ = jit_steps(
-    config,
-    mesh,
-    learning_rate_fn,
-    mean,
-    std,
-    num_classes,
-    pipeline.steps_per_epoch,
-    class_weights,
-    distill.load_teacher(config, train_split),
-    stack_fn=find_stack,
-  )
+  train_fn, state, pipeline = compile_finder(config, exponential_schedule(min_lr, max_lr, num_steps))
   lengths = input_pipeline.call_lengths(0, num_steps, config.steps_per_call, (pipeline.steps_per_epoch,))
   beta = smoothing_factor(num_steps, min_lr, max_lr)
   logging.info(
@@ -245,6 +221,38 @@ def run_lr_find(
   if jax.process_index() == 0:
     write_outputs(result, os.path.join(workdir, OUTPUT_DIR))
   return result
+
+
+def compile_finder(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> tuple[Callable, TrainState, input_pipeline.InputPipeline]:
+  """Training's own set-up with `learning_rate_fn`: the compiled `find_stack` step, the fresh initial state
+  (replicated) and the input pipeline."""
+  train_split = data.load_splits(config.data)['train']  # With validation_size, training's train split.
+  num_classes = len(train_split.class_names)
+  model = quantize.training_model(models.create_model_from_config(config, num_classes), config.quantize)
+  mean, std = augment.channel_stats(train_split.images)
+  variables = trainer.initial_variables(config, model, train_split, mean, std)
+  mesh = distributed.create_mesh()
+  state = create_train_state(model, variables, optim.create_optimizer(config.optim, learning_rate_fn))
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  pipeline = input_pipeline.create_pipeline(
+    config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
+  )
+  class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
+  train_fn, _ = jit_steps(
+    config,
+    mesh,
+    learning_rate_fn,
+    mean,
+    std,
+    num_classes,
+    pipeline.steps_per_epoch,
+    class_weights,
+    distill.load_teacher(config, train_split),
+    stack_fn=find_stack,
+  )
+  return train_fn, state, pipeline
 
 
 def summarize(
