@@ -82,36 +82,36 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.checkpoint = 'best'  # evaluate|predict: best (by validation accuracy; else the last) | latest | a step.
   config.eval.tta = 'none'  # Test-time augmentation: none | flip (2 views) | flip+translate (6 views).
-  config.eval.attacks = ()  # evaluate: attacks (resnet_flax/attacks.py), e.g. "('pgd20', 'apgd_ce', 'apgd_dlr')".
+  config.eval.attacks = ()  # evaluate: attacks (robust/attacks.py), e.g. "('pgd20', 'apgd_ce', 'apgd_dlr')".
   config.eval.epsilon = 8 / 255  # Attacks: radius, pixels in [0, 1] (tables: L-inf 8/255, L2 0.5); 8/255 allowed.
   config.eval.attack_norm = 'linf'  # Attacks: linf | l2.
   config.eval.attack_examples = 1000  # Attacks: test images attacked (a seeded subset, the same every run); 0 = all.
   config.eval.epsilon_curve = (0.25, 0.5, 2.0)  # Attacks: more radii (x epsilon) for the plot; each is one more attack.
-  config.eval.corruptions = ''  # evaluate: CIFAR-10-C corruptions (resnet_flax/corruptions.py): '' | all | 'fog,snow'.
+  config.eval.corruptions = ''  # evaluate: CIFAR-10-C corruptions (robust/corruptions.py): '' | all | 'fog,snow'.
   config.eval.corruption_examples = 1000  # Corruptions: test images scored (class-stratified by the seed); 0 = all.
   config.eval.corruption_seed = 0  # Corruptions: chooses the images and draws the corruptions (not config.seed).
   config.eval.corruption_baseline = ''  # Corruptions: a workdir evaluated with them before; CE and mCE relative to it.
   config.eval.corruption_cache_dir = '~/.cache/resnet_flax/corruptions'  # Corruptions: generated sets; '' = no cache.
 
-  config.distill = ml_collections.ConfigDict()  # Knowledge distillation (resnet_flax/distill.py).
+  config.distill = ml_collections.ConfigDict()  # Knowledge distillation (resnet_flax/train/distill.py).
   config.distill.teacher = ''  # Distil from this run (its workdir or a checkpoint directory); '' = off.
   config.distill.teacher_checkpoint = 'best'  # teacher a workdir: best (as eval.checkpoint chooses) | latest | a step.
   config.distill.alpha = 0.9  # Loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.
   config.distill.temperature = 4.0  # T, softening both softmaxes (CRD's KD baseline: alpha 0.9, T 4).
 
-  config.prune = ml_collections.ConfigDict()  # Gradual magnitude pruning (resnet_flax/prune.py).
+  config.prune = ml_collections.ConfigDict()  # Gradual magnitude pruning (resnet_flax/compress/prune.py).
   config.prune.sparsity = 0.0  # Fraction of each pruned kernel's weights set to 0 by the end; 0 = off.
   config.prune.start_fraction = 0.0  # Pruning starts this far into the run (a fraction of its steps) ...
   config.prune.end_fraction = 0.75  # ... and reaches prune.sparsity here, on Zhu & Gupta's cubic ramp.
   config.prune.every_steps = 10  # Recompute the masks from the weight magnitudes this often while pruning.
   config.prune.scope = 'hidden'  # hidden (kernels but stem, classifier) | hidden+stem | hidden+classifier | all.
 
-  config.quantize = ml_collections.ConfigDict()  # int8 weights and activations with qwix (resnet_flax/quantize.py).
+  config.quantize = ml_collections.ConfigDict()  # int8 weights and activations with qwix (compress/quantize.py).
   config.quantize.mode = 'none'  # none | ptq (evaluate/predict a float run in int8) | qat (train through int8).
   config.quantize.stem = True  # Quantize the stem convolution too; False keeps it float (a whitening stem always is).
   config.quantize.classifier = True  # Quantize the classifier too; False keeps it float.
 
-  config.adversarial = ml_collections.ConfigDict()  # Adversarial training, L-inf (resnet_flax/adversarial.py).
+  config.adversarial = ml_collections.ConfigDict()  # Adversarial training, L-inf (resnet_flax/robust/adversarial.py).
   config.adversarial.method = 'none'  # none | fgsm_rs (Wong et al. 2020) | pgd (Madry et al. 2018) | trades (Zhang).
   config.adversarial.epsilon = 8 / 255  # Radius, pixels in [0, 1]; 8/255 is accepted on the command line.
   config.adversarial.step_size = 0.0  # 0: the method's own (fgsm_rs 1.25 epsilon; pgd, trades 2.5 epsilon / steps).

@@ -111,7 +111,7 @@ class TrainLoop:
   ranks_from: int = 0  # Earlier evaluations neither rank checkpoints nor stop early (pruning: its target step).
   guard: Any = None  # adversarial.Guard: stops adversarial training at catastrophic overfitting.
   # Called with (step, metrics) after each evaluation's checkpoint is saved; what it raises ends training
-  # (a sweep's pruner: resnet_flax/sweep.py).
+  # (a sweep's pruner: resnet_flax/sweep/workers.py).
   on_evaluation: Callable[[int, dict[str, float]], None] | None = None
 
   def run(self, state: TrainState, start_step: int) -> dict[str, float]:
