@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from resnet_flax import config_fields as rules
 from resnet_flax import models
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import layers
@@ -241,3 +242,57 @@ def class_weight_vector(spec: str, labels: np.ndarray, class_names: Sequence[str
       f'name only its classes: {", ".join(class_names)}'
     )
   return np.array([weights.get(name, 1.0) for name in class_names], np.float32)
+
+
+def _class_weights(v) -> str | None:
+  try:
+    parse_class_weights(v)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
+CONFIG_RULES: dict[str, rules.Rule] = {
+  'optim.name': rules.choice(OPTIMIZERS),
+  'optim.learning_rate': rules.non_negative,
+  'optim.momentum': rules.fraction,
+  'optim.weight_decay': rules.non_negative,
+  'optim.warmup_epochs': rules.non_negative,
+  'optim.label_smoothing': rules.fraction,
+  'optim.class_weights': _class_weights,
+  'optim.schedule': rules.choice(SCHEDULES),
+  'optim.step_gamma': rules.positive,
+  'optim.sam_rho': rules.non_negative,
+  'optim.b1': rules.fraction,
+  'optim.b2': rules.fraction,
+  'ema_decay': rules.fraction,
+  'optim.bn_bias_lr_multiplier': rules.positive,
+  'optim.freeze': rules.choice(FREEZE),
+}
+
+# What a linear probe (optim.freeze='backbone': the model runs in inference mode and only the
+# classifier trains) would silently ignore, at the value that does nothing.
+IGNORED_BY_FROZEN_BACKBONE = {
+  'model.dropout_rate': 0.0,
+  'model.block_dropout_rate': 0.0,
+  'model.drop_path_rate': 0.0,
+  'optim.bn_bias_lr_multiplier': 1.0,
+}
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Options that the chosen optimizer, or a frozen backbone, would silently ignore are refused."""
+  for name in ignored_options(config.optim):
+    users = [key for key, entry in OPTIMIZERS.items() if name in entry.options]
+    raise ConfigError(
+      f'--config.optim.{name}={config.optim[name]!r} does not apply to optim.name={config.optim.name!r} '
+      f'(only to {", ".join(users)}); leave it at {OPTION_DEFAULTS[name]!r} or choose one of those optimizers'
+    )
+  if config.optim.freeze != 'backbone':
+    return
+  for field, inert in IGNORED_BY_FROZEN_BACKBONE.items():
+    if rules.get(config, field) != inert:
+      raise ConfigError(
+        f'--config.{field}={rules.get(config, field)!r} does nothing with optim.freeze=backbone (the model runs '
+        f'in inference mode and only the classifier trains); leave it at {inert!r} or use optim.freeze=none'
+      )

@@ -27,7 +27,7 @@ LAYERS = (
   ('resnet_flax.optim',),
   ('resnet_flax.models',),  # With `models.trained`: a run rebuilt from its workdir.
   ('resnet_flax.data',),
-  ('resnet_flax.run', 'resnet_flax.errors'),  # The run contract: workdir, checkpoints, writers; errors.
+  ('resnet_flax.run', 'resnet_flax.errors', 'resnet_flax.config_fields'),  # The run contract; errors; field rules.
 )
 MODULE_STRING = re.compile(r'resnet_flax(\.\w+)+')
 

@@ -228,7 +228,7 @@ def sparsity_report(params: Any, config: ml_collections.ConfigDict) -> dict[str,
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for `config.prune` values that contradict each other or the rest of the config
-  (config_checks.RULES checks each field alone)."""
+  (`compress.checks` has the rule of each field alone)."""
   prune = config.prune
   if prune.end_fraction <= prune.start_fraction:
     raise ConfigError(

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from resnet_flax import config_fields as rules
 from resnet_flax.models import layers
 
 ModuleDef = Any
@@ -310,6 +311,21 @@ SWITCHABLE_OPTIONS = (
   'stem',
 )
 STEMS = ('cifar', 'whiten', 'imagenet')
+
+
+DTYPES = ('float32', 'bfloat16')  # `model.dtype`.
+
+CONFIG_RULES: dict[str, rules.Rule] = {
+  'model.name': rules.choice(sorted(PRESETS)),
+  'model.max_params': rules.positive,
+  'model.dtype': rules.choice(DTYPES),
+  'model.dropout_rate': rules.fraction,
+  'model.block_dropout_rate': rules.fraction,
+  'model.se_ratio': rules.non_negative,
+  'model.drop_path_rate': rules.fraction,
+  'model.stem': rules.choice(('', *STEMS)),
+  'model.dirac_init': rules.BOOLEAN,
+}
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:

@@ -177,6 +177,11 @@ def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
   return manager
 
 
+def checkpoint_choice(value) -> str | None:
+  """The rule of a config field that `choose_step` reads (`eval.checkpoint`, ...): best, latest or a step."""
+  return None if value in ('best', 'latest') or str(value).isdigit() else 'choose best, latest or a step number'
+
+
 def choose_step(manager: ocp.CheckpointManager, choice: str, info: RunInfo, field: str = 'eval.checkpoint') -> int:
   """The step of `choice`, the value of config field `field`: 'best', 'latest' or a step.
 
