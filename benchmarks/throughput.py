@@ -5,7 +5,7 @@ On one GPU (the GPU machine: carry [".carry"], see ../shared/device/pack-carry):
   source .carry/setup.sh && python benchmarks/throughput.py
 
 For each preset (`--models`, default resnet18 and resnet34), at `--batch_size` 512 in bfloat16:
-1. JAX step: images/s of the train step that `train.train_and_evaluate` builds (configs/default.py
+1. JAX step: images/s of the train step that `trainer.train_and_evaluate` builds (configs/default.py
    with `half_precision=True`: jit over the ('data',) mesh, state donated, crop + flip in the step)
    on one batch already on the device.
 2. JAX device pipeline + step: images/s of whole epochs of the loop as training runs it with

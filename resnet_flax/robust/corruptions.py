@@ -69,7 +69,7 @@ def report(
   label_to_model: np.ndarray,
   classify: Classify,
 ) -> dict[str, Any]:
-  """{'corruptions': ...} for report.json (`report.write_report` draws it), or {} with `eval.corruptions`
+  """{'corruptions': ...} for report.json (`evaluate.report.write_report` draws it), or {} with `eval.corruptions`
   empty: accuracy per corruption and severity on the chosen test images, with `classify`'s one compiled
   forward pass (`label_to_model` maps the split's labels to the model's classes)."""
   names = parse_names(config.eval.corruptions)

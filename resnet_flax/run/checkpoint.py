@@ -162,7 +162,7 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception):
 
 
 def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
-  """A read-only manager: unlike `checkpoint.create_manager` it never cleans up temporary directories,
+  """A read-only manager: unlike `create_manager` it never cleans up temporary directories,
   so evaluating while training runs cannot delete the save in progress."""
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   manager = None

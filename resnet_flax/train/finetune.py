@@ -1,7 +1,7 @@
 """Fine-tuning: a new run that starts from the weights of another run (`init_from`).
 
-`apply_init_from` restores only the weights of the source run's checkpoint, with evaluation's own
-helpers (`checkpoint.choose_step`, `load_trained_run`, `restore`: a partial restore into the source
+`apply_init_from` restores only the weights of the source run's checkpoint through the one restore
+sequence evaluation uses too (`run.checkpoint.choose_step`, `models.trained`: a partial restore into the source
 model's own abstract variables; its EMA of the weights when it kept one; never the optimizer state),
 then puts them into this run's freshly initialised variables (`transplant`):
 

@@ -24,7 +24,7 @@ from resnet_flax.errors import NonFiniteError
 from resnet_flax.run import checkpoint, preemption
 from resnet_flax.run.workdir import Steps
 
-TrainState = Any  # train.TrainState; not imported: train imports this module.
+TrainState = Any  # train.step.TrainState; not imported: the step is the trainer's business, this loop only calls it.
 
 
 class Progress:
