@@ -44,14 +44,27 @@ def run_sweep(*args, wait: bool = True):
   return run_command(command, devices=1, wait=wait)
 
 
-def run_command(command: list[str], devices: int, wait: bool):
-  env = {
+def xla_flags(devices: int) -> str:
+  """The caller's XLA_FLAGS with `devices` CPU devices: its other flags (`--xla_cpu_max_isa=AVX2` to test another
+  vector width) reach the subprocess too."""
+  flag = '--xla_force_host_platform_device_count'
+  kept = [f for f in os.environ.get('XLA_FLAGS', '').split() if f.split('=')[0] != flag]
+  return ' '.join([*kept, f'{flag}={devices}'])
+
+
+def subprocess_env(devices: int) -> dict[str, str]:
+  """The environment of a test's JAX subprocess on `devices` CPU devices."""
+  return {
     **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+    'XLA_FLAGS': xla_flags(devices),
     'JAX_PLATFORMS': 'cpu',
     'TF_CPP_MIN_LOG_LEVEL': '3',
     'PYTHONUNBUFFERED': '1',
   }
+
+
+def run_command(command: list[str], devices: int, wait: bool):
+  env = subprocess_env(devices)
   popen = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if not wait:
     return popen

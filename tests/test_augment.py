@@ -16,6 +16,8 @@ import pytest
 from configs import default
 from resnet_flax.data import augment
 
+from helpers import xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 8
 # Identity normalization up to the 1/255 scale: `_pixels` recovers the exact uint8 values.
@@ -258,6 +260,6 @@ def test_sharded_batch_gives_the_same_result_as_one_device():
         single = fn(jax.device_put(images, jax.devices()[0]), jax.random.key(1), indices)
         print(len(sharded.sharding.device_set), np.array_equal(np.asarray(sharded), np.asarray(single)))
       """,
-    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+    XLA_FLAGS=xla_flags(4),
   )
   assert out.split() == ['4', 'True'] * 2

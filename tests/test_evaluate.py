@@ -6,7 +6,6 @@ an image folder sorts 'class_10' and 'class_11' before 'class_2', a real reorder
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from resnet_flax.models import trained
 from resnet_flax.run import checkpoint, curves, distributed, report_paths, writers
 from resnet_flax.run.workdir import LATER_FACTS, RunInfo
 from resnet_flax.train import config_checks, trainer
+
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 12
@@ -56,16 +57,10 @@ def folder_config(root: Path):
 
 
 def run_main(workdir, *args, devices: int = 1):
-  env = {
-    **os.environ,
-    'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-    'JAX_PLATFORMS': 'cpu',
-    'TF_CPP_MIN_LOG_LEVEL': '3',
-  }
   process = subprocess.run(
     [sys.executable, 'main.py', f'--workdir={workdir}', *SMOKE_ARGS, *args],
     cwd=ROOT,
-    env=env,
+    env=subprocess_env(devices),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -149,10 +144,42 @@ def test_evaluating_twice_gives_identical_reports(workdir, report):
   assert evaluate.evaluate_checkpoint(smoke_config(), str(workdir)) == report
 
 
-def test_four_devices_give_the_report_of_one(workdir, report):
+# Another device count gives each device another batch (16 examples on 4 devices, not 64), for which the CPU's
+# convolution and matmul kernels may sum in another order (other blocking, other vector width: AVX2 or AVX-512),
+# so a float32 logit may differ by a few ulps: ~1e-6, the logits being below 8 in size (ulp 4.8e-7). A
+# log-probability z_i - logsumexp(z) then moves by at most 2 max|dz| ~ 2e-6: each probability by that relative
+# amount, and float64 means of them by that absolute amount: the loss (a mean of -log p) and the ECE (a mean of the
+# |accuracy - confidence| gaps of its bins, a confidence being a max p). LOGIT_TOLERANCE leaves a factor 5 (seen on
+# an AVX2 host: the loss 5e-10 apart, the ECE in the 9th digit). The rest of a report is exact: counts and ratios of
+# counts, which see the logits through their argmax only, exact unless two logits tie within a few ulps (this model's
+# closest two are 2e-3 apart). Where the logits differ at all, a confidence within ~2e-6 of one of the 14 ECE bin
+# boundaries may cross it, moving the ECE by up to 2/200: for the 200 confidences a chance of 1% if every one moved
+# that much, far less at the shifts seen (the loss moved 5e-5 of the bound).
+LOGIT_TOLERANCE = 1e-5
+FROM_LOGITS = ('loss', 'expected_calibration_error')
+
+
+def assert_same_report(actual: dict, expected: dict):
+  """`actual`, of another device count, is `expected`: FROM_LOGITS within LOGIT_TOLERANCE, the rest exactly."""
+  assert sorted(actual) == sorted(expected)
+  for key, value in expected.items():
+    if key in FROM_LOGITS:
+      assert actual[key] == pytest.approx(value, rel=0, abs=LOGIT_TOLERANCE), key
+    else:
+      assert actual[key] == value, key
+
+
+def test_four_devices_give_the_report_of_one(workdir, report, restored, test_split):
   returncode, output = run_main(workdir, '--mode=evaluate', devices=4)
   assert returncode == 0, output
-  assert json.loads((report_dir(workdir, smoke_config()) / 'report.json').read_text()) == report
+  directory = report_dir(workdir, smoke_config())
+  assert_same_report(json.loads((directory / 'report.json').read_text()), report)
+  restored_run, mesh = restored  # One device, in this process.
+  logits = inference.forward(restored_run, test_split, 64, 'none', mesh)['logits']
+  saved = np.load(directory / evaluate.PREDICTIONS_FILE)
+  np.testing.assert_array_equal(saved['label'], test_split.labels)  # The model's classes are the data's.
+  np.testing.assert_array_equal(saved['prediction'], logits.argmax(axis=1))
+  np.testing.assert_allclose(saved['probabilities'], np.exp(metrics.log_softmax(logits)), rtol=LOGIT_TOLERANCE)
 
 
 @pytest.mark.parametrize(
