@@ -15,7 +15,7 @@ from ml_collections import config_flags
 
 from resnet_flax import cli, evaluate
 from resnet_flax.deploy import export, formats, predict
-from resnet_flax.explain import command
+from resnet_flax.explain import command as explain_command
 from resnet_flax.train import lr_find, trainer
 
 FLAGS = flags.FLAGS
@@ -51,7 +51,7 @@ MODES = {
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.top_k, FLAGS.predict_output
   ),
   'export': lambda: export.run_export(FLAGS.config, FLAGS.workdir, FLAGS.export_formats, FLAGS.export_test_images),
-  'explain': lambda: command.run_explain(
+  'explain': lambda: explain_command.run_explain(
     FLAGS.config, FLAGS.workdir, FLAGS.predict_paths, FLAGS.explain_per_class, FLAGS.explain_steps
   ),
   'lr_find': lambda: lr_find.run_lr_find(
