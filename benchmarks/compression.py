@@ -170,7 +170,7 @@ def measure(
   path = os.path.join(directory, f'{artifact.variant}-{served_as}-{formats.FORMATS[artifact.export_format].path}')
   formats.export_artifact(model, artifact.export_format, path, calibration)
   predict = formats.load_artifact(artifact.export_format, path)
-  targets = inference.model_indices(split.class_names, model.class_names)[split.labels]
+  targets = data.class_indices(split.class_names, model.class_names)[split.labels]
   return {
     'variant': artifact.variant,
     'label': artifact.label,

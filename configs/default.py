@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.checkpoint = 'best'  # evaluate|predict: best (by validation accuracy; else the last) | latest | a step.
   config.eval.tta = 'none'  # Test-time augmentation: none | flip (2 views) | flip+translate (6 views).
+  config.eval.evaluators = ''  # evaluate: more report sections (evaluate/evaluators.py), '' | 'name,name'.
   config.eval.attacks = ()  # evaluate: attacks (robust/attacks.py), e.g. "('pgd20', 'apgd_ce', 'apgd_dlr')".
   config.eval.epsilon = 8 / 255  # Attacks: radius, pixels in [0, 1] (tables: L-inf 8/255, L2 0.5); 8/255 allowed.
   config.eval.attack_norm = 'linf'  # Attacks: linf | l2.

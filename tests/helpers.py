@@ -11,7 +11,6 @@ import orbax.checkpoint as ocp
 
 from resnet_flax.evaluate import inference
 from resnet_flax.models import trained
-from resnet_flax.run import checkpoint
 from resnet_flax.run.workdir import RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,12 +122,8 @@ def tiny_run_info(**fields) -> RunInfo:
 
 def restore_smoke_run(workdir):
   """(trained.Restored, its test split) of the latest checkpoint of a smoke workdir, in process."""
-  import contextlib
-
   from configs import smoke
   from resnet_flax.run import distributed
 
-  with contextlib.closing(checkpoint.open_checkpoints(str(workdir))) as manager:
-    run = trained.load_trained_run(str(workdir), smoke.get_config())
-    restored = trained.restore(manager, run, max(manager.all_steps()), distributed.create_mesh())
-  return restored, inference.load_test_split(run.config.data, run.info)
+  restored = trained.restore_workdir(str(workdir), smoke.get_config(), 'latest', distributed.create_mesh())
+  return restored, inference.load_test_split(restored.run.config.data, restored.run.info)

@@ -14,6 +14,7 @@ from configs import smoke
 from resnet_flax import cli, evaluate
 from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
+from resnet_flax.evaluate import adversarial_evaluator
 from resnet_flax.robust import attack_steps, attacks
 from resnet_flax.train import config_checks
 
@@ -154,12 +155,13 @@ def test_dlr_needs_three_classes_and_int8_is_not_attacked_before_any_work():
   )
   config = smoke.get_config()
   config.eval.attacks = ('pgd5', 'apgd_dlr')
+  check = lambda restored: adversarial_evaluator.check_attackable(SimpleNamespace(config=config, restored=restored))
   with pytest.raises(ConfigError, match='apgd_dlr needs at least 3 classes'):
-    evaluate.check_attackable(config, two_classes())
+    check(two_classes())
   config.eval.attacks = ('pgd5', 'apgd_ce')
-  evaluate.check_attackable(config, two_classes())
+  check(two_classes())
   with pytest.raises(ConfigError, match='serves in int8'):
-    evaluate.check_attackable(config, two_classes(quantized='ptq'))
+    check(two_classes(quantized='ptq'))
 
 
 def test_radii_may_be_written_as_fractions_of_255():

@@ -21,7 +21,7 @@ from resnet_flax import data, evaluate
 from resnet_flax.data import DataError
 from resnet_flax.errors import ConfigError
 from resnet_flax.robust import corruption_cache, corruption_ops, corruptions
-from resnet_flax.run.report_paths import report_name
+from resnet_flax.run.report_paths import report_dir
 from resnet_flax.train import config_checks
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
@@ -252,7 +252,7 @@ def test_evaluation_reports_accuracy_per_corruption_and_severity(scored_run):
   assert entry['mean_accuracy'] == pytest.approx(np.mean(accuracies))
   assert entry['errors']['fog'] == pytest.approx(1 - np.mean(entry['accuracy']['fog']))
   assert 'mce' not in entry
-  directory = Path(workdir) / 'eval' / report_name(smoke.get_config().data)
+  directory = Path(report_dir(str(workdir), smoke.get_config().data))
   assert (directory / 'corruptions.png').read_bytes()[:4] == b'\x89PNG'
   assert '"corruptions"' in (directory / 'report.json').read_text()
 

@@ -4,7 +4,6 @@ One tiny model is trained per module on 12 synthetic classes: more than 5 (top-5
 an image folder sorts 'class_10' and 'class_11' before 'class_2', a real reordering.
 """
 
-import contextlib
 import json
 import shutil
 import subprocess
@@ -93,13 +92,11 @@ def report(workdir):
 @pytest.fixture(scope='module')
 def restored(workdir):
   mesh = distributed.create_mesh()
-  with contextlib.closing(checkpoint.open_checkpoints(str(workdir))) as manager:
-    run = trained.load_trained_run(str(workdir), smoke_config())
-    return trained.restore(manager, run, manager.latest_step(), mesh), mesh
+  return trained.restore_workdir(str(workdir), smoke_config(), 'latest', mesh), mesh
 
 
 def report_dir(workdir, config) -> Path:
-  return Path(workdir) / 'eval' / report_paths.report_name(config.data)
+  return Path(report_paths.report_dir(str(workdir), config.data))
 
 
 def write_png(path: Path, image: np.ndarray):
@@ -212,6 +209,14 @@ def test_a_class_the_model_does_not_know_is_named(workdir, test_split, tmp_path)
   root = image_folder(tmp_path / 'images', test_split, ['class_3'], unknown_classes=['zebra'])
   with pytest.raises(DataError, match=r"does not know the classes \['zebra'\].*'class_0', 'class_1'"):
     evaluate.evaluate_checkpoint(folder_config(root), str(workdir))
+
+
+def test_classes_are_found_by_name_and_one_the_model_lacks_is_none_or_a_data_error():
+  model_class_names = ('cat', 'dog', 'bird')
+  assert data.class_indices(['bird', 'cat'], model_class_names).tolist() == [2, 0]
+  assert [data.class_index(name, model_class_names) for name in ('dog', 'zebra')] == [1, None]
+  with pytest.raises(DataError, match=r"does not know the classes \['zebra'\].*'cat', 'dog', 'bird'"):
+    data.class_indices(['cat', 'zebra'], model_class_names)
 
 
 def test_no_checkpoint_is_one_clear_line(tmp_path):
@@ -383,7 +388,7 @@ def test_precision_recall_and_f1_are_scikit_learns_on_random_predictions(seed):
   rng = np.random.default_rng(seed)
   model_class_names = [f'class_{j}' for j in range(8)]
   class_names = ['class_4', 'class_0', 'class_6', 'class_2', 'class_5', 'class_1']
-  label_to_model = inference.model_indices(class_names, model_class_names)
+  label_to_model = data.class_indices(class_names, model_class_names)
   labels = rng.integers(0, 5, 300)  # class_1 has no images.
   logits = rng.normal(size=(300, 8))
   logits[:, 2] -= 100  # class_2 is never predicted.

@@ -9,6 +9,7 @@ import pytest
 
 from resnet_flax.data import ImageData, input_pipeline
 from resnet_flax.run import distributed
+from resnet_flax.run.workdir import epoch_of, epochs_at
 
 NUM_EXAMPLES, BATCH = 100, 16  # 6 steps per epoch; 4 examples are left out of each epoch.
 
@@ -33,6 +34,14 @@ def batches(name, split, start, stop, seed=3, lengths=None):
 
 def example_ids(batch_list):
   return [b['image'][:, 0, 0, 0].tolist() for b in batch_list]
+
+
+def test_the_epoch_of_a_step_is_the_same_on_the_host_and_in_jit():
+  steps = np.arange(20)
+  expected = [step // 6 for step in range(20)]
+  assert [epoch_of(step, 6) for step in range(20)] == expected
+  assert jax.jit(lambda s: epoch_of(s, 6))(steps).tolist() == expected
+  assert epochs_at(9, 6) == 1.5 and epochs_at(steps, 6).tolist() == (steps / 6).tolist()
 
 
 def test_both_pipelines_give_the_same_batches(split):

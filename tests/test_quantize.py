@@ -7,6 +7,7 @@ epoch (8 steps, checkpoints at 5 and 8).
 
 import json
 import shutil
+from pathlib import Path
 
 import flax
 import jax
@@ -40,7 +41,7 @@ def qat_config(init_from, **fields) -> ml_collections.ConfigDict:
 
 
 def report_dir(workdir, suffix: str = ''):
-  return workdir / 'eval' / (report_paths.report_name(smoke_config().data) + suffix)
+  return Path(report_paths.report_dir(str(workdir), smoke_config().data, suffix))
 
 
 def leaves(tree) -> dict:

@@ -12,6 +12,8 @@ import ml_collections
 import numpy as np
 
 from resnet_flax.data.dataset import DataError, ImageData
+from resnet_flax.data.dataset import class_index as class_index  # Re-exported: data.class_index.
+from resnet_flax.data.dataset import class_indices as class_indices  # Re-exported: data.class_indices.
 
 SOURCES = {
   'synthetic': 'resnet_flax.data.synthetic',

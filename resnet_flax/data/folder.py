@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -167,6 +168,13 @@ def images_under(directory: str) -> list[str]:
   if not found:
     raise DataError(f'{directory} has no images ({"/".join(images.IMAGE_EXTENSIONS)}): give another folder')
   return sorted(found)
+
+
+def expand_folder(item: Any) -> list[Any]:
+  """The images under `item` (`images_under`) where it is a path (str or os.PathLike) of a folder, else [`item`]:
+  how `--mode=predict`, `--mode=explain` and the Python API take files and folders alike."""
+  is_folder = isinstance(item, (str, os.PathLike)) and os.path.isdir(item)
+  return images_under(os.fspath(item)) if is_folder else [item]
 
 
 def _load_split(listing: SplitListing, decoding: Decoding, cache_dirs: list[Path]) -> ImageData:

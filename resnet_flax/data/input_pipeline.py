@@ -2,7 +2,8 @@
 
 Both pipelines produce the same batches: global batch `step` holds the examples
 `order[pos * B:(pos + 1) * B]` (their indices in the training split are its `index`), with
-`epoch, pos = divmod(step, steps_per_epoch)` and `order = epoch_order(seed, epoch, n, strata)`.
+`epoch = epoch_of(step, steps_per_epoch)`, `pos = step % steps_per_epoch` and
+`order = epoch_order(seed, epoch, n, strata)`.
 A run resumed at step k therefore continues exactly where an uninterrupted run would be,
 replaying nothing. The last partial batch of each epoch is dropped (a different one each
 epoch). Augmentation happens in the train step.
@@ -37,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_flax.data.dataset import ImageData
-from resnet_flax.run.workdir import steps_per_epoch
+from resnet_flax.run.workdir import epoch_of, steps_per_epoch
 
 Batch = dict[str, jax.Array]
 
@@ -197,8 +198,8 @@ class TfDataPipeline(InputPipeline):
     import tensorflow as tf  # Only this pipeline needs TensorFlow.
 
     tf.config.set_visible_devices([], 'GPU')  # Keep TensorFlow off the accelerators.
-    first_epoch, skip = divmod(start_step, self.steps_per_epoch)
-    last_epoch = -(-stop_step // self.steps_per_epoch)
+    first_epoch, skip = epoch_of(start_step, self.steps_per_epoch), start_step % self.steps_per_epoch
+    last_epoch = epoch_of(stop_step - 1, self.steps_per_epoch) + 1  # The range's end: after the last step's epoch.
 
     def epoch_indices(epoch):
       indices = tf.numpy_function(self.local_indices, [epoch], tf.int32, stateful=False)
@@ -240,7 +241,7 @@ class DevicePipeline(InputPipeline):
   def train_batches(self, start_step: int, lengths: Sequence[int]) -> Iterator[Batch]:
     order, order_epoch, step = None, None, start_step
     for n in lengths:
-      epoch, position = divmod(step, self.steps_per_epoch)
+      epoch, position = epoch_of(step, self.steps_per_epoch), step % self.steps_per_epoch
       if position + n > self.steps_per_epoch:
         raise ValueError(f'steps {step}..{step + n - 1} cross the end of epoch {epoch}: plan with call_lengths')
       if epoch != order_epoch:

@@ -17,7 +17,6 @@ run in int8; a run trained with `quantize.mode=qat` always serves in int8 (see `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -34,7 +33,6 @@ from resnet_flax.evaluate import inference, metrics
 from resnet_flax.explain import methods
 from resnet_flax.models import trained
 from resnet_flax.run import distributed
-from resnet_flax.run.checkpoint import choose_step, open_checkpoints
 
 MAX_BATCH = 256  # Inputs go through in batches of a power of two up to this: few shapes, few compilations.
 
@@ -131,10 +129,7 @@ def _flatten(inputs: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     return list(inputs)
   if isinstance(inputs, (str, os.PathLike, bytes, Image.Image, np.ndarray)):
     inputs = [inputs]
-  flat = []
-  for item in inputs:
-    is_folder = isinstance(item, (str, os.PathLike)) and os.path.isdir(item)
-    flat.extend(folder.images_under(os.fspath(item)) if is_folder else [item])
+  flat = [image for item in inputs for image in folder.expand_folder(item)]
   if not flat:
     raise DataError('no images given: pass paths, folders, PIL images or uint8 arrays')
   return flat
@@ -161,8 +156,7 @@ def load(
   config = config or default.get_config()
   quantize_config = ml_collections.ConfigDict(config.quantize.to_dict())  # A copy: the caller's stays as it is.
   quantize_config.mode = quantize or quantize_config.mode
-  with contextlib.closing(open_checkpoints(workdir)) as manager:
-    run = trained.load_trained_run(workdir, config)
-    step = choose_step(manager, str(checkpoint), run.info)
-    mesh = distributed.create_mesh()
-    return Model(quantization.serve(trained.restore(manager, run, step, mesh), quantize_config), mesh)
+  mesh = distributed.create_mesh()
+  return Model(
+    quantization.serve(trained.restore_workdir(workdir, config, str(checkpoint), mesh), quantize_config), mesh
+  )

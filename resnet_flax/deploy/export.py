@@ -106,7 +106,7 @@ def evaluate_artifacts(
 ) -> dict[str, Any]:
   """Test accuracy of the JAX model and of each artifact run by its own runtime, with the artifact's
   top-1 agreement with the JAX model and its largest probability difference from it."""
-  targets = inference.model_indices(split.class_names, model.class_names)[split.labels]
+  targets = data.class_indices(split.class_names, model.class_names)[split.labels]
   batches = range(0, len(split), batch_size)
   reference = np.concatenate([model.predict(split.images[i : i + batch_size]) for i in batches])
   artifacts = {}

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from resnet_flax.data import augment
+from resnet_flax import models
 from resnet_flax.deploy import api
 
 INPUT, OUTPUT = 'images', 'probabilities'  # Names of the input and the output where a format names them.
@@ -85,7 +85,7 @@ def serving_function(model: api.Model) -> Callable[[jax.Array], jax.Array]:
   mean, std = restored.run.info.pixel_mean, restored.run.info.pixel_std
 
   def probabilities(images: jax.Array) -> jax.Array:
-    logits = network.apply(variables, augment.normalize(images, mean, std), train=False)
+    logits = models.apply_to_pixels(network.apply, variables, images, mean, std)
     return jax.nn.softmax(logits.astype(jnp.float32))
 
   return probabilities

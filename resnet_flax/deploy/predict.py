@@ -39,12 +39,9 @@ def image_files(paths: Sequence[str]) -> list[str]:
     raise ConfigError('no images to predict: give files or folders with --predict_paths=a.png,dir/')
   files = []
   for path in paths:
-    if os.path.isfile(path):
-      files.append(path)
-    elif os.path.isdir(path):
-      files.extend(folder.images_under(path))
-    else:
+    if not (os.path.isfile(path) or os.path.isdir(path)):
       raise DataError(f'{path} does not exist: give image files or folders with --predict_paths')
+    files.extend(folder.expand_folder(path))
   return files
 
 

@@ -15,7 +15,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import data
+from resnet_flax import data, models
 from resnet_flax.data import DataError, ImageData, augment, input_pipeline
 from resnet_flax.models.trained import Restored
 from resnet_flax.run.workdir import RunInfo
@@ -46,22 +46,11 @@ def check_image_shape(shape: Sequence[int], model_shape: Sequence[int], what: st
     )
 
 
-def model_indices(class_names: Sequence[str], model_class_names: Sequence[str]) -> np.ndarray:
-  """Model output index of each of the data's classes, matched by name."""
-  unknown = [name for name in class_names if name not in model_class_names]
-  if unknown:
-    raise DataError(
-      f'the model does not know the classes {unknown} of the evaluated data; it knows '
-      f'{list(model_class_names)}: rename or remove those class folders'
-    )
-  return np.array([list(model_class_names).index(name) for name in class_names], np.int64)
-
-
 def forward_views(
   variables, images: jax.Array, *, model: nn.Module, mean, std, views: tuple[tuple[bool, int], ...]
 ) -> dict[str, jax.Array]:
   """Logits of the plain images and, with several views, the mean softmax over the views."""
-  logits = [model.apply(variables, augment.normalize(augment.view(images, *v), mean, std), train=False) for v in views]
+  logits = [models.apply_to_pixels(model.apply, variables, augment.view(images, *v), mean, std) for v in views]
   outputs = {'logits': logits[0]}
   if len(views) > 1:
     outputs['tta_probabilities'] = jnp.mean(jnp.stack([jax.nn.softmax(l) for l in logits]), axis=0)

@@ -1,27 +1,31 @@
-"""What an evaluation leaves on disk: report.json and its plots, in the directory that
-`run.report_paths.report_name` names (matplotlib's object API: no pyplot, no global backend)."""
+"""What an evaluation leaves on disk: report.json and its plots, in the directory `run.report_paths.report_dir`
+names (matplotlib's object API: no pyplot, no global backend). Each evaluator draws its own plot there."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from resnet_flax.evaluate.evaluators import Evaluator
+from resnet_flax.run import report_paths
 
-def write_report(report: dict[str, Any], directory: str):
+
+def write_report(report: dict[str, Any], directory: str, evaluators: Mapping[str, Evaluator]):
+  """report.json, its plots, and those of the `evaluators` that ran (each draws its section)."""
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, 'report.json'), 'w') as f:
+  with open(os.path.join(directory, report_paths.REPORT_FILE), 'w') as f:
     f.write(report_json(report))
   title = f'{os.path.basename(directory)}, step {report["checkpoint_step"]}'
   plot_confusion_matrix(report, title, os.path.join(directory, 'confusion_matrix.png'))
   plot_per_class(report, title, os.path.join(directory, 'per_class.png'))
-  if 'adversarial' in report:
-    plot_accuracy_vs_epsilon(report['adversarial'], title, os.path.join(directory, 'accuracy_vs_epsilon.png'))
-  if 'corruptions' in report:
-    plot_corruptions(report['corruptions'], title, os.path.join(directory, 'corruptions.png'))
+  for name, evaluator in evaluators.items():
+    if evaluator.plot:
+      evaluator.plot(report[name], title, directory)
 
 
 def report_json(report: dict[str, Any]) -> str:
@@ -72,46 +76,4 @@ def plot_per_class(report: dict[str, Any], title: str, path: str):
     f'{title}\nper-class accuracy (= recall) and F1 (dashed line: overall accuracy {report["accuracy"]:.2%}, '
     f'macro F1 {report["macro_f1"]:.2f})'
   )
-  figure.savefig(path, dpi=100)
-
-
-def plot_accuracy_vs_epsilon(adversarial: dict[str, Any], title: str, path: str):
-  """Robust accuracy of each attack and of their per-example worst case against the radius ε (in 1/255)."""
-  curve = adversarial['curve']
-  radii = [0.0] + [e * 255 for e in curve['epsilons']]
-  figure = Figure(figsize=(7, 4.5), layout='constrained')
-  axes = figure.subplots()
-  for name in [*adversarial['accuracy'], 'worst_case']:
-    style = {'color': 'black', 'linestyle': '--', 'linewidth': 2} if name == 'worst_case' else {}
-    points = [
-      (r, a) for r, a in zip(radii, [adversarial['clean_accuracy'], *curve[name]], strict=True) if a is not None
-    ]
-    axes.plot(*zip(*points, strict=True), marker='o', label=name, **style)  # APGD: from epsilon on.
-  axes.axvline(adversarial['epsilon'] * 255, color='grey', linewidth=0.8)
-  axes.set_xlabel(f'{adversarial["norm"]} radius ε (x 1/255, pixels in [0, 1])')
-  axes.set_ylabel('accuracy')
-  axes.set_ylim(0, 1)
-  axes.legend()
-  axes.set_title(f'{title}\naccuracy under attack, {adversarial["examples"]} test images')
-  figure.savefig(path, dpi=100)
-
-
-def plot_corruptions(corruptions: dict[str, Any], title: str, path: str):
-  """Accuracy per CIFAR-10-C corruption (rows) and severity (columns), with the clean and mean accuracies."""
-  names = list(corruptions['accuracy'])
-  accuracy = np.array([corruptions['accuracy'][name] for name in names])
-  figure = Figure(figsize=(7, 1.5 + 0.4 * len(names)), layout='constrained')
-  axes = figure.subplots()
-  image = axes.imshow(accuracy, cmap='RdYlGn', vmin=0, vmax=1, aspect='auto')
-  for (i, j), value in np.ndenumerate(accuracy):
-    axes.text(j, i, f'{value:.1%}', ha='center', va='center', fontsize=8)
-  axes.set_xticks(range(accuracy.shape[1]), [f'severity {s + 1}' for s in range(accuracy.shape[1])], fontsize=8)
-  axes.set_yticks(range(len(names)), names, fontsize=8)
-  mce = f', mCE {corruptions["mce"]:.3f}' if corruptions.get('mce') is not None else ''
-  axes.set_title(
-    f'{title}\ncorruptions of {corruptions["examples"]:,} test images: clean {corruptions["clean_accuracy"]:.1%}, '
-    f'mean over corruptions {corruptions["mean_accuracy"]:.1%}{mce}',
-    fontsize=9,
-  )
-  figure.colorbar(image, ax=axes, label='accuracy', shrink=0.8)
   figure.savefig(path, dpi=100)

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
+from resnet_flax import data
 from resnet_flax.deploy import api, predict
 from resnet_flax.errors import ConfigError
 from resnet_flax.evaluate import inference
@@ -70,7 +71,7 @@ def choose_test_images(
 def from_test_split(config: ml_collections.ConfigDict, model: api.Model, per_class: int) -> Chosen:
   """`choose_test_images` of the test split `config.data` selects, classified by `model`."""
   split = inference.load_test_split(config.data, model.restored.run.info)
-  labels = inference.model_indices(split.class_names, model.class_names)[split.labels]
+  labels = data.class_indices(split.class_names, model.class_names)[split.labels]
   predictions = model.predict(split.images).argmax(axis=1)
   indices, short = choose_test_images(labels, predictions, per_class)
   selection = (
@@ -87,9 +88,7 @@ def from_paths(model: api.Model, paths: Sequence[str]) -> Chosen:
   """The images of `paths` (files and folders); the true class of one in a folder named after a class is that."""
   files = predict.image_files(paths)
   folder_class = lambda path: os.path.basename(os.path.dirname(os.path.abspath(path)))
-  true_classes = [
-    model.class_names.index(folder_class(path)) if folder_class(path) in model.class_names else None for path in files
-  ]
+  true_classes = [data.class_index(folder_class(path), model.class_names) for path in files]
   selection = 'the images of --predict_paths; the true class is the name of the folder holding an image, if a class'
   return Chosen(model.pixels(files), files, true_classes, selection)
 

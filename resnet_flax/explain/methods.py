@@ -54,8 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from resnet_flax import models
-from resnet_flax.data import augment
+from resnet_flax import data, models
 from resnet_flax.errors import ConfigError
 from resnet_flax.evaluate import metrics
 from resnet_flax.models import trained
@@ -118,7 +117,7 @@ def class_logits(
   variables: Any, images: jax.Array, *, model: nn.Module, mean: Sequence[float], std: Sequence[float], **apply_kwargs
 ):
   """The logits of `images` (pixels in [0, 1]) in inference mode, normalised as in training."""
-  return model.apply(variables, augment.normalize(images * 255, mean, std), train=False, **apply_kwargs)
+  return models.apply_to_pixels(model.apply, variables, images * 255, mean, std, **apply_kwargs)
 
 
 def explained_classes(logits: jax.Array, classes: jax.Array) -> jax.Array:
@@ -315,7 +314,8 @@ def class_indices(classes: ClassChoice, class_names: Sequence[str], count: int) 
     raise ValueError(f'{len(choices)} classes for {count} images: give one class, or one per image')
   indices = []
   for choice in choices:
-    index = list(class_names).index(choice) if choice in class_names else choice
+    position = data.class_index(choice, class_names)
+    index = choice if position is None else position
     if isinstance(index, str) or not 0 <= index < len(class_names):
       raise ValueError(f'unknown class {choice!r}: give an index below {len(class_names)} or one of {class_names}')
     indices.append(index)

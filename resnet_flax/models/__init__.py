@@ -1,5 +1,8 @@
 """Compact ResNets, wide ResNets and DenseNets in Flax linen, and the registry of named presets.
 
+`apply_to_pixels` is how any model sees pixels in inference mode (evaluation, attacks, explanations,
+export): normalised as in training, by the run's mean and std.
+
 `python -m resnet_flax.models` prints every preset with its trainable parameter count.
 """
 
@@ -7,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from resnet_flax import config_fields as rules
+from resnet_flax.data import augment
 from resnet_flax.models import layers
 
 ModuleDef = Any
@@ -316,7 +320,7 @@ STEMS = ('cifar', 'whiten', 'imagenet')
 DTYPES = ('float32', 'bfloat16')  # `model.dtype`.
 
 CONFIG_RULES: dict[str, rules.Rule] = {
-  'model.name': rules.choice(sorted(PRESETS)),
+  'model.name': rules.choice(PRESETS),  # The registry itself: a model added later is valid.
   'model.max_params': rules.positive,
   'model.dtype': rules.choice(DTYPES),
   'model.dropout_rate': rules.fraction,
@@ -364,6 +368,15 @@ def init_variables(model: nn.Module, image_shape: Sequence[int], key: jax.Array 
   if key is None:
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
   return jax.jit(functools.partial(model.init, train=False))(key, dummy)
+
+
+def apply_to_pixels(
+  apply_fn: Callable, variables: Any, pixels: jax.Array, mean: Sequence[float], std: Sequence[float], **apply_kwargs
+) -> Any:
+  """`apply_fn`'s output (the logits) in inference mode on `pixels` [N, H, W, C] on the 0..255 scale (uint8,
+  or float: pass `pixels * 255` for pixels in [0, 1]), normalised by the run's `mean` and `std` as in training.
+  `apply_kwargs` (mutable=, ...) go to `apply_fn`."""
+  return apply_fn(variables, augment.normalize(pixels, mean, std), train=False, **apply_kwargs)
 
 
 def count_params(params) -> int:

@@ -1,12 +1,14 @@
 """A trained run, rebuilt from its workdir: its config and run.json, its model, and the weights it serves.
 
 Training starts here for fine-tuning (the source run) and distillation (the teacher), evaluation and
-the Python API restore through it too: one restore sequence, below all of them (`open_checkpoints` and
-`choose_step` of `run.checkpoint` pick the checkpoint; `restore` reads its weights into the model).
+the Python API restore through it too: one restore sequence, below all of them (`restore_workdir`:
+`open_checkpoints` and `choose_step` of `run.checkpoint` pick the checkpoint; `restore` reads its
+weights into the model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -78,6 +80,20 @@ def facts_from_training_data(config: ml_collections.ConfigDict, workdir: str, nu
     'pixel_std': std,
     'steps_per_epoch': steps_per_epoch(len(train_split), config.batch_size),
   }
+
+
+def restore_workdir(
+  workdir: str, config: ml_collections.ConfigDict, choice: str, mesh: Mesh, field: str = 'eval.checkpoint'
+) -> Restored:
+  """The weights evaluation uses (`restore`) of the checkpoint `choice` (best | latest | a step; the value of
+  config field `field`) of the trained run in `workdir`, whose config.json fields `config` completes.
+
+  The one restore sequence: `run.checkpoint.open_checkpoints` (a `NoCheckpointError` where there is none),
+  `load_trained_run`, `run.checkpoint.choose_step`, `restore`.
+  """
+  with contextlib.closing(checkpoint.open_checkpoints(workdir)) as manager:
+    run = load_trained_run(workdir, config)
+    return restore(manager, run, checkpoint.choose_step(manager, choice, run.info, field=field), mesh)
 
 
 def restore(manager: ocp.CheckpointManager, run: TrainedRun, step: int, mesh: Mesh) -> Restored:

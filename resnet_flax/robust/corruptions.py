@@ -69,12 +69,10 @@ def report(
   label_to_model: np.ndarray,
   classify: Classify,
 ) -> dict[str, Any]:
-  """{'corruptions': ...} for report.json (`evaluate.report.write_report` draws it), or {} with `eval.corruptions`
-  empty: accuracy per corruption and severity on the chosen test images, with `classify`'s one compiled
-  forward pass (`label_to_model` maps the split's labels to the model's classes)."""
+  """The `corruptions` entry of report.json (the evaluator `evaluate.corruption_evaluator` writes it): accuracy
+  per corruption of `eval.corruptions` (not empty) and severity on the chosen test images, with `classify`'s
+  one compiled forward pass (`label_to_model` maps the split's labels to the model's classes)."""
   names = parse_names(config.eval.corruptions)
-  if not names:
-    return {}
   size = _check_images(split)
   start = time.perf_counter()
   indices = data.stratified_subset(split.labels, config.eval.corruption_examples, config.eval.corruption_seed)
@@ -93,7 +91,7 @@ def report(
   entry.update(scores(entry['accuracy'], entry['clean_accuracy'], baseline))
   entry.update(seconds=time.perf_counter() - start, generation_seconds=generating)
   _log_summary(entry, baseline, len(indices))
-  return {REPORT_KEY: entry}
+  return entry
 
 
 def _check_images(split: ImageData) -> int:
@@ -213,7 +211,7 @@ def load_baseline(
   path = (
     baseline
     if os.path.isfile(baseline)
-    else os.path.join(baseline, 'eval', report_paths.report_name(config.data), 'report.json')
+    else os.path.join(report_paths.report_dir(baseline, config.data), report_paths.REPORT_FILE)
   )
   fix = (
     f'evaluate it with --mode=evaluate --workdir={baseline} --config.eval.corruptions=all '

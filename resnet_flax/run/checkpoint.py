@@ -31,6 +31,10 @@ class CheckpointError(UserError):
   """A checkpoint could not be written (e.g. the disk is full); the earlier ones are intact."""
 
 
+class NoCheckpointError(ConfigError):
+  """A workdir to restore from holds no checkpoint (`open_checkpoints`)."""
+
+
 def create_manager(workdir: str, keep: int, every_steps: int) -> ocp.CheckpointManager:
   """Async manager under `workdir/checkpoints`; leftovers of interrupted saves are cleaned up."""
   best_metric = lambda metrics: metrics[BEST_METRIC]
@@ -170,7 +174,7 @@ def open_checkpoints(workdir: str) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     manager = ocp.CheckpointManager(directory, options=options)
   if manager is None or not manager.all_steps():
-    raise ConfigError(
+    raise NoCheckpointError(
       f'{workdir} has no checkpoint to evaluate: train first with --mode=train '
       f'--workdir={workdir}, or point --workdir at a trained run'
     )

@@ -10,6 +10,7 @@ from absl import logging
 from matplotlib.figure import Figure
 
 from resnet_flax.run import writers
+from resnet_flax.run.workdir import epochs_at
 
 
 def write_training_curves(workdir: str, steps_per_epoch: int) -> str | None:
@@ -29,7 +30,7 @@ def write_training_curves(workdir: str, steps_per_epoch: int) -> str | None:
       if tag in scalars:
         steps, values = zip(*scalars[tag], strict=True)
         axes.plot(
-          np.array(steps) / steps_per_epoch,
+          epochs_at(np.array(steps), steps_per_epoch),
           values,
           label=tag.replace('_', ' '),
           marker='o' if tag.startswith('eval') else None,

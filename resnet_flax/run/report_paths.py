@@ -1,6 +1,8 @@
-"""Where an evaluation's report lives: `<workdir>/eval/<report_name>/`, a name that tells datasets apart.
+"""Where an evaluation's report lives: `report_dir`, `<workdir>/eval/<report_name><suffix>/`, a name that
+tells datasets apart (and a suffix the model served in int8 apart from the float one).
 
-Part of the run contract: evaluation writes there, and the corruption report reads a baseline's from there.
+Part of the run contract, its one owner: evaluation writes there, and the corruption report reads a
+baseline's `REPORT_FILE` from there.
 """
 
 from __future__ import annotations
@@ -10,6 +12,13 @@ import json
 import os
 
 import ml_collections
+
+REPORT_FILE = 'report.json'
+
+
+def report_dir(workdir: str, data_config: ml_collections.ConfigDict, suffix: str = '') -> str:
+  """`<workdir>/eval/<report_name(data_config)><suffix>`: the directory of the report on that data."""
+  return os.path.join(workdir, 'eval', report_name(data_config) + suffix)
 
 
 def report_name(data_config: ml_collections.ConfigDict) -> str:

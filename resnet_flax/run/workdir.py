@@ -7,8 +7,8 @@ learns from (`teacher`), the recipe of quantization-aware training (`quantize`) 
 config (`prune`). Its keys are
 part of the contract: workdirs of earlier versions must keep working.
 
-`Steps` is the one place where epochs become steps; the trainer, the schedules, the pipelines and
-the reports read it from here.
+`Steps` is the one place where epochs become steps, and `epoch_of` (`epochs_at`, fractional) where
+steps become epochs; the trainer, the schedules, the pipelines and the reports read them from here.
 """
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ LATER_FACTS = ('class_names', 'pixel_mean', 'pixel_std', 'steps_per_epoch')  # N
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   """Whole batches per epoch: the last partial batch is dropped (a different one each epoch)."""
   return num_examples // batch_size
+
+
+def epoch_of(step: Any, steps_per_epoch: int) -> Any:
+  """The epoch (whole, from 0) that `step` falls in; `step` a Python int or an array of steps (jax, numpy)."""
+  return step // steps_per_epoch
+
+
+def epochs_at(step: Any, steps_per_epoch: int) -> Any:
+  """The epochs done at `step`, fractional (what metrics.csv and the training curves count in); an int or array."""
+  return step / steps_per_epoch
 
 
 def _in_steps(epochs: float, per_epoch: int) -> int:
@@ -138,8 +148,7 @@ class RunInfo:
   def load(cls, workdir: str, derive_missing_facts: Callable[[dict[str, Any]], dict[str, Any]]) -> RunInfo:
     """The run.json of `workdir`. The first versions wrote no class names, normalisation or epoch
     length: `derive_missing_facts(saved)` supplies them (from the training data) when they are absent."""
-    with open(os.path.join(workdir, RUN_FILE)) as f:
-      saved = json.load(f)
+    saved = read_run_json(workdir)
     if not all(key in saved for key in LATER_FACTS):
       logging.info('%s lacks %s: deriving them from the training data', RUN_FILE, ', '.join(LATER_FACTS))
       saved = {**saved, **derive_missing_facts(saved)}
@@ -155,14 +164,22 @@ class RunInfo:
       json.dump(self.to_json(), f, indent=2)
 
 
+def read_run_json(workdir: str) -> dict[str, Any]:
+  """The run.json of `workdir` as saved, its raw keys ({} where there is none): the one reader of the file
+  (`RunInfo.load` turns it into a `RunInfo`)."""
+  path = os.path.join(workdir, RUN_FILE)
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
 def check_resumable(workdir: str, run: RunInfo) -> None:
   """Refuses to resume a workdir whose checkpoints were made for another model, data shape, teacher,
   quantization or pruning."""
-  path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
+  saved = read_run_json(workdir)
+  if not saved:
     return
-  with open(path) as f:
-    saved = json.load(f)
   changed = [f'{k}: {saved.get(k)} -> {v}' for k, v in run.resume_fingerprint().items() if saved.get(k) != v]
   if changed:
     raise ConfigError(

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from resnet_flax.run.workdir import epochs_at
+
 
 class EventFileMetricWriter:
   """The part of clu's MetricWriter interface the trainer uses, on tensorboard alone."""
@@ -72,7 +74,7 @@ class CsvMetricWriter:
       self._columns = _read_csv(self._path)[0] if os.path.exists(self._path) else []
       self._file = open(self._path, 'a', newline='')
     kind = 'eval' if all(name.startswith('eval_') for name in scalars) else 'train'
-    row = {'step': step, 'epoch': round(step / self._steps_per_epoch, 4), 'kind': kind}
+    row = {'step': step, 'epoch': round(epochs_at(step, self._steps_per_epoch), 4), 'kind': kind}
     row.update({name: _csv_number(value) for name, value in scalars.items()})
     new_columns = [name for name in row if name not in self._columns]
     if new_columns:

@@ -1,7 +1,7 @@
 """Fine-tuning: a new run that starts from the weights of another run (`init_from`).
 
 `apply_init_from` restores only the weights of the source run's checkpoint through the one restore
-sequence evaluation uses too (`run.checkpoint.choose_step`, `models.trained`: a partial restore into the source
+sequence evaluation uses too (`models.trained.restore_workdir`: a partial restore into the source
 model's own abstract variables; its EMA of the weights when it kept one; never the optimizer state),
 then puts them into this run's freshly initialised variables (`transplant`):
 
@@ -32,8 +32,6 @@ a fine-tuned run keeps the normalisation and the `init_from` record of its run.j
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -46,11 +44,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from resnet_flax import models
+from resnet_flax import data, models
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import trained
 from resnet_flax.run import checkpoint, distributed
-from resnet_flax.run.workdir import CONFIG_FILE, RUN_FILE
+from resnet_flax.run.workdir import CONFIG_FILE, RUN_FILE, read_run_json
 
 LeafPath = tuple[str, ...]  # A leaf of flattened variables: ('params', 'stem_conv', 'kernel').
 
@@ -124,11 +122,14 @@ def restore_run(path: str, choice: str, field: str, config: ml_collections.Confi
   `path` (init_from, distill.teacher), `<field>_checkpoint` that of `choice`; `config` supplies the
   fields the run's config.json predates."""
   workdir, step_of_dir = locate(path, field)
-  with contextlib.closing(_open_checkpoints(path, workdir, field)) as manager:
-    run = trained.load_trained_run(workdir, config)
-    choice = _step_choice(path, choice, step_of_dir, field)
-    step = checkpoint.choose_step(manager, choice, run.info, field=f'{field}_checkpoint')
-    return workdir, trained.restore(manager, run, step, distributed.create_mesh())
+  choice = _step_choice(path, choice, step_of_dir, field)
+  try:
+    mesh = distributed.create_mesh()
+    return workdir, trained.restore_workdir(workdir, config, choice, mesh, field=f'{field}_checkpoint')
+  except checkpoint.NoCheckpointError:
+    raise ConfigError(
+      f'--config.{field}={path!r}: {workdir} has no checkpoint; train it first or point {field} at a trained run'
+    ) from None
 
 
 def locate(path: str, field: str = 'init_from') -> tuple[str, int | None]:
@@ -154,15 +155,6 @@ def locate(path: str, field: str = 'init_from') -> tuple[str, int | None]:
   raise ConfigError(f'--config.{field}={path!r} is inside the run {workdir} but not a checkpoint: point it at {where}')
 
 
-def _open_checkpoints(path: str, workdir: str, field: str) -> ocp.CheckpointManager:
-  try:
-    return checkpoint.open_checkpoints(workdir)
-  except ConfigError:
-    raise ConfigError(
-      f'--config.{field}={path!r}: {workdir} has no checkpoint; train it first or point {field} at a trained run'
-    ) from None
-
-
 def _step_choice(path: str, choice: str, step_of_dir: int | None, field: str) -> str:
   """`choice` (`<field>_checkpoint`), or the step of the checkpoint directory `path` names."""
   if step_of_dir is None:
@@ -184,7 +176,8 @@ def transplant(
 
   The architectures must agree (`first_mismatch`).
   """
-  shared = [(ours, list(source_classes).index(name)) for ours, name in enumerate(classes) if name in source_classes]
+  in_source = [(ours, data.class_index(name, source_classes)) for ours, name in enumerate(classes)]
+  shared = [(ours, theirs) for ours, theirs in in_source if theirs is not None]
   rows = np.array(shared, np.intp).reshape(-1, 2)  # (this run's class index, the source's), per shared class.
   merged, reinitialised = {}, 0
   for path, value in fresh.items():
@@ -231,11 +224,7 @@ def _resumed(config: ml_collections.ConfigDict, workdir: str, fresh: Start) -> S
       workdir,
       config.init_from,
     )
-  path = os.path.join(workdir, RUN_FILE)
-  saved = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      saved = json.load(f)
+  saved = read_run_json(workdir)
   if not saved.get('init_from'):
     return fresh
   return Start(fresh.variables, tuple(saved['pixel_mean']), tuple(saved['pixel_std']), saved['init_from'])
