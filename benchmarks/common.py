@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from resnet_flax import models, optim
 from resnet_flax.data import ImageData, augment, input_pipeline
 from resnet_flax.run import distributed
-from resnet_flax.run.workdir import Steps
+from resnet_flax.run.workdir import Steps, epoch_of
 from resnet_flax.train import step, trainer
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
@@ -144,7 +144,7 @@ class JaxTrainer:
     """From the current step to the end of its epoch, in calls of the pipeline's batches as the training
     loop plans them (`steps_per_call` steps at most, never across an epoch's end)."""
     per_epoch = pipeline.steps_per_epoch
-    stop = (self.step // per_epoch + 1) * per_epoch
+    stop = (epoch_of(self.step, per_epoch) + 1) * per_epoch
     self.run(
       pipeline.train_batches(self.step, input_pipeline.call_lengths(self.step, stop, steps_per_call, (per_epoch,)))
     )
@@ -178,7 +178,7 @@ def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> J
   state = jax.device_put(
     step.create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P())
   )
-  train_fn, _ = step.jit_steps(config, mesh, learning_rate_fn, mean, std, num_classes, steps.per_epoch)
+  train_fn, _ = step.jit_steps(step.StepSpec(config, learning_rate_fn, mean, std, num_classes, steps.per_epoch), mesh)
   return JaxTrainer(config, mesh, train_fn, state, mean, std)
 
 

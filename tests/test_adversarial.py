@@ -36,7 +36,9 @@ def test_training_images_are_attacks_inside_the_ball(trained, method):
   logits_fn, images, targets = trained
   config = smoke.get_config().adversarial
   config.method, config.epsilon, config.steps = method, 16 / 255, 3
-  attacked = adversarial.perturb(logits_fn, images, targets, jax.random.key(0), config, MEAN, STD)
+  objective = adversarial.trades_objective if method == 'trades' else adversarial.cross_entropy_objective(targets)
+  args, steps = adversarial.attack_arguments(config), adversarial.num_steps(config)
+  attacked = adversarial.perturb(logits_fn, images, objective, jax.random.key(0), args, steps, MEAN, STD)
   pixels = lambda x: np.asarray(x) * np.array(STD) + np.array(MEAN)
   distance = np.abs(pixels(attacked) - pixels(images)).max()
   assert 0.5 * config.epsilon < distance <= config.epsilon + 1e-5

@@ -89,7 +89,8 @@ def test_student_loss_blends_the_soft_and_the_hard_loss():
   student, teacher = jnp.asarray(rng.normal(size=(2, 3, 5)).astype(np.float32))
   cross_entropy = jnp.float32(1.7)
   soft = distill.distillation_loss(student, teacher, 2.0)
-  blend = lambda alpha: distill.student_loss(cross_entropy, student, teacher, config_of(alpha=alpha, temperature=2.0))
+  arguments = lambda alpha: distill.loss_arguments(config_of(alpha=alpha, temperature=2.0))
+  blend = lambda alpha: distill.student_loss(cross_entropy, student, teacher, arguments(alpha))
   np.testing.assert_allclose(blend(0.25), 0.25 * soft + 0.75 * cross_entropy, rtol=1e-6)
   assert blend(0.0) == cross_entropy and blend(1.0) == soft
 
@@ -118,6 +119,16 @@ def test_the_teacher_sees_the_students_pixels_normalised_its_own_way():
   np.testing.assert_allclose(logits, expected, atol=2e-2)  # The bfloat16 logits' rounding.
   same = distill.teacher_logits({}, images, model=Pixels(), student_stats=student_stats, teacher_stats=student_stats)
   np.testing.assert_array_equal(same, images.reshape(2, -1).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def test_the_teachers_outputs_follow_the_students_order_of_the_classes():
+  pixels = np.random.default_rng(4).integers(0, 256, (2, 1, 1, 3)).astype(np.uint8)
+  stats = ((0.5,) * 3, (0.25,) * 3)
+  images = augment.normalize(pixels, *stats)
+  teacher = lambda order: distill.teacher_logits(
+    {}, images, model=Pixels(), student_stats=stats, teacher_stats=stats, class_order=order
+  )
+  np.testing.assert_array_equal(teacher((2, 0, 1)), teacher(None)[:, [2, 0, 1]])
 
 
 # Training with a teacher.
@@ -247,7 +258,7 @@ def test_config_rules(fields, message):
 def test_distill_fields_without_a_teacher_are_refused():
   config = student_config(**{'distill.temperature': 2.0})
   with pytest.raises(ConfigError, match=r'distill.temperature=2.0 does nothing without distill.teacher'):
-    distill.load_teacher(config, data.load_splits(config.data)['train'])
+    config_checks.validate(config)
 
 
 def test_an_old_run_json_without_a_teacher_still_loads_and_resumes(tmp_path):

@@ -24,6 +24,7 @@ LAYERS = (
   ('resnet_flax.evaluate',),
   ('resnet_flax.train',),
   ('resnet_flax.robust', 'resnet_flax.compress'),
+  ('resnet_flax.step_extensions',),  # The protocol every step extension implements, below them all.
   ('resnet_flax.optim',),
   ('resnet_flax.models',),  # With `models.trained`: a run rebuilt from its workdir.
   ('resnet_flax.data',),
@@ -152,7 +153,7 @@ def test_an_upward_import_fails(source):
   sources = package_sources()
   sources['resnet_flax.data.augment'] = (sources['resnet_flax.data.augment'][0] + '\n' + source + '\n', False)
   assert upward_imports(import_graph(sources)) == [
-    'resnet_flax.data.augment (layer 8) imports '
+    'resnet_flax.data.augment (layer 9) imports '
     + ('resnet_flax.train (layer 4)' if source.endswith('import train') else 'resnet_flax.train.loop (layer 4)')
   ]
 

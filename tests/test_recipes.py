@@ -221,10 +221,8 @@ def test_the_train_step_mixes_with_the_configs_mix_prob(monkeypatch):
   tx = optim.create_optimizer(config.optim, lambda step: 0.1)
   state = step.create_train_state(model, models.init_variables(model, (8, 8, 3)), tx)
   batch = {'image': jnp.zeros((8, 8, 8, 3), jnp.uint8), 'label': jnp.zeros(8, jnp.int32), 'index': jnp.arange(8)}
-  train_step = functools.partial(
-    step.train_step, config=config, learning_rate_fn=lambda s: 0.1, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10
-  )
-  jax.eval_shape(functools.partial(train_step, steps_per_epoch=10), state, batch)
+  spec = step.StepSpec(config, lambda s: 0.1, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10, steps_per_epoch=10)
+  jax.eval_shape(functools.partial(step.train_step, spec=spec), state, batch, {})
   assert seen == [0.3]
 
 

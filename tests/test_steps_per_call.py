@@ -48,17 +48,8 @@ def test_scanned_steps_equal_the_steps_one_by_one():
     'label': rng.integers(0, NUM_CLASSES, (STEPS, BATCH)).astype(np.int32),
     'index': np.tile(np.arange(BATCH, dtype=np.int32), (STEPS, 1)),
   }
-  train_fn = jax.jit(
-    functools.partial(
-      step.train_stack,
-      config=config,
-      learning_rate_fn=learning_rate_fn,
-      mean=(0.5,) * 3,
-      std=(0.25,) * 3,
-      num_classes=NUM_CLASSES,
-      steps_per_epoch=STEPS_PER_EPOCH,
-    )
-  )
+  spec = step.StepSpec(config, learning_rate_fn, (0.5,) * 3, (0.25,) * 3, NUM_CLASSES, STEPS_PER_EPOCH)
+  train_fn = jax.jit(lambda state, stack: step.train_stack(state, stack, {}, spec=spec))
 
   one_by_one, step_metrics = state, []
   for i in range(STEPS):

@@ -53,7 +53,7 @@ import ml_collections
 import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from resnet_flax import models, optim
+from resnet_flax import models, optim, step_extensions
 from resnet_flax.errors import ConfigError
 from resnet_flax.run.workdir import Steps
 
@@ -177,27 +177,44 @@ def masked(
   return optax.GradientTransformation(init, update)
 
 
-def wrap_optimizer(
-  tx: optax.GradientTransformation, config: ml_collections.ConfigDict, steps: Steps
-) -> optax.GradientTransformation:
-  """`tx` pruned as `config.prune` says; `tx` itself when pruning is off, so its checkpoints keep their layout."""
-  if not config.prune.sparsity:
-    return tx
-  select = functools.partial(pruned_paths, scope=config.prune.scope, freeze=config.optim.freeze)
-  return masked(tx, Schedule.of(config.prune, steps), select)
-
-
 def run_record(prune_config: ml_collections.ConfigDict) -> dict[str, Any] | None:
   """run.json's record of pruning (workdir.RunInfo.prune); None when it is off."""
   return prune_config.to_dict() if prune_config.sparsity else None
 
 
-def mask_ema(ema: dict[str, Any], opt_state: Any) -> dict[str, Any]:
-  """The EMA of the weights ({'params', 'batch_stats'}) masked as the weights are, when `opt_state` prunes:
-  evaluation uses it, so it must be exactly as sparse."""
-  if not isinstance(opt_state, PruneState):
-    return ema
-  return {**ema, 'params': apply_masks(ema['params'], opt_state.masks)}
+def mask_ema(ema: dict[str, Any], masks: Any) -> dict[str, Any]:
+  """The EMA of the weights ({'params', 'batch_stats'}) masked as the weights are: evaluation uses it, so it
+  must be exactly as sparse."""
+  return {**ema, 'params': apply_masks(ema['params'], masks)}
+
+
+@step_extensions.register
+class Pruning(step_extensions.StepExtension):
+  """The step extension: the run's optimizer `masked` (the masks are optimizer state, so checkpointed with
+  it), and the EMA of the weights masked after each update."""
+
+  name = 'prune'
+
+  def __init__(self, config: ml_collections.ConfigDict, steps: Steps):
+    self.config, self.schedule = config, Schedule.of(config.prune, steps)
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    check_config(config)
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, train_split: Any, steps: Steps) -> Pruning | None:
+    return cls(config, steps) if config.prune.sparsity else None
+
+  def wrap_optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    select = functools.partial(pruned_paths, scope=self.config.prune.scope, freeze=self.config.optim.freeze)
+    return masked(tx, self.schedule, select)
+
+  def run_record(self) -> dict[str, Any]:
+    return {'prune': run_record(self.config.prune)}
+
+  def after_update(self, args, state):
+    return state if state.ema is None else state.replace(ema=mask_ema(state.ema, state.opt_state.masks))
 
 
 def first_ranked_step(config: ml_collections.ConfigDict, steps: Steps) -> int:

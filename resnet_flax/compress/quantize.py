@@ -20,10 +20,10 @@ quantization with per-channel weight scales (Krishnamoorthi 2018, "Quantizing de
 networks for efficient inference: a whitepaper").
 
 QAT (`quantize.mode=qat`, usually a fine-tune from `init_from`): training runs the model under qwix's
-QtProvider (`training_model`), whose forward pass is the int8 model's (the same quantization, the
-same integer convolutions: identical logits in float32 compute) and whose backward pass treats the
-rounding as the identity (the straight-through estimator; Jacob et al. 2018, "Quantization and
-training of neural networks for efficient integer-arithmetic-only inference"). The weights stay
+QtProvider (the step extension `QuantizationAwareTraining`), whose forward pass is the int8 model's
+(the same quantization, the same integer convolutions: identical logits in float32 compute) and whose
+backward pass treats the rounding as the identity (the straight-through estimator; Jacob et al. 2018,
+"Quantization and training of neural networks for efficient integer-arithmetic-only inference"). The weights stay
 float32, in the tree float training has, so init_from, the EMA, pruning masks and exact resume work
 unchanged (no statistic is collected: activations are scaled dynamically). run.json records the
 recipe (`Recipe`) in the resume fingerprint, and evaluation serves such a run through
@@ -49,7 +49,7 @@ import ml_collections
 import qwix
 from absl import logging
 
-from resnet_flax import models
+from resnet_flax import models, step_extensions
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import layers, trained
 
@@ -98,21 +98,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # Training.
 
 
-def training_model(model: nn.Module, quantize_config: ml_collections.ConfigDict) -> nn.Module:
-  """`model` as training runs it: under qwix's fake quantization for QAT, else as it is."""
-  if quantize_config.mode == 'ptq':
-    raise ConfigError(
-      '--config.quantize.mode=ptq quantizes a trained run when it is evaluated (--mode=evaluate or predict), '
-      'not training: train with quantize.mode=none, or qat for quantization-aware training'
-    )
-  if quantize_config.mode != 'qat':
-    return model
-  return qwix.quantize_model(model, qwix.QtProvider(Recipe.of(quantize_config).rules()))
+@step_extensions.register
+class QuantizationAwareTraining(step_extensions.StepExtension):
+  """The step extension of `quantize.mode=qat`: the model trains under qwix's fake quantization."""
 
+  name = 'qat'
 
-def run_record(quantize_config: ml_collections.ConfigDict) -> dict[str, Any] | None:
-  """What run.json records: the recipe of quantization-aware training, None for float training."""
-  return dataclasses.asdict(Recipe.of(quantize_config)) if quantize_config.mode == 'qat' else None
+  def __init__(self, quantize_config: ml_collections.ConfigDict):
+    self.recipe = Recipe.of(quantize_config)
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    check_config(config)
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, train_split: Any, steps: Any) -> QuantizationAwareTraining | None:
+    if config.quantize.mode == 'ptq':
+      raise ConfigError(
+        '--config.quantize.mode=ptq quantizes a trained run when it is evaluated (--mode=evaluate or predict), '
+        'not training: train with quantize.mode=none, or qat for quantization-aware training'
+      )
+    return cls(config.quantize) if config.quantize.mode == 'qat' else None
+
+  def wrap_model(self, model: nn.Module) -> nn.Module:
+    return qwix.quantize_model(model, qwix.QtProvider(self.recipe.rules()))
+
+  def run_record(self) -> dict[str, Any]:
+    """run.json's record: the recipe evaluation serves the run by (`served_recipe`)."""
+    return {'quantize': dataclasses.asdict(self.recipe)}
 
 
 # Serving.

@@ -30,8 +30,10 @@ fgsm_rs and pgd, the clean ones for trades.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from resnet_flax import step_extensions
 from resnet_flax.data import ImageData
 from resnet_flax.errors import ConfigError
 from resnet_flax.robust import attack_steps, attacks
@@ -48,6 +51,12 @@ METHODS = ('none', 'fgsm_rs', 'pgd', 'trades')
 FGSM_RS_STEP = 1.25  # x epsilon: Wong et al.'s step from the random start.
 GUARD_ATTACK = 'pgd5'  # Wong et al.'s check: PGD with 5 steps and 1 restart.
 GUARD_METRIC = 'guard_pgd_accuracy'  # In the evaluation metrics (TensorBoard eval_guard_pgd_accuracy).
+
+
+ATTACK_STREAM = 2**32 - 2  # fold_in data of the attack's random start; split(step_key, 3)'s keys differ.
+Objective = Callable[
+  [Callable, jax.Array], Callable[[jax.Array], jax.Array]
+]  # (pixel_logits, pixels) -> loss of logits.
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -81,42 +90,115 @@ def num_steps(adversarial: ml_collections.ConfigDict) -> int:
   return 1 if adversarial.method == 'fgsm_rs' else adversarial.steps
 
 
+def attack_arguments(adversarial: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The attack's radius and step, as the train step takes them (`step_extensions`: float64 rounded once)."""
+  return {'epsilon': np.float32(adversarial.epsilon), 'step_size': np.float32(step_size(adversarial))}
+
+
 def kl_from_clean(clean_logits: jax.Array, adversarial_logits: jax.Array) -> jax.Array:
   """Per example KL(softmax(clean) || softmax(adversarial)), in float32: TRADES' robustness term."""
   clean = jax.nn.log_softmax(clean_logits.astype(jnp.float32))
   return optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(adversarial_logits.astype(jnp.float32)), clean)
 
 
+def cross_entropy_objective(targets: jax.Array) -> Objective:
+  """Madry's and Wong's attacks ascend the loss trained on: the cross-entropy with the (mixed) targets."""
+  return lambda pixel_logits, pixels: lambda logits: optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def trades_objective(pixel_logits: Callable, pixels: jax.Array) -> Callable[[jax.Array], jax.Array]:
+  """TRADES' attack ascends the KL from the clean prediction."""
+  return functools.partial(kl_from_clean, jax.lax.stop_gradient(pixel_logits(pixels)))
+
+
 def perturb(
   logits_fn: Callable[[jax.Array], jax.Array],
   images: jax.Array,
-  targets: jax.Array,
+  objective: Objective,
   key: jax.Array,
-  adversarial: ml_collections.ConfigDict,
+  args: dict[str, jax.Array],
+  steps: int,
   mean,
   std,
 ) -> jax.Array:
-  """The adversarial version of a normalised training batch (`targets` [B, K], mixed ones too), normalised.
+  """The adversarial version of a normalised training batch, normalised: `steps` steps of `args['step_size']`
+  within `args['epsilon']` (`attack_arguments`), ascending `objective`.
 
   `logits_fn` maps normalised images to logits; the attack itself works in pixels in [0, 1]."""
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   pixel_logits = lambda pixels: logits_fn((pixels - mean) / std)
   pixels = images * std + mean
-  if adversarial.method == 'trades':
-    clean_logits = jax.lax.stop_gradient(pixel_logits(pixels))
-    loss_fn = lambda logits: kl_from_clean(clean_logits, logits)
-  else:
-    loss_fn = lambda logits: optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  loss_fn = objective(pixel_logits, pixels)
   pixels = attack_steps.pgd_perturb(
-    pixel_logits,
-    pixels,
-    loss_fn,
-    key,
-    epsilon=adversarial.epsilon,
-    step_size=step_size(adversarial),
-    steps=num_steps(adversarial),
+    pixel_logits, pixels, loss_fn, key, epsilon=args['epsilon'], step_size=args['step_size'], steps=steps
   )
   return (pixels - mean) / std
+
+
+# The step extensions.
+
+
+class _Attacking(step_extensions.StepExtension):
+  """What adversarial training's extensions share: the attack of a step's batch against the current weights."""
+
+  def __init__(self, adversarial: ml_collections.ConfigDict):
+    self.config, self.steps = adversarial, num_steps(adversarial)
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, train_split: Any, steps: Any) -> _Attacking | None:
+    return cls(config.adversarial) if config.adversarial.method in cls.methods else None
+
+  def arguments(self) -> dict[str, np.ndarray]:
+    return attack_arguments(self.config)
+
+  def attack(
+    self, args, context: step_extensions.StepContext, images: jax.Array, logits_fn: Callable, objective: Objective
+  ) -> jax.Array:
+    """`images` attacked, from a random start of the attack's own stream."""
+    key = jax.random.fold_in(context.key, ATTACK_STREAM)
+    return perturb(logits_fn, images, objective, key, args, self.steps, context.mean, context.std)
+
+
+def _variables(state: Any) -> dict[str, Any]:
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+@step_extensions.register
+class AdversarialTraining(_Attacking):
+  """fgsm_rs and pgd: the loss sees the batch attacked in train mode (Wong's and Madry's code), not the clean one."""
+
+  name = 'adversarial'
+  methods = ('fgsm_rs', 'pgd')
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    check_config(config)
+
+  def prepare(self, args, context, batch):
+    logits_fn = lambda images: context.forward(_variables(context.state), images)[0]
+    return batch._replace(
+      images=self.attack(args, context, batch.images, logits_fn, cross_entropy_objective(batch.targets))
+    ), None
+
+
+@step_extensions.register
+class Trades(_Attacking):
+  """trades: the clean loss plus trades_beta x KL(clean || attacked), attacked in inference mode (their code)."""
+
+  name = 'trades'
+  methods = ('trades',)
+
+  def arguments(self) -> dict[str, np.ndarray]:
+    return {**attack_arguments(self.config), 'beta': np.float32(self.config.trades_beta)}
+
+  def prepare(self, args, context, batch):
+    logits_fn = lambda images: context.state.apply_fn(_variables(context.state), images, train=False)
+    return batch, self.attack(args, context, batch.images, logits_fn, trades_objective)
+
+  def loss(self, args, context, attacked: jax.Array, loss: step_extensions.Loss) -> step_extensions.Loss:
+    # The second forward pass moves the statistics on from the first, as in their code.
+    logits, updates = context.forward({'params': loss.params, **loss.updates}, attacked)
+    return loss._replace(value=loss.value + args['beta'] * kl_from_clean(loss.logits, logits).mean(), updates=updates)
 
 
 # The catastrophic-overfitting guard.

@@ -2,7 +2,7 @@
 
 Each subpackage owns the rules of its own fields, beside the registries that give their valid values
 (`models.CONFIG_RULES`, `data.checks`, `optim`, `robust.checks`, `compress.checks`), and the checks of
-fields that contradict each other (`optim.check_config`, `prune.check_config`, ...). They are composed
+fields that contradict each other (`optim.check_config`, each step extension's `check_config`). They are composed
 here, in the training layer: the highest layer that owns config fields (evaluation's fields take their
 valid values from data, robust and the run contract), and the lowest that every entry point goes
 through: `train_and_evaluate`, `lr_find`, the sweep, evaluation, predict, export and explain all
@@ -16,14 +16,13 @@ import jax
 import ml_collections
 
 from resnet_flax import config_fields as rules
-from resnet_flax import models, optim
+from resnet_flax import models, optim, step_extensions
 from resnet_flax.compress import checks as compress_checks
-from resnet_flax.compress import prune, quantize
 from resnet_flax.data import checks as data_checks
 from resnet_flax.errors import ConfigError
-from resnet_flax.robust import adversarial
 from resnet_flax.robust import checks as robust_checks
 from resnet_flax.run.checkpoint import checkpoint_choice
+from resnet_flax.train import step  # noqa: F401 (registers the step extensions: their checks are composed here)
 
 # Training's own fields, and evaluation's checkpoint choice (a training run that evaluates refuses
 # a bad one too, as it always has).
@@ -64,9 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'--config.{field}={value!r} is invalid: {problem}')
   optim.check_config(config)
   data_checks.check_config(config)
-  prune.check_config(config)
-  adversarial.check_config(config)
-  quantize.check_config(config)
+  step_extensions.check_all(config)
   for field in ('batch_size', 'eval_batch_size'):
     if rules.get(config, field) % jax.device_count():
       raise ConfigError(

@@ -18,8 +18,8 @@ weights enter that step as an argument, replicated and never donated. The pitfal
 missing T^2, which shrinks the soft gradients by 1/T^2 (keras-io#869); a teacher left in training
 mode; teacher outputs cached ahead of time, misaligned once the data is shuffled or augmented.
 
-Teacher and student may be different architectures, but they must share the class names (in order)
-and the image size. The teacher keeps its own normalisation: the student's normalised batch is mapped
+Teacher and student may be different architectures, but they must share the class names (matched by
+name, `data.class_indices`: the teacher's outputs are reordered to the student's) and the image size. The teacher keeps its own normalisation: the student's normalised batch is mapped
 back to pixels and normalised with the teacher's statistics. run.json records the teacher ({'path',
 'step'}) in the resume fingerprint, so a resume with another teacher, or another step of it, is refused.
 """
@@ -35,10 +35,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
-from resnet_flax.data import ImageData, augment
+from resnet_flax import step_extensions
+from resnet_flax.data import ImageData, augment, class_indices
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import trained
 from resnet_flax.train import finetune
@@ -52,6 +54,7 @@ class Teacher:
 
   path: str  # Its workdir.
   restored: trained.Restored  # Its model, run.json, checkpoint step and the weights evaluation uses.
+  class_order: tuple[int, ...] | None = None  # Its output of each of the student's classes; None: the same order.
 
   @property
   def variables(self) -> dict[str, Any]:
@@ -70,23 +73,23 @@ class Teacher:
       model=self.restored.model,
       student_stats=(tuple(student_mean), tuple(student_std)),
       teacher_stats=(tuple(info.pixel_mean), tuple(info.pixel_std)),
+      class_order=self.class_order,
     )
 
 
 def load_teacher(config: ml_collections.ConfigDict, train_split: ImageData) -> Teacher | None:
   """The teacher `config.distill.teacher` names, checked against the student's data; None without one."""
   if not config.distill.teacher:
-    _check_unused(config.distill)
     return None
   path, restored = finetune.restore_run(
     config.distill.teacher, config.distill.teacher_checkpoint, 'distill.teacher', config
   )
   info, image_shape = restored.run.info, tuple(train_split.images.shape[1:])
   refuse = f'--config.distill.teacher={config.distill.teacher!r}'
-  if tuple(info.class_names) != tuple(train_split.class_names):
+  if sorted(info.class_names) != sorted(train_split.class_names):
     raise ConfigError(
       f'{refuse} was trained on the classes {list(info.class_names)}, this run has '
-      f'{list(train_split.class_names)}: distil from a teacher of the same classes, in the same order'
+      f'{list(train_split.class_names)}: distil from a teacher of the same classes (in any order)'
     )
   if tuple(info.image_shape) != image_shape:
     raise ConfigError(
@@ -102,7 +105,8 @@ def load_teacher(config: ml_collections.ConfigDict, train_split: ImageData) -> T
     config.distill.alpha,
     config.distill.temperature,
   )
-  return Teacher(path, restored)
+  order = tuple(class_indices(train_split.class_names, info.class_names).tolist())
+  return Teacher(path, restored, None if order == tuple(range(len(order))) else order)
 
 
 def _check_unused(distill_config: ml_collections.ConfigDict) -> None:
@@ -124,6 +128,7 @@ def teacher_logits(
   model: nn.Module,
   student_stats: tuple[Sequence[float], Sequence[float]],
   teacher_stats: tuple[Sequence[float], Sequence[float]],
+  class_order: tuple[int, ...] | None = None,
 ) -> jax.Array:
   """The frozen teacher's float32 logits of the student's normalised batch `images`, in inference mode.
 
@@ -135,6 +140,8 @@ def teacher_logits(
     pixels = images * (jnp.asarray(std, jnp.float32) * 255) + jnp.asarray(mean, jnp.float32) * 255
     images = augment.normalize(pixels, *teacher_stats)
   logits = model.apply(variables, images, train=False)
+  if class_order is not None:  # The teacher's outputs in the student's order of the classes (`Teacher.class_order`).
+    logits = logits[:, jnp.asarray(class_order)]
   return jax.lax.stop_gradient(logits.astype(jnp.float32))
 
 
@@ -148,14 +155,51 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, temp
   return temperature**2 * optax.losses.kl_divergence_with_log_targets(log_student, log_teacher).mean()
 
 
+def loss_arguments(distill_config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """alpha, 1 - alpha and T as `student_loss` takes them. 1 - alpha is computed on the host in float64, as it
+  was of a Python constant: float32's own 1 - alpha rounds to another number."""
+  alpha, temperature = distill_config.alpha, distill_config.temperature
+  return {'alpha': np.float32(alpha), 'one_minus_alpha': np.float32(1 - alpha), 'temperature': np.float32(temperature)}
+
+
 def student_loss(
-  cross_entropy: jax.Array,
-  student_logits: jax.Array,
-  teacher_logits: jax.Array,
-  distill_config: ml_collections.ConfigDict,
+  cross_entropy: jax.Array, student_logits: jax.Array, teacher_logits: jax.Array, args: dict[str, jax.Array]
 ) -> jax.Array:
-  """alpha * `distillation_loss` + (1 - alpha) * `cross_entropy` (the batch mean of the project's loss)."""
-  alpha = distill_config.alpha
-  return (
-    alpha * distillation_loss(student_logits, teacher_logits, distill_config.temperature) + (1 - alpha) * cross_entropy
-  )
+  """alpha * `distillation_loss` + (1 - alpha) * `cross_entropy` (the batch mean of the project's loss);
+  `args` of `loss_arguments`."""
+  soft = distillation_loss(student_logits, teacher_logits, args['temperature'])
+  return args['alpha'] * soft + args['one_minus_alpha'] * cross_entropy
+
+
+@step_extensions.register
+class Distillation(step_extensions.StepExtension):
+  """The step extension: the teacher's logits of the clean batch before the loss (`prepare`), the student's
+  loss in place of the cross-entropy (`loss`); its weights, alpha and T enter the step as arguments."""
+
+  name = 'distill'
+
+  def __init__(self, teacher: Teacher, distill_config: ml_collections.ConfigDict):
+    self.teacher, self.distill_config = teacher, distill_config
+
+  @classmethod
+  def check_config(cls, config: ml_collections.ConfigDict) -> None:
+    if not config.distill.teacher:
+      _check_unused(config.distill)
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, train_split: ImageData, steps: Any) -> Distillation | None:
+    teacher = load_teacher(config, train_split)
+    return None if teacher is None else cls(teacher, config.distill)
+
+  def run_record(self) -> dict[str, Any]:
+    return {'teacher': self.teacher.identity}
+
+  def arguments(self) -> dict[str, Any]:
+    return {'variables': self.teacher.variables, **loss_arguments(self.distill_config)}
+
+  def prepare(self, args, context: step_extensions.StepContext, batch: step_extensions.Batch):
+    # Once per step, outside the differentiated loss: SAM neither recomputes nor differentiates the teacher.
+    return batch, self.teacher.logits_fn(context.mean, context.std)(args['variables'], batch.images)
+
+  def loss(self, args, context, teacher_logits: jax.Array, loss: step_extensions.Loss) -> step_extensions.Loss:
+    return loss._replace(value=student_loss(loss.value, loss.logits, teacher_logits, args))

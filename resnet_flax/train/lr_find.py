@@ -1,7 +1,7 @@
 """The learning-rate range test (Smith 2017, "Cyclical learning rates", section 3.3): a plot and a peak rate.
 
-`run_lr_find` trains the config's model from its fresh initial weights (`trainer.initial_variables`) with
-the config's optimizer, loss, augmentation, batch size and pipeline, but with a learning rate that
+`run_lr_find` trains the config's model from its fresh initial weights with training's own set-up
+(`trainer.set_up`: the optimizer, loss, step extensions, augmentation, batch size and pipeline), but with a learning rate that
 rises exponentially from `min_lr` to `max_lr` over `num_steps` steps, records each step's loss, and
 writes `<workdir>/lr_find/lr_find.json` and `lr_find.png`. It never touches the workdir's checkpoints,
 run.json or TensorBoard events, and never uses the test split. It works wherever training does: the
@@ -53,18 +53,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
-from resnet_flax import data, models, optim
-from resnet_flax.compress import quantize
-from resnet_flax.data import augment, input_pipeline
+from resnet_flax.data import input_pipeline
 from resnet_flax.errors import ConfigError
-from resnet_flax.run import distributed
 from resnet_flax.run.workdir import check_writable
-from resnet_flax.train import config_checks, distill, trainer
-from resnet_flax.train.step import TrainState, create_train_state, jit_steps, train_step
+from resnet_flax.train import config_checks, trainer
+from resnet_flax.train.step import StepSpec, TrainState, jit_steps, train_step
 
 OUTPUT_DIR = 'lr_find'
 DEFAULT_STEPS = 300
@@ -82,13 +77,13 @@ def exponential_schedule(min_lr: float, max_lr: float, num_steps: int) -> optax.
 
 
 def find_stack(
-  state: TrainState, stack: dict[str, jax.Array], teacher_variables: Any = None, **step_kwargs
+  state: TrainState, stack: dict[str, jax.Array], args: dict[str, Any], *, spec: StepSpec
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`train_step` on each batch of a stack [steps, B, ...]: the state after them, and each step's
   loss and learning rate [steps]. One step runs without a loop, as in `train.step.train_stack` (jax#12868)."""
 
   def step(state, batch):
-    state, step_metrics = train_step(state, batch, teacher_variables, **step_kwargs)
+    state, step_metrics = train_step(state, batch, args, spec=spec)
     return state, {'loss': step_metrics.loss.compute(), 'learning_rate': step_metrics.learning_rate.compute()}
 
   if stack['label'].shape[0] == 1:
@@ -198,7 +193,7 @@ def run_lr_find(
   config_checks.validate(config)
   check_settings(config, num_steps, min_lr, max_lr)
   check_writable(workdir)
-  train_fn, state, pipeline = compile_finder(config, exponential_schedule(min_lr, max_lr, num_steps))
+  train_fn, state, pipeline = compile_finder(config, workdir, exponential_schedule(min_lr, max_lr, num_steps))
   lengths = input_pipeline.call_lengths(0, num_steps, config.steps_per_call, (pipeline.steps_per_epoch,))
   beta = smoothing_factor(num_steps, min_lr, max_lr)
   logging.info(
@@ -224,35 +219,23 @@ def run_lr_find(
 
 
 def compile_finder(
-  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+  config: ml_collections.ConfigDict, workdir: str, learning_rate_fn: optax.Schedule
 ) -> tuple[Callable, TrainState, input_pipeline.InputPipeline]:
-  """Training's own set-up with `learning_rate_fn`: the compiled `find_stack` step, the fresh initial state
-  (replicated) and the input pipeline."""
-  train_split = data.load_splits(config.data)['train']  # With validation_size, training's train split.
-  num_classes = len(train_split.class_names)
-  model = quantize.training_model(models.create_model_from_config(config, num_classes), config.quantize)
-  mean, std = augment.channel_stats(train_split.images)
-  variables = trainer.initial_variables(config, model, train_split, mean, std)
-  mesh = distributed.create_mesh()
-  state = create_train_state(model, variables, optim.create_optimizer(config.optim, learning_rate_fn))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  """Training's own set-up (`trainer.set_up`) with `learning_rate_fn`, without pruning and the EMA: the
+  compiled `find_stack` step, the fresh initial state (replicated) and the input pipeline."""
+  setup = trainer.set_up(finder_config(config), workdir, learning_rate_fn)
   pipeline = input_pipeline.create_pipeline(
-    config.data.pipeline, train_split, config.batch_size, config.seed, mesh, sampling=config.data.sampling
+    config.data.pipeline, setup.train_split, config.batch_size, config.seed, setup.mesh, sampling=config.data.sampling
   )
-  class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
-  train_fn, _ = jit_steps(
-    config,
-    mesh,
-    learning_rate_fn,
-    mean,
-    std,
-    num_classes,
-    pipeline.steps_per_epoch,
-    class_weights,
-    distill.load_teacher(config, train_split),
-    stack_fn=find_stack,
-  )
-  return train_fn, state, pipeline
+  train_fn, _ = jit_steps(setup.spec, setup.mesh, stack_fn=find_stack)
+  return train_fn, setup.state, pipeline
+
+
+def finder_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` less pruning and the EMA of the weights: both are tied to the length of a real run."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.prune.sparsity, config.ema_decay = 0.0, 0.0
+  return config
 
 
 def summarize(

@@ -6,6 +6,7 @@ batch, so BN is synchronised across devices for free. Everything random is a pur
 of (seed, step, example index), so a resumed run is bit-identical to an uninterrupted one.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,13 +23,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_flax import models, optim
-from resnet_flax.compress import prune
+from resnet_flax.compress import prune, quantize  # noqa: F401 (registers their step extensions)
 from resnet_flax.data import augment, input_pipeline, mixing
 from resnet_flax.errors import BudgetError
-from resnet_flax.robust import adversarial
-from resnet_flax.train import distill
-
-ADVERSARIAL_STREAM = 2**32 - 2  # fold_in data of the attack's random start; split(step_key, 3)'s keys differ.
+from resnet_flax.robust import adversarial  # noqa: F401 (registers its step extensions)
+from resnet_flax.run.workdir import epoch_of
+from resnet_flax.step_extensions import Batch, Loss, StepContext, StepExtension
+from resnet_flax.train import distill  # noqa: F401 (registers its step extension)
 
 
 class TrainState(train_state.TrainState):
@@ -95,53 +96,50 @@ def cross_entropy(
   return loss * jnp.sum(targets * jnp.asarray(class_weights, jnp.float32), axis=-1)
 
 
-def train_step(
-  state: TrainState,
-  batch: dict[str, jax.Array],
-  teacher_variables: Any = None,
-  *,
-  config: ml_collections.ConfigDict,
-  learning_rate_fn: optax.Schedule,
-  mean,
-  std,
-  num_classes: int,
-  steps_per_epoch: int,
-  class_weights: np.ndarray | None = None,
-  teacher_logits_fn: distill.TeacherLogitsFn | None = None,
-) -> tuple[TrainState, TrainMetrics]:
-  """One step on a uint8 batch; augmentation, forward, backward and update in one program.
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What the compiled train step is built for: fixed for a run, closed over, never traced."""
 
-  The loss is the batch mean of the class-weighted cross-entropies (`cross_entropy`), a sum over the
-  batch divided by its size, not by the sum of its weights: a batch rich in up-weighted classes
-  moves the weights more, as it should. With a teacher (`teacher_logits_fn` of its `teacher_variables`)
-  the loss is `distill.student_loss`.
-  """
+  config: ml_collections.ConfigDict
+  learning_rate_fn: optax.Schedule
+  mean: Any  # The training images' normalisation, per channel.
+  std: Any
+  num_classes: int
+  steps_per_epoch: int
+  class_weights: np.ndarray | None = None  # `optim.class_weight_vector`: the training loss's only.
+  extensions: tuple[StepExtension, ...] = ()  # `step_extensions.create_all`, folded in this order.
+
+  def arguments(self) -> dict[str, Any]:
+    """The extensions' arguments of the step (`StepExtension.arguments`), by name."""
+    return {extension.name: extension.arguments() for extension in self.extensions}
+
+
+def train_step(
+  state: TrainState, batch: dict[str, jax.Array], args: dict[str, Any], *, spec: StepSpec
+) -> tuple[TrainState, TrainMetrics]:
+  """One step on a uint8 batch, in one program: the plain step with the hooks of `spec.extensions` folded in,
+  `args` their arguments (`StepSpec.arguments`). The plain loss is the batch mean of `cross_entropy`, divided
+  by the batch size, not the sum of class weights: a batch rich in up-weighted classes moves the weights more."""
+  config = spec.config
   step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
   augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
-  epoch = state.step // steps_per_epoch
-  images, targets = augmented_batch(batch, augment_key, mix_key, epoch, config, mean, std, num_classes)
-  # Once per step, outside the differentiated loss: SAM neither recomputes nor differentiates the teacher.
-  teacher_logits = None if teacher_logits_fn is None else teacher_logits_fn(teacher_variables, images)
-  # A frozen backbone (linear probe) runs in inference mode: its BatchNorm statistics stay as they are.
-  train = config.optim.freeze != 'backbone'
+  inputs = Batch(*augmented_batch(batch, augment_key, mix_key, epoch_of(state.step, spec.steps_per_epoch), spec))
+  train = config.optim.freeze != 'backbone'  # A frozen backbone (linear probe) keeps its BatchNorm statistics.
   forward = lambda variables, images: state.apply_fn(
     variables, images, train=train, mutable=['batch_stats'], rngs={'dropout': dropout_key}
   )
-  method = config.adversarial.method
-  if method != 'none':  # Also outside the loss: SAM's ascent keeps the step's adversarial images.
-    attack_key = jax.random.fold_in(step_key, ADVERSARIAL_STREAM)
-    adversarial_images = attack_batch(state, forward, images, targets, attack_key, config.adversarial, mean, std)
-    images = images if method == 'trades' else adversarial_images
+  context = StepContext(state, forward, step_key, spec.mean, spec.std)
+  aux = {}
+  for extension in spec.extensions:  # Outside the loss: SAM's ascent keeps the step's batch.
+    inputs, aux[extension.name] = extension.prepare(args[extension.name], context, inputs)
 
   def loss_fn(params):
-    logits, updates = forward({'params': params, 'batch_stats': state.batch_stats}, images)
-    loss = cross_entropy(logits, targets, config.optim.label_smoothing, class_weights).mean()
-    if teacher_logits is not None:
-      loss = distill.student_loss(loss, logits, teacher_logits, config.distill)
-    if method == 'trades':  # The second forward pass moves the statistics on from the first, as in their code.
-      adversarial_logits, updates = forward({'params': params, **updates}, adversarial_images)
-      loss += config.adversarial.trades_beta * adversarial.kl_from_clean(logits, adversarial_logits).mean()
-    return loss, (logits, updates['batch_stats'])
+    logits, updates = forward({'params': params, 'batch_stats': state.batch_stats}, inputs.images)
+    value = cross_entropy(logits, inputs.targets, config.optim.label_smoothing, spec.class_weights).mean()
+    loss = Loss(value, logits, params, updates)
+    for extension in spec.extensions:
+      loss = extension.loss(args[extension.name], context, aux[extension.name], loss)
+    return loss.value, (loss.logits, loss.updates['batch_stats'])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (logits, batch_stats)), grads = grad_fn(state.params)
@@ -149,43 +147,38 @@ def train_step(
     grads = optim.sam_gradients(grad_fn, state.params, grads, config.optim.sam_rho, config.optim.sam_adaptive)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if state.ema is not None:
-    ema = optim.update_ema(state.ema, new_state.params, batch_stats, config.ema_decay)
-    new_state = new_state.replace(ema=prune.mask_ema(ema, new_state.opt_state))
+    new_state = new_state.replace(ema=optim.update_ema(state.ema, new_state.params, batch_stats, config.ema_decay))
+  for extension in spec.extensions:
+    new_state = extension.after_update(args[extension.name], new_state)
   new_state = skip_if_nonfinite(state, new_state, loss, grads)
   return new_state, TrainMetrics.single_from_model_output(
-    loss=loss, logits=logits, labels=batch['label'], learning_rate=learning_rate_fn(state.step)
+    loss=loss, logits=logits, labels=batch['label'], learning_rate=spec.learning_rate_fn(state.step)
   )
 
 
 def augmented_batch(
-  batch: dict[str, jax.Array],
-  augment_key: jax.Array,
-  mix_key: jax.Array,
-  epoch: jax.Array,
-  config: ml_collections.ConfigDict,
-  mean,
-  std,
-  num_classes: int,
+  batch: dict[str, jax.Array], augment_key: jax.Array, mix_key: jax.Array, epoch: jax.Array, spec: StepSpec
 ) -> tuple[jax.Array, jax.Array]:
   """The normalized, augmented images of a uint8 batch and their [B, num_classes] targets, mixed
   (mixup/CutMix) when the config asks for it."""
+  config = spec.config
   images = augment.augment_batch(
     batch['image'],
     augment_key,
     config.augment,
-    mean,
-    std,
+    spec.mean,
+    spec.std,
     indices=batch['index'],
     epoch=epoch,
     seed=config.seed,
   )
-  targets = jax.nn.one_hot(batch['label'], num_classes)
+  targets = jax.nn.one_hot(batch['label'], spec.num_classes)
   if config.augment.mixup_alpha or config.augment.cutmix_alpha:
     images, targets = mixing.mix_batch(
       images,
       batch['label'],
       mix_key,
-      num_classes=num_classes,
+      num_classes=spec.num_classes,
       mixup_alpha=config.augment.mixup_alpha,
       cutmix_alpha=config.augment.cutmix_alpha,
       prob=config.augment.mix_prob,
@@ -193,29 +186,8 @@ def augmented_batch(
   return images, targets
 
 
-def attack_batch(
-  state: TrainState,
-  forward: Callable,
-  images: jax.Array,
-  targets: jax.Array,
-  key: jax.Array,
-  adversarial_config: ml_collections.ConfigDict,
-  mean,
-  std,
-) -> jax.Array:
-  """The adversarial images of `adversarial.perturb` against the current weights; `forward(variables,
-  images)` is the training-mode forward pass. TRADES' code attacks in eval mode; Wong's and Madry's in
-  train mode."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  if adversarial_config.method == 'trades':
-    attacked = lambda x: state.apply_fn(variables, x, train=False)
-  else:
-    attacked = lambda x: forward(variables, x)[0]
-  return adversarial.perturb(attacked, images, targets, key, adversarial_config, mean, std)
-
-
 def train_stack(
-  state: TrainState, stack: dict[str, jax.Array], teacher_variables: Any = None, **step_kwargs
+  state: TrainState, stack: dict[str, jax.Array], args: dict[str, Any], *, spec: StepSpec
 ) -> tuple[TrainState, TrainMetrics]:
   """`train_step` on each batch of a stack [steps, B, ...] in one program, their metrics merged as the
   loop merges single steps' metrics.
@@ -224,11 +196,11 @@ def train_stack(
   runs without a loop: XLA:CPU runs convolutions inside loops tens of times slower (jax#12868).
   """
   if stack['label'].shape[0] == 1:
-    return train_step(state, jax.tree.map(lambda x: x[0], stack), teacher_variables, **step_kwargs)
+    return train_step(state, jax.tree.map(lambda x: x[0], stack), args, spec=spec)
 
   def step(carry, batch):
     state, merged = carry
-    state, step_metrics = train_step(state, batch, teacher_variables, **step_kwargs)
+    state, step_metrics = train_step(state, batch, args, spec=spec)
     return (state, merged.merge(step_metrics)), None
 
   (state, merged), _ = jax.lax.scan(step, (state, TrainMetrics.empty()), stack)
@@ -249,10 +221,9 @@ def skip_if_nonfinite(old: TrainState, new: TrainState, loss: jax.Array, grads: 
   )
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, mean, std, num_classes: int) -> EvalMetrics:
-  images = augment.normalize(batch['image'], mean, std)
-  logits = state.apply_fn(state.eval_variables(), images, train=False)
-  loss = cross_entropy(logits, jax.nn.one_hot(batch['label'], num_classes))
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, spec: StepSpec) -> EvalMetrics:
+  logits = models.apply_to_pixels(state.apply_fn, state.eval_variables(), batch['image'], spec.mean, spec.std)
+  loss = cross_entropy(logits, jax.nn.one_hot(batch['label'], spec.num_classes))
   return EvalMetrics.single_from_model_output(loss=loss, logits=logits, labels=batch['label'], mask=batch['mask'])
 
 
@@ -265,44 +236,21 @@ def compute_eval_metrics(eval_fn: Callable, state: TrainState, batches: Iterable
   return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 
-def jit_steps(
-  config: ml_collections.ConfigDict,
-  mesh: Mesh,
-  learning_rate_fn: optax.Schedule,
-  mean,
-  std,
-  num_classes: int,
-  steps_per_epoch: int,
-  class_weights: np.ndarray | None = None,
-  teacher: distill.Teacher | None = None,
-  stack_fn: Callable = train_stack,
-) -> tuple[Callable, Callable]:
-  """The sharded train and eval steps. The state is replicated and donated to the train step, which
-  takes a stack of batches (`stack_fn`: `train_stack`, or the learning-rate finder's, which returns each
-  step's loss); the eval step takes one batch. `class_weights` (of
-  `optim.class_weight_vector`) weigh the training loss only: the evaluation loss stays unweighted.
-  A `teacher` (of `distill.load_teacher`) is distilled from: its weights enter the train step as an
-  argument (replicated, never donated; not constants compiled into the program), bound here."""
+def jit_steps(spec: StepSpec, mesh: Mesh, stack_fn: Callable = train_stack) -> tuple[Callable, Callable]:
+  """The sharded train and eval steps. The state is replicated and donated to the train step, which takes a
+  stack of batches (`stack_fn`: `train_stack`, or the learning-rate finder's, which returns each step's
+  loss); the eval step takes one batch. The extensions' arguments (`StepSpec.arguments`: a teacher's
+  weights, ε, α...) enter the train step as an argument, replicated and never donated, bound here."""
   replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-  step_kwargs = dict(config=config, learning_rate_fn=learning_rate_fn, mean=mean, std=std, num_classes=num_classes)
-  teacher_logits_fn = None if teacher is None else teacher.logits_fn(mean, std)
-  teacher_variables = None if teacher is None else teacher.variables
   train_stack_fn = jax.jit(
-    functools.partial(
-      stack_fn,
-      **step_kwargs,
-      steps_per_epoch=steps_per_epoch,
-      class_weights=class_weights,
-      teacher_logits_fn=teacher_logits_fn,
-    ),
+    functools.partial(stack_fn, spec=spec),
     in_shardings=(replicated, input_pipeline.stacked_data_sharding(mesh), replicated),
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
-  train_fn = lambda state, stack: train_stack_fn(state, stack, teacher_variables)
+  args = jax.device_put(spec.arguments(), replicated)
+  train_fn = lambda state, stack: train_stack_fn(state, stack, args)
   eval_fn = jax.jit(
-    functools.partial(eval_step, mean=mean, std=std, num_classes=num_classes),
-    in_shardings=(replicated, sharded),
-    out_shardings=replicated,
+    functools.partial(eval_step, spec=spec), in_shardings=(replicated, sharded), out_shardings=replicated
   )
   return train_fn, eval_fn

@@ -13,7 +13,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
@@ -21,16 +20,23 @@ from clu import parameter_overview
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import data, models, optim
-from resnet_flax.compress import prune, quantize
+from resnet_flax import data, models, optim, step_extensions
+from resnet_flax.compress import prune
 from resnet_flax.data import augment, input_pipeline
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import layers
 from resnet_flax.robust import adversarial
 from resnet_flax.run import checkpoint, curves, distributed, writers
 from resnet_flax.run.workdir import RunInfo, Steps, check_resumable, check_writable
-from resnet_flax.train import config_checks, distill, finetune, loop
-from resnet_flax.train.step import TrainState, check_param_budget, compute_eval_metrics, create_train_state, jit_steps
+from resnet_flax.train import config_checks, finetune, loop
+from resnet_flax.train.step import (
+  StepSpec,
+  TrainState,
+  check_param_budget,
+  compute_eval_metrics,
+  create_train_state,
+  jit_steps,
+)
 
 WHITENING_IMAGES = 5000  # Training images whose 2x2 patches set a whitening stem (airbench's number).
 
@@ -52,11 +58,12 @@ def initial_variables(
 
 
 def guarded(
-  evaluate_fn: Callable, config: ml_collections.ConfigDict, model, splits, pipeline, mean, std
+  evaluate_fn: Callable, config: ml_collections.ConfigDict, setup: Setup, pipeline: input_pipeline.InputPipeline
 ) -> tuple[Callable, adversarial.Guard]:
   """`evaluate_fn` that also measures the overfitting guard's PGD accuracy, and the guard."""
-  split, what = adversarial.guard_split(splits, config.eval_batch_size)
-  apply = lambda variables, pixels: model.apply(variables, augment.normalize(pixels * 255, mean, std), train=False)
+  split, what = adversarial.guard_split(setup.splits, config.eval_batch_size)
+  mean, std = setup.spec.mean, setup.spec.std
+  apply = lambda variables, pixels: models.apply_to_pixels(setup.model.apply, variables, pixels * 255, mean, std)
   guard_metric = adversarial.guard_metric_fn(apply, config.adversarial.epsilon, config.seed)
   logging.info('Overfitting guard: %s on %s at every evaluation', adversarial.GUARD_ATTACK, what)
   # `split` lives as long as the closure: the pipeline keeps its batches on the devices by its id.
@@ -87,18 +94,14 @@ def describe_validation(data_config: ml_collections.ConfigDict, splits: dict[str
 
 @dataclasses.dataclass
 class Setup:
-  """What a training run is made of, set up before its first step: data, model, weights, optimizer, state."""
+  """What a training run is made of, set up before its first step: data, model, weights, the step, the state."""
 
   splits: dict[str, data.ImageData]
   validation: str  # `describe_validation`: '' when the test split stands in (reported only).
   steps: Steps
-  model: flax.linen.Module
+  model: flax.linen.Module  # As the extensions wrap it (QAT).
   variables: Any  # The initial (or `init_from`) weights, on the host.
-  mean: Any
-  std: Any
-  class_weights: np.ndarray | None
-  teacher: distill.Teacher | None
-  learning_rate_fn: optax.Schedule
+  spec: StepSpec  # The compiled step's normalisation, schedule, class weights and extensions.
   mesh: Mesh
   state: TrainState  # Replicated over `mesh`.
   run: RunInfo
@@ -125,57 +128,51 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[dict[str, data.ImageDa
   return splits, validation
 
 
-def set_up(config: ml_collections.ConfigDict, workdir: str) -> Setup:
-  """Data, model, initial weights (`init_from` and a teacher included), optimizer and the replicated state."""
+def set_up(config: ml_collections.ConfigDict, workdir: str, learning_rate_fn: optax.Schedule | None = None) -> Setup:
+  """Data, step extensions, model, initial weights (`init_from` included), optimizer, the step's spec and the
+  replicated state. `learning_rate_fn` replaces the config's schedule (the learning-rate finder's)."""
   splits, validation = load_data(config)
   train_split = splits['train']
   steps = Steps.of(config, len(train_split))
+  extensions = step_extensions.create_all(config, train_split, steps)
   num_classes = len(train_split.class_names)
-  class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
-  model = quantize.training_model(models.create_model_from_config(config, num_classes), config.quantize)
+  model = step_extensions.fold(extensions, 'wrap_model', models.create_model_from_config(config, num_classes))
   mean, std = augment.channel_stats(train_split.images)
   variables = initial_variables(config, model, train_split, mean, std)
   variables, mean, std, init_from = finetune.apply_init_from(
     config, workdir, variables, train_split.class_names, mean, std
   )
-  teacher = distill.load_teacher(config, train_split)
-  learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps)
+  learning_rate_fn = learning_rate_fn or optim.create_learning_rate_fn(config.optim, steps)
+  tx = step_extensions.fold(extensions, 'wrap_optimizer', optim.create_optimizer(config.optim, learning_rate_fn))
   mesh = distributed.create_mesh()
-  tx = prune.wrap_optimizer(optim.create_optimizer(config.optim, learning_rate_fn), config, steps)
-  state = create_train_state(model, variables, tx, ema=config.ema_decay > 0)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  run = run_info(config, train_split, mean, std, steps, init_from, validation, teacher)
-  return Setup(
-    splits, validation, steps, model, variables, mean, std, class_weights, teacher, learning_rate_fn, mesh, state, run
-  )
+  state = jax.device_put(create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P()))
+  class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
+  spec = StepSpec(config, learning_rate_fn, mean, std, num_classes, steps.per_epoch, class_weights, extensions)
+  run = run_info(config, train_split, spec, init_from, validation)
+  return Setup(splits, validation, steps, model, variables, spec, mesh, state, run)
 
 
 def run_info(
   config: ml_collections.ConfigDict,
   train_split: data.ImageData,
-  mean,
-  std,
-  steps: Steps,
+  spec: StepSpec,
   init_from: dict[str, Any] | None,
   validation: str,
-  teacher: distill.Teacher | None,
 ) -> RunInfo:
-  """What run.json records of this run (`run.workdir.RunInfo`)."""
+  """What run.json records of this run (`run.workdir.RunInfo`), the extensions' records included."""
   return RunInfo(
     model_name=config.model.name,
     se_ratio=config.model.se_ratio,
     stem=config.model.stem,
     image_shape=train_split.images.shape[1:],
     class_names=train_split.class_names,
-    pixel_mean=mean,
-    pixel_std=std,
-    steps_per_epoch=steps.per_epoch,
+    pixel_mean=spec.mean,
+    pixel_std=spec.std,
+    steps_per_epoch=spec.steps_per_epoch,
     init_from=init_from,
     resize=config.data.resize,
     validation=validation,
-    teacher=None if teacher is None else teacher.identity,
-    quantize=quantize.run_record(config.quantize),
-    prune=prune.run_record(config.prune),
+    **{field: value for extension in spec.extensions for field, value in extension.run_record().items()},
   )
 
 
@@ -244,18 +241,7 @@ def create_loop(
   on_evaluation: Callable[[int, dict[str, float]], None] | None,
 ) -> loop.TrainLoop:
   """The compiled steps, the input pipeline, the evaluation (with the overfitting guard) and the host loop."""
-  num_classes = len(setup.train_split.class_names)
-  train_fn, eval_fn = jit_steps(
-    config,
-    setup.mesh,
-    setup.learning_rate_fn,
-    setup.mean,
-    setup.std,
-    num_classes,
-    setup.steps.per_epoch,
-    setup.class_weights,
-    setup.teacher,
-  )
+  train_fn, eval_fn = jit_steps(setup.spec, setup.mesh)
   pipeline = input_pipeline.create_pipeline(
     config.data.pipeline, setup.train_split, config.batch_size, config.seed, setup.mesh, sampling=config.data.sampling
   )
@@ -263,7 +249,7 @@ def create_loop(
   evaluate_fn = lambda s: compute_eval_metrics(eval_fn, s, eval_batches())
   guard = None
   if config.adversarial.method != 'none' and config.adversarial.guard_drop:
-    evaluate_fn, guard = guarded(evaluate_fn, config, setup.model, setup.splits, pipeline, setup.mean, setup.std)
+    evaluate_fn, guard = guarded(evaluate_fn, config, setup, pipeline)
   return loop.TrainLoop(
     config,
     setup.steps,
