@@ -39,8 +39,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from resnet_flax import step_extensions
-from resnet_flax.data import ImageData, augment, class_indices
+from resnet_flax import models, step_extensions
+from resnet_flax.data import ImageData, class_indices
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import trained
 from resnet_flax.train import finetune
@@ -135,11 +135,12 @@ def teacher_logits(
   The teacher sees the same pixels as the student, normalised with its own (mean, std): the mapping is
   affine per channel, so it commutes with mixup and CutMix, and a Cutout hole stays the same colour.
   """
-  if teacher_stats != student_stats:
+  if teacher_stats == student_stats:
+    logits = model.apply(variables, images, train=False)
+  else:
     mean, std = student_stats
     pixels = images * (jnp.asarray(std, jnp.float32) * 255) + jnp.asarray(mean, jnp.float32) * 255
-    images = augment.normalize(pixels, *teacher_stats)
-  logits = model.apply(variables, images, train=False)
+    logits = models.apply_to_pixels(model.apply, variables, pixels, *teacher_stats)
   if class_order is not None:  # The teacher's outputs in the student's order of the classes (`Teacher.class_order`).
     logits = logits[:, jnp.asarray(class_order)]
   return jax.lax.stop_gradient(logits.astype(jnp.float32))
