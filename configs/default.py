@@ -136,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.early_stopping_patience = 0  # Stop after this many evaluations without a better validation accuracy; 0 off.
   config.checkpoint_every_steps = 500  # Save a checkpoint this often, and at the end.
   config.keep_checkpoints = 2  # Keep this many latest checkpoints (plus the best by validation accuracy).
-  config.log_every_steps = 50  # Write training metrics this often.
+  config.log_every_steps = 0  # Write training metrics this often; 0: about 50 points per run (run/workdir.py).
   config.skip_nonfinite_updates = False  # Skip (and count) steps with a NaN/inf loss instead of stopping.
+  config.check_memory = True  # Refuse before the first step when XLA says the steps need more memory than is free.
   return config

@@ -15,6 +15,7 @@ from absl import flags, logging
 
 from resnet_flax.errors import UserError
 from resnet_flax.run import distributed
+from resnet_flax.train import memory
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -135,7 +136,8 @@ def run(
   num_processes: int | None,
   process_id: int | None,
 ) -> None:
-  """Runs `mode` in this process of the job; a UserError ends the process with its one line."""
+  """Runs `mode` in this process of the job; a UserError, or XLA running out of memory, ends the process with
+  its one line."""
   quiet_library_logs()
   set_compilation_cache(compilation_cache_dir)
   distributed.initialize(coordinator_address, num_processes, process_id)
@@ -143,3 +145,13 @@ def run(
     mode()
   except UserError as e:
     exit_with_error(str(e))  # One line, whatever a library put in the message.
+  except jax.errors.JaxRuntimeError as e:  # XLA's RESOURCE_EXHAUSTED, at compile or at run time.
+    message = memory.out_of_memory_message(e, run_config())
+    if message is None:
+      raise
+    exit_with_error(message)
+
+
+def run_config():
+  """The --config of this command (an ml_collections.ConfigDict), where it has one."""
+  return flags.FLAGS['config'].value if 'config' in flags.FLAGS else None

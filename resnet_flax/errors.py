@@ -15,3 +15,7 @@ class BudgetError(UserError):
 
 class NonFiniteError(UserError):
   """The loss or the gradients became NaN or infinite."""
+
+
+class OutOfMemoryError(UserError):
+  """The compiled steps need more memory than the devices have free (`train.memory`), or XLA ran out of it."""

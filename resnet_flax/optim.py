@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 from resnet_flax import config_fields as rules
 from resnet_flax import models
@@ -134,30 +135,26 @@ def create_optimizer(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> op
 
 # Schedules: linear warmup from 0 to the peak within the run's steps, then the decay of `optim.schedule`.
 
+WARMUP_CLIP_FRACTION = 0.2  # A warmup as long as the run shrinks to this share of it (quick's is 1/6).
+
 
 def _cosine(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
-  """Cosine decay to 0 (optax counts the warmup inside `decay_steps`)."""
-  return optax.warmup_cosine_decay_schedule(
-    0.0, optim.learning_rate, warmup_steps, decay_steps=steps.total, end_value=0.0
-  )
-
-
-def _after_warmup(optim: OptimConfig, warmup_steps: int, decay: optax.Schedule) -> optax.Schedule:
-  warmup = optax.linear_schedule(0.0, optim.learning_rate, warmup_steps)
-  return optax.join_schedules([warmup, decay], [warmup_steps])
+  """Cosine decay to 0 over the steps after the warmup."""
+  return optax.cosine_decay_schedule(optim.learning_rate, steps.total - warmup_steps)
 
 
 def _onecycle(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
   """Linear decay to 0 at the last step."""
-  return _after_warmup(optim, warmup_steps, optax.linear_schedule(optim.learning_rate, 0.0, steps.total - warmup_steps))
+  return optax.linear_schedule(optim.learning_rate, 0.0, steps.total - warmup_steps)
 
 
 def _step(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
   """Multiplied by `step_gamma` at each of `step_epochs`."""
   boundaries = {steps.at_epoch(epoch) - warmup_steps: optim.step_gamma for epoch in optim.step_epochs}
-  return _after_warmup(optim, warmup_steps, optax.piecewise_constant_schedule(optim.learning_rate, boundaries))
+  return optax.piecewise_constant_schedule(optim.learning_rate, boundaries)
 
 
+# `optim.schedule`: the decay after the warmup, from the peak rate, given the run's steps and the warmup's.
 SCHEDULES: dict[str, Callable[[OptimConfig, Steps, int], optax.Schedule]] = {
   'cosine': _cosine,
   'onecycle': _onecycle,
@@ -165,10 +162,30 @@ SCHEDULES: dict[str, Callable[[OptimConfig, Steps, int], optax.Schedule]] = {
 }
 
 
+def warmup_steps(optim: OptimConfig, steps: Steps) -> int:
+  """The steps of `optim.warmup_epochs`; one as long as the run is clipped to WARMUP_CLIP_FRACTION of it, and
+  says so: it would leave no step at the peak rate."""
+  warmup = steps.at_epoch(optim.warmup_epochs)
+  if warmup < steps.total:
+    return warmup
+  clipped = int(WARMUP_CLIP_FRACTION * steps.total)
+  logging.warning(
+    'optim.warmup_epochs=%g is as long as the whole run (%d steps): warming up over its first %d steps instead; '
+    'set --config.optim.warmup_epochs below num_epochs to choose',
+    optim.warmup_epochs,
+    steps.total,
+    clipped,
+  )
+  return clipped
+
+
 def create_learning_rate_fn(optim: OptimConfig, steps: Steps) -> optax.Schedule:
-  """The schedule of `optim.schedule`; the warmup ends at least one step before the run does."""
-  warmup_steps = min(steps.at_epoch(optim.warmup_epochs), steps.total - 1)
-  return SCHEDULES[optim.schedule](optim, steps, warmup_steps)
+  """The schedule of `optim.schedule` after a linear warmup from 0 (`warmup_steps`; none when that is 0)."""
+  warmup = warmup_steps(optim, steps)
+  decay = SCHEDULES[optim.schedule](optim, steps, warmup)
+  if not warmup:  # optax warns of a linear schedule of no steps.
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, optim.learning_rate, warmup), decay], [warmup])
 
 
 def sam_gradients(grad_fn: Callable, params: Any, grads: Any, rho: float, adaptive: bool) -> Any:

@@ -4,15 +4,17 @@ import subprocess
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
-from helpers import COMPILATION_CACHE, run_smoke
+from helpers import COMPILATION_CACHE, read_class_folders, run_smoke, train_tiny
 
 # In-process runs share compiled programs too (the smoke runs of many tests compile the same steps).
 jax.config.update('jax_compilation_cache_dir', str(COMPILATION_CACHE))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+CIFAR_TRAIN_PER_CLASS, CIFAR_TRAIN_STEPS = 500, 300
 
 
 @pytest.fixture(scope='session')
@@ -24,6 +26,16 @@ def cifar10_jpeg_dir(tmp_path_factory) -> Path:
   destination = tmp_path_factory.mktemp('cifar10_jpeg')
   subprocess.run(['tar', 'xzf', str(archive), '-C', str(destination)], check=True)  # 8x faster than tarfile.
   return destination / 'cifar10-jpeg'
+
+
+@pytest.fixture(scope='session')
+def cifar_tiny(cifar10_jpeg_dir):
+  """resnet_tiny trained briefly on real CIFAR-10 JPEGs (`trained.Restored`): 300 batches of 64 from the first 500
+  training images of each class (44.5% on the first 20 test images of each class). For the slow tests that need a
+  model of natural images."""
+  images, labels, names = read_class_folders(cifar10_jpeg_dir / 'train', CIFAR_TRAIN_PER_CLASS)
+  order = np.random.default_rng(0).permutation(len(images))
+  return train_tiny(images[order], labels[order], names, CIFAR_TRAIN_STEPS, batch_size=64)
 
 
 @pytest.fixture(scope='session')

@@ -1,16 +1,25 @@
-"""Test helpers: running main.py, reading checkpoints. Fixtures live in conftest.py."""
+"""Test helpers: running main.py, reading checkpoints, training a tiny model in process. Fixtures: conftest.py."""
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+import flax.linen as nn
 import jax
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
+from PIL import Image
 
+from resnet_flax import models
+from resnet_flax.data import augment
 from resnet_flax.evaluate import inference
 from resnet_flax.models import trained
+from resnet_flax.run import report_paths
 from resnet_flax.run.workdir import RunInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,10 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPILATION_CACHE = Path(tempfile.gettempdir()) / 'resnet_flax_tests_jax_cache'
 
 
-def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple[int, int, int] | None = None):
+def run_main(
+  workdir,
+  *args,
+  devices: int = 1,
+  wait: bool = True,
+  process: tuple[int, int, int] | None = None,
+  env: dict[str, str] | None = None,
+):
   """Runs main.py with the smoke config; returns (returncode, output), or the Popen if not `wait`.
 
-  `process` = (port, num_processes, process_id) starts one process of a multi-process job.
+  `process` = (port, num_processes, process_id) starts one process of a multi-process job; `env` adds to the
+  subprocess's environment.
   """
   command = [
     sys.executable,
@@ -34,7 +51,7 @@ def run_main(workdir, *args, devices: int = 1, wait: bool = True, process: tuple
   if process:
     port, count, index = process
     command += [f'--coordinator_address=localhost:{port}', f'--num_processes={count}', f'--process_id={index}']
-  return run_command(command, devices, wait)
+  return run_command(command, devices, wait, env)
 
 
 def run_sweep(*args, wait: bool = True):
@@ -62,8 +79,8 @@ def subprocess_env(devices: int) -> dict[str, str]:
   }
 
 
-def run_command(command: list[str], devices: int, wait: bool):
-  env = subprocess_env(devices)
+def run_command(command: list[str], devices: int, wait: bool, env: dict[str, str] | None = None):
+  env = {**subprocess_env(devices), **(env or {})}
   popen = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if not wait:
     return popen
@@ -127,3 +144,69 @@ def restore_smoke_run(workdir):
 
   restored = trained.restore_workdir(str(workdir), smoke.get_config(), 'latest', distributed.create_mesh())
   return restored, inference.load_test_split(restored.run.config.data, restored.run.info)
+
+
+def indexed_report_dir(workdir, data_config, label: str = 'plain') -> Path:
+  """The report directory of `workdir`'s one evaluation on that data with that label, as eval/index.json says."""
+  index = json.loads((Path(workdir) / 'eval' / report_paths.INDEX_FILE).read_text())['evaluations']
+  data = report_paths.report_name(data_config)
+  (entry,) = [e for e in index if e['data'] == data and e['label'] == label]
+  return Path(workdir) / 'eval' / entry['directory']
+
+
+# Training in-process.
+
+
+def numpy_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:
+  """Variables of `model` drawn in numpy (LeCun-normal kernels, BatchNorm as identity): a compiled
+  `init` takes seconds on a CPU, these take none."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape).astype(leaf.dtype)
+    return (np.ones if name in ('scale', 'var') else np.zeros)(leaf.shape, leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, dict(models.init_variables(model, image_shape)))
+
+
+def train_tiny(
+  images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], steps: int, batch_size: int = 32
+) -> trained.Restored:
+  """resnet_tiny trained on `images` (Adam, `steps` batches in order, cycling), as evaluation restores a run."""
+  from configs import smoke
+
+  mean, std = augment.channel_stats(images)
+  info = tiny_run_info(image_shape=images.shape[1:], class_names=tuple(class_names), pixel_mean=mean, pixel_std=std)
+  model = models.create_model('resnet_tiny', len(class_names))
+  variables = numpy_variables(model, info.image_shape)
+  optimizer = optax.adam(3e-3)
+
+  @jax.jit
+  def step(variables, optimizer_state, images, labels):
+    def loss(params):
+      normalized = augment.normalize(images, mean, std)
+      logits, state = model.apply({**variables, 'params': params}, normalized, train=True, mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
+
+    gradients, state = jax.grad(loss, has_aux=True)(variables['params'])
+    updates, optimizer_state = optimizer.update(gradients, optimizer_state, variables['params'])
+    return {'params': optax.apply_updates(variables['params'], updates), **state}, optimizer_state
+
+  optimizer_state = optimizer.init(variables['params'])
+  for batch in range(steps):
+    part = np.arange(batch * batch_size, (batch + 1) * batch_size) % len(images)
+    variables, optimizer_state = step(variables, optimizer_state, images[part], labels[part])
+  return trained.Restored(trained.TrainedRun(smoke.get_config(), info), model, variables, steps)
+
+
+def read_class_folders(root, per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The first `per_class` images of each class folder under `root`, their labels and the class names."""
+  names = sorted(path.name for path in root.iterdir())
+  images, labels = [], []
+  for label, name in enumerate(names):
+    for path in sorted((root / name).iterdir())[:per_class]:
+      images.append(np.asarray(Image.open(path).convert('RGB')))
+      labels.append(label)
+  return np.stack(images), np.array(labels, np.int32), names

@@ -1,20 +1,28 @@
-"""Adversarial training: the images a step trains on are attacks inside the ball, and the overfitting
+"""Adversarial training: the images a step trains on are attacks inside the ball, the train step's loss and
+update are those of the attacked batch (TRADES': the clean loss plus beta x the KL), and the overfitting
 guard stops a run whose held-out PGD accuracy collapses, without letting that model become the best."""
 
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
+from scipy.special import log_softmax
 
 from configs import smoke
+from resnet_flax import step_extensions
 from resnet_flax.data import augment
 from resnet_flax.errors import ConfigError
 from resnet_flax.robust import adversarial
-from resnet_flax.run import checkpoint
+from resnet_flax.run import checkpoint, writers
+from resnet_flax.run.workdir import epoch_of
 from resnet_flax.train import config_checks, step, trainer
 
 from helpers import restore_smoke_run
@@ -51,6 +59,111 @@ def test_training_images_are_attacks_inside_the_ball(trained, method):
     assert loss(attacked_logits) > loss(clean_logits) + 0.05
 
 
+# The train step with an extension, against the plain step given the images attacked outside it (with the step's
+# own augmentation, keys and forward pass), from the trained smoke run at a learning rate above 0.
+
+
+class GivenImages(step_extensions.StepExtension):
+  """Trains on the images of its argument instead of the step's."""
+
+  name = 'given_images'
+
+  def prepare(self, args, context, batch):
+    return batch._replace(images=args['images']), None
+
+
+@pytest.fixture(scope='module')
+def one_step(straight_run, tmp_path_factory):
+  """(the plain step's spec, the trained smoke run's state, a uint8 batch of its training images)."""
+  config = smoke.get_config()
+  config.optim.warmup_epochs = 0.0  # The update of step 0 shows the gradients.
+  setup = trainer.set_up(config, str(tmp_path_factory.mktemp('adversarial_step')))
+  restored, _ = restore_smoke_run(straight_run)
+  state = setup.state.replace(params=restored.variables['params'], batch_stats=restored.variables['batch_stats'])
+  images, labels = setup.train_split.images[:64], setup.train_split.labels[:64]
+  return setup.spec, state, {'image': images, 'label': labels, 'index': np.arange(64, dtype=np.int32)}
+
+
+def adversarial_config(method: str):
+  config = smoke.get_config().adversarial
+  config.method, config.epsilon, config.steps = method, 16 / 255, 2
+  return config
+
+
+def compiled_step(spec, extension=None):
+  """(state, batch, the extension's arguments) -> (reported loss, updated parameters, flattened)."""
+  spec = dataclasses.replace(spec, extensions=(extension,) if extension else ())
+  name = extension.name if extension else None
+  train = jax.jit(lambda state, batch, args: step.train_step(state, batch, {name: args} if name else {}, spec=spec))
+
+  def run(state, batch, args=None):
+    new_state, metrics = train(state, batch, args)
+    return float(metrics.loss.compute()), np.asarray(ravel_pytree(new_state.params)[0])
+
+  return run
+
+
+def attack_outside(spec, extension, train_mode: bool, objective):
+  """(state, batch) -> (the step's augmented images, them attacked, the train-mode logits of each), attacked as
+  the step at `state.step` would: its key, its forward pass (`train_mode`) or inference, `objective(targets)`."""
+  return jax.jit(
+    functools.partial(attacked, spec=spec, extension=extension, train_mode=train_mode, objective=objective)
+  )
+
+
+def attacked(state, batch, *, spec, extension, train_mode, objective):
+  step_key = jax.random.fold_in(jax.random.key(spec.config.seed), state.step)
+  augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
+  epoch = epoch_of(state.step, spec.steps_per_epoch)
+  images, targets = step.augmented_batch(batch, augment_key, mix_key, epoch, spec)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  train = lambda x: state.apply_fn(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})[0]
+  logits_fn = train if train_mode else lambda x: state.apply_fn(variables, x, train=False)
+  attack_key = jax.random.fold_in(step_key, adversarial.ATTACK_STREAM)
+  args, steps = extension.arguments(), extension.steps
+  adversarial_images = adversarial.perturb(
+    logits_fn, images, objective(targets), attack_key, args, steps, spec.mean, spec.std
+  )
+  return images, adversarial_images, train(images), train(adversarial_images)
+
+
+@pytest.mark.parametrize('method', ['fgsm_rs', 'pgd'])
+def test_the_step_trains_on_the_attacked_batch(one_step, method):
+  spec, state, batch = one_step
+  extension = adversarial.AdversarialTraining(adversarial_config(method))
+  args = extension.arguments()
+  attack = attack_outside(spec, extension, train_mode=True, objective=adversarial.cross_entropy_objective)
+  clean, attacked_images, _, _ = attack(state, batch)
+  loss, params = compiled_step(spec, extension)(state, batch, args)
+  given = compiled_step(spec, GivenImages())
+  attacked_loss, attacked_params = given(state, batch, {'images': attacked_images})
+  clean_loss, clean_params = given(state, batch, {'images': clean})
+  assert loss == pytest.approx(attacked_loss, rel=1e-4)
+  assert loss > clean_loss + 0.1  # The attack raised the loss: training on clean images cannot pass.
+  start = np.asarray(ravel_pytree(state.params)[0])
+  update, attacked_update, clean_update = params - start, attacked_params - start, clean_params - start
+  assert np.linalg.norm(update - attacked_update) < 1e-3 * np.linalg.norm(update)  # The gradients of that loss.
+  assert np.linalg.norm(update - clean_update) > 0.1 * np.linalg.norm(update)
+
+
+def test_trades_adds_beta_times_the_kl_from_the_clean_to_the_attacked_prediction(one_step):
+  spec, state, batch = one_step
+  extension = adversarial.Trades(adversarial_config('trades'))
+  args = extension.arguments()
+  attack = attack_outside(spec, extension, train_mode=False, objective=lambda targets: adversarial.trades_objective)
+  _, _, clean_logits, attacked_logits = attack(state, batch)
+  clean, attacked_prediction = (
+    log_softmax(np.asarray(x, np.float64), axis=-1) for x in (clean_logits, attacked_logits)
+  )
+  kl = np.mean(np.sum(np.exp(clean) * (clean - attacked_prediction), axis=-1))
+  assert kl > 1e-3  # The attack moved the prediction: dropping it cannot pass.
+  trades = compiled_step(spec, extension)
+  loss = lambda beta: trades(state, batch, {**args, 'beta': np.float32(beta)})[0]
+  clean_loss = compiled_step(spec)(state, batch)[0]
+  assert loss(0.0) == pytest.approx(clean_loss, rel=1e-6)  # Cross-entropy on the clean images.
+  assert loss(args['beta']) - loss(0.0) == pytest.approx(args['beta'] * kl, rel=1e-3)
+
+
 def test_guard_stops_at_a_drop_below_the_best():
   guard = adversarial.Guard(drop=0.2, what='a batch')
   metric = lambda accuracy: {adversarial.GUARD_METRIC: accuracy}
@@ -84,6 +197,45 @@ def test_the_guard_ends_training_and_the_collapsed_model_never_ranks(tmp_path, m
   with contextlib.closing(checkpoint.open_checkpoints(str(tmp_path))) as manager:
     assert max(manager.all_steps()) == stopped  # Saved (nothing is lost) ...
     assert checkpoint.best_step(manager) == 2 * steps_per_epoch  # ... but not the best.
+
+
+def guard_stop(accuracies: list[tuple[int, float]], drop: float) -> tuple[int, int, float, float] | None:
+  """(step, best step, best accuracy, accuracy) of the first evaluation more than `drop` below the best before it."""
+  best_step, best = 0, -math.inf
+  for at, accuracy in accuracies:
+    if accuracy < best - drop:
+      return at, best_step, best, accuracy
+    if accuracy > best:
+      best_step, best = at, accuracy
+  return None
+
+
+@pytest.mark.slow
+def test_real_catastrophic_overfitting_stops_the_run_and_never_ranks(tmp_path, caplog):
+  """Nothing scripted: FGSM training at 32/255 with the step of 2 epsilon that Wong et al. saw overfit, at a high rate,
+  overfits catastrophically on the smoke data (measured: the PGD-5 accuracy of the validation batch falls from 0.55 to
+  0.16 in one epoch as the clean validation accuracy jumps to 1.0). The guard stops the run where the accuracies it
+  recorded say, and the best checkpoint stays the best one from before, though the collapsed one looks better."""
+  config = smoke.get_config()
+  config.data.validation_size, config.num_epochs, config.keep_checkpoints = 128, 10.0, 11
+  config.optim.learning_rate = 0.2
+  config.adversarial.update(method='fgsm_rs', epsilon=32 / 255, step_size=64 / 255)  # guard_drop: the default 0.2.
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  scalars = writers.read_scalars(str(tmp_path))
+  guarded = scalars[f'eval_{adversarial.GUARD_METRIC}']
+  stop = guard_stop(guarded, config.adversarial.guard_drop)
+  assert stop and stop[0] < 10 * 6, guarded  # It stopped before the end (6 steps an epoch) ...
+  stopped_at, best_step, best, fell_to = stop
+  assert guarded[-1][0] == stopped_at  # ... at that evaluation.
+  assert f'catastrophic overfitting at step {stopped_at}' in caplog.text
+  assert f'fell from {best:.4f} (step {best_step}) to {fell_to:.4f}' in caplog.text
+  validation = dict(scalars['eval_accuracy'])
+  ranked = {at: accuracy for at, accuracy in validation.items() if at < stopped_at}
+  with contextlib.closing(checkpoint.open_checkpoints(str(tmp_path))) as manager:
+    assert max(manager.all_steps()) == stopped_at
+    assert checkpoint.best_step(manager) == max(ranked, key=ranked.get)
+  assert validation[stopped_at] > max(ranked.values())  # The collapsed model would have been the best.
 
 
 def test_adversarial_training_with_a_teacher_is_refused_in_one_line():

@@ -1,5 +1,6 @@
 """The attacks keep their promises on a trained model: inside the ε-ball and [0, 1], clean accuracy at
-ε = 0, no gain from a larger ε, ~0% at 64/255, the worst case below each attack, APGD below PGD-20."""
+ε = 0, no gain from a larger ε, ~0% at 64/255, the worst case below each attack, APGD below PGD-20; on real
+CIFAR-10 images (slow), PGD far stronger than random signs of the same size."""
 
 import json
 import shutil
@@ -18,7 +19,7 @@ from resnet_flax.evaluate import adversarial_evaluator
 from resnet_flax.robust import attack_steps, attacks
 from resnet_flax.train import config_checks
 
-from helpers import restore_smoke_run
+from helpers import indexed_report_dir, read_class_folders, restore_smoke_run
 
 EXAMPLES = 64
 
@@ -118,6 +119,29 @@ def test_an_examples_attack_does_not_depend_on_its_batch(model):
   )
 
 
+NATURAL_PER_CLASS = 20  # Real CIFAR-10 test images of each class for the comparison below.
+
+
+@pytest.mark.slow
+def test_on_real_images_pgd_fools_where_random_signs_of_the_same_size_do_not(cifar_tiny, cifar10_jpeg_dir):
+  """On the natural images a model of them classifies, PGD-10 at 8/255 fools most; noise of random signs at the
+  same ε (a corner of the same ball) fools few: the attack finds the directions the model is weak in."""
+  images, labels, _ = read_class_folders(cifar10_jpeg_dir / 'test', NATURAL_PER_CLASS)
+  info, variables = cifar_tiny.run.info, cifar_tiny.variables
+  apply = lambda v, x: cifar_tiny.model.apply(
+    v, augment.normalize(x * 255, info.pixel_mean, info.pixel_std), train=False
+  )
+  attacker = attacks.Attacker(apply, 'linf')
+  x, y = jnp.asarray(images, jnp.float32) / 255, jnp.asarray(labels)
+  right = np.asarray(attacker.correct(variables, x, y))
+  assert right.sum() >= 3 * len(right) // 10  # It is a model of these images (10 classes: chance is 10%).
+  x, y, epsilon = x[right], y[right], 8 / 255
+  pgd = accuracy(attack(attacker, variables, 'pgd10', x, y, epsilon))
+  signs = jax.random.rademacher(jax.random.key(0), x.shape, jnp.float32)
+  noise = float(np.mean(np.asarray(attacker.correct(variables, jnp.clip(x + epsilon * signs, 0, 1), y))))
+  assert pgd <= 0.2 and noise >= 0.7, (pgd, noise)  # Measured: 0.02 and 0.92 of the 44.5% it classifies.
+
+
 def test_dlr_loss_ignores_shifting_and_scaling_the_logits():
   logits = jax.random.normal(jax.random.key(0), (8, 10))
   labels = jnp.arange(8) % 10
@@ -180,6 +204,6 @@ def test_evaluate_reports_robust_accuracy_and_plots_it(straight_run, tmp_path):
   assert report['examples'] == 40 and 'class-stratified by seed 0' in report['examples_chosen']
   assert report['curve']['epsilons'] == [4 / 255, 8 / 255]
   assert report['worst_case_accuracy'] <= min(report['accuracy'].values()) <= report['clean_accuracy']
-  (directory,) = (workdir / 'eval').iterdir()
+  directory = indexed_report_dir(workdir, config.data, 'fgsm+pgd3-linf-eps8')
   assert json.loads((directory / 'report.json').read_text())['adversarial'] == report
   assert (directory / 'accuracy_vs_epsilon.png').stat().st_size > 10_000

@@ -7,6 +7,7 @@ colour waves, an object, grain). Every corruption compiles once per image size a
 images, which the tests share.
 """
 
+import json
 import re
 import shutil
 import subprocess
@@ -21,8 +22,9 @@ from resnet_flax import data, evaluate
 from resnet_flax.data import DataError
 from resnet_flax.errors import ConfigError
 from resnet_flax.robust import corruption_cache, corruption_ops, corruptions
-from resnet_flax.run.report_paths import report_dir
 from resnet_flax.train import config_checks
+
+from helpers import indexed_report_dir
 
 SHARED_ARCHIVE = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 NAMES = list(corruption_ops.CORRUPTIONS)
@@ -252,19 +254,18 @@ def test_evaluation_reports_accuracy_per_corruption_and_severity(scored_run):
   assert entry['mean_accuracy'] == pytest.approx(np.mean(accuracies))
   assert entry['errors']['fog'] == pytest.approx(1 - np.mean(entry['accuracy']['fog']))
   assert 'mce' not in entry
-  directory = Path(report_dir(str(workdir), smoke.get_config().data))
+  directory = indexed_report_dir(workdir, smoke.get_config().data, 'c-brightness+fog')
   assert (directory / 'corruptions.png').read_bytes()[:4] == b'\x89PNG'
   assert '"corruptions"' in (directory / 'report.json').read_text()
 
 
-def test_a_run_against_itself_has_mce_one_and_other_images_are_refused(scored_run):
+def test_a_workdir_is_found_as_the_baseline_and_other_images_are_refused(scored_run):
   workdir, report, cache = scored_run
   against_itself = evaluate.evaluate_checkpoint(
     corruption_config(cache, corruption_baseline=str(workdir)), str(workdir)
   )
   entry = against_itself['corruptions']
   assert entry['accuracy'] == report['corruptions']['accuracy']  # Read from the cache, scored alike.
-  assert entry['mce'] == 1.0 and set(entry['ce'].values()) == {1.0}
   assert entry['baseline'].endswith('report.json')
   refusals = {
     'scored on other corrupted images .*examples 40 here 30': {'corruption_examples': 30},
@@ -276,7 +277,36 @@ def test_a_run_against_itself_has_mce_one_and_other_images_are_refused(scored_ru
       evaluate.evaluate_checkpoint(corruption_config(cache, corruption_baseline=str(workdir), **fields), str(workdir))
 
 
+# A baseline's report with known errors: brightness 0.1 to 0.5 (sum 1.5), fog 0.5 at every severity (sum 2.5).
+BASELINE_ACCURACY = {'brightness': [0.9, 0.8, 0.7, 0.6, 0.5], 'fog': [0.5] * 5}
+BASELINE_ERROR_SUMS, BASELINE_CLEAN_ERROR = {'brightness': 1.5, 'fog': 2.5}, 0.05
+
+
+def test_the_mce_divides_the_errors_by_the_baselines(scored_run, tmp_path):
+  workdir, report, cache = scored_run
+  ours = report['corruptions']
+  identity = {key: ours[key] for key in ('examples', 'seed', 'generator_version', 'images_sha256')}
+  baseline = tmp_path / 'report.json'
+  scripted = {**identity, 'clean_accuracy': 1 - BASELINE_CLEAN_ERROR, 'accuracy': BASELINE_ACCURACY}
+  baseline.write_text(json.dumps({'corruptions': scripted}))
+  entry = evaluate.evaluate_checkpoint(corruption_config(cache, corruption_baseline=str(baseline)), str(workdir))
+  entry = entry['corruptions']
+  assert entry['baseline'] == str(baseline) and entry['accuracy'] == ours['accuracy']
+  error_sums = {name: sum(1 - a for a in accuracy) for name, accuracy in ours['accuracy'].items()}
+  ce = {name: error_sums[name] / BASELINE_ERROR_SUMS[name] for name in BASELINE_ERROR_SUMS}
+  assert entry['ce'] == pytest.approx(ce) and entry['mce'] == pytest.approx(np.mean(list(ce.values())))
+  assert ce != pytest.approx({'brightness': 1.0, 'fog': 1.0})  # So the baseline is not this run's own errors.
+  excess = lambda sum_of_errors, clean_error: sum_of_errors - 5 * clean_error  # Over its five severities.
+  relative = {
+    name: excess(error_sums[name], 1 - ours['clean_accuracy']) / excess(BASELINE_ERROR_SUMS[name], BASELINE_CLEAN_ERROR)
+    for name in BASELINE_ERROR_SUMS
+  }
+  assert entry['relative_ce'] == pytest.approx(relative)
+  assert entry['relative_mce'] == pytest.approx(np.mean(list(relative.values())))
+
+
 def test_a_baseline_never_scored_on_corruptions_is_refused(scored_run, tmp_path):
   workdir, _, cache = scored_run
-  with pytest.raises(ConfigError, match=f'there is no {re.escape(str(tmp_path))}.*report.json; evaluate it with'):
+  looked = f'looked for a report of brightness, fog on synthetic-test-.* in {re.escape(str(tmp_path))}'
+  with pytest.raises(ConfigError, match=f'{looked}.*found none; evaluate it with'):
     evaluate.evaluate_checkpoint(corruption_config(cache, corruption_baseline=str(tmp_path)), str(workdir))

@@ -28,6 +28,7 @@ from resnet_flax.run import checkpoint, curves, distributed, report_paths, write
 from resnet_flax.run.workdir import LATER_FACTS, RunInfo
 from resnet_flax.train import config_checks, trainer
 
+import helpers
 from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ def restored(workdir):
 
 
 def report_dir(workdir, config) -> Path:
-  return Path(report_paths.report_dir(str(workdir), config.data))
+  return helpers.indexed_report_dir(workdir, config.data)
 
 
 def write_png(path: Path, image: np.ndarray):
@@ -379,6 +380,32 @@ def test_a_run_json_of_the_first_versions_takes_its_facts_from_the_training_data
   (copy / 'config.json').write_text(json.dumps(config))
   with pytest.raises(DataError, match=f'now has {NUM_CLASSES + 1} classes but the checkpoints have {NUM_CLASSES}'):
     evaluate.evaluate_checkpoint(smoke_config(), str(copy))
+
+
+# Nine predictions among 4 classes, by their confidence (the top probability) and whether they are right. With
+# ECE_BINS = 15 (bin b holds [b/15, (b+1)/15), the last one 1 too) they fall in three bins:
+#   bin 14 [0.933, 1]: 0.95, 0.95, 0.95, 1.0, right 3 of 4: |0.75 - 3.85/4| = 0.2125, weighed 4/9
+#   bin 7 [0.467, 0.533): 0.5, 0.5, right 1 of 2: |0.5 - 0.5| = 0
+#   bin 4 [0.267, 0.333): 0.3, 0.3, 0.3, right 2 of 3: |2/3 - 0.3| = 0.3667, weighed 3/9
+# ECE = (4 x 0.2125 + 3 x 0.3667) / 9 = (0.85 + 1.1) / 9. In one bin: |6/9 - (3.85 + 1 + 1 + 0.9) / 9| = 0.25 / 9.
+CALIBRATION_CASES = [(0.95, True), (0.95, True), (0.95, False), (1.0, True), (0.5, True), (0.5, False)]
+CALIBRATION_CASES += [(0.3, True), (0.3, True), (0.3, False)]
+HAND_ECE, HAND_ECE_ONE_BIN = 1.95 / 9, 0.25 / 9
+
+
+def test_expected_calibration_error_is_the_hand_computed_one():
+  confidences = np.array([confidence for confidence, _ in CALIBRATION_CASES])
+  correct = np.array([right for _, right in CALIBRATION_CASES])
+  assert metrics.expected_calibration_error(confidences, correct) == pytest.approx(HAND_ECE, abs=1e-12)
+  assert metrics.expected_calibration_error(confidences, correct, num_bins=1) == pytest.approx(HAND_ECE_ONE_BIN)
+  assert metrics.expected_calibration_error(np.full(4, 0.75), np.array([True, True, True, False])) == 0.0
+  # In the report: the confidence is the top softmax probability (class 0's here), right when the label is 0.
+  others = (1 - confidences[:, None]) / 3 * np.ones((1, 3))
+  logits = np.log(np.concatenate([confidences[:, None], np.maximum(others, 1e-300)], axis=1))
+  labels = np.where(correct, 0, 1)
+  names = ['a', 'b', 'c', 'd']
+  report = metrics.classification_metrics({'logits': logits}, labels, np.arange(4), names, names)
+  assert report['expected_calibration_error'] == pytest.approx(HAND_ECE, abs=1e-12)
 
 
 @pytest.mark.parametrize('seed', range(3))

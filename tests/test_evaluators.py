@@ -12,7 +12,8 @@ from configs import smoke
 from resnet_flax import evaluate
 from resnet_flax.errors import ConfigError
 from resnet_flax.evaluate import evaluators, inference
-from resnet_flax.run import report_paths
+
+from helpers import indexed_report_dir
 
 NAME = 'confidence'
 
@@ -54,7 +55,7 @@ def test_a_registered_evaluator_runs_through_the_config_and_writes_its_section(
   config = smoke.get_config()
   config.eval.evaluators = NAME
   report = evaluate.evaluate_checkpoint(config, str(workdir))
-  directory = Path(report_paths.report_dir(str(workdir), config.data))
+  directory = indexed_report_dir(workdir, config.data, NAME)  # Labelled by its name.
   section = json.loads((directory / 'report.json').read_text())[NAME]
   assert section == report[NAME]
   predictions = np.load(directory / evaluate.PREDICTIONS_FILE)  # The core forward pass's, saved apart.

@@ -13,13 +13,11 @@ the shared smoke run (`straight_run`: resnet_tiny, 10 synthetic classes, 32x32 i
 import functools
 import json
 import shutil
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from PIL import Image
 
@@ -31,12 +29,12 @@ from resnet_flax.data import DataError, augment
 from resnet_flax.explain import command, methods
 from resnet_flax.models import trained
 
-from helpers import run_main, tiny_run_info
+from helpers import numpy_variables, read_class_folders, run_main, train_tiny
 
 SIZE, SQUARE = 16, 5
 COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230]], np.uint8)  # The classes: red, green, blue.
 NUM_EXPLAINED = 8
-CIFAR_TRAIN_PER_CLASS, CIFAR_TRAIN_STEPS, CIFAR_EXPLAINED = 500, 300, 32
+CIFAR_EXPLAINED = 32
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
@@ -57,48 +55,6 @@ def in_square(maps: np.ndarray, corners: np.ndarray) -> np.ndarray:
   return np.all((peaks >= corners) & (peaks < corners + SQUARE), axis=1)
 
 
-def numpy_variables(model: nn.Module, image_shape: Sequence[int], seed: int = 0) -> dict:
-  """Variables of `model` drawn in numpy (LeCun-normal kernels, BatchNorm as identity): a compiled
-  `init` takes seconds on a CPU, these take none."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      return rng.normal(0, 1 / np.sqrt(np.prod(leaf.shape[:-1])), leaf.shape).astype(leaf.dtype)
-    return (np.ones if name in ('scale', 'var') else np.zeros)(leaf.shape, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, dict(models.init_variables(model, image_shape)))
-
-
-def train_tiny(
-  images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], steps: int, batch_size: int = 32
-) -> trained.Restored:
-  """resnet_tiny trained on `images` (Adam, `steps` batches in order, cycling), as evaluation restores a run."""
-  mean, std = augment.channel_stats(images)
-  info = tiny_run_info(image_shape=images.shape[1:], class_names=tuple(class_names), pixel_mean=mean, pixel_std=std)
-  model = models.create_model('resnet_tiny', len(class_names))
-  variables = numpy_variables(model, info.image_shape)
-  optimizer = optax.adam(3e-3)
-
-  @jax.jit
-  def step(variables, optimizer_state, images, labels):
-    def loss(params):
-      normalized = augment.normalize(images, mean, std)
-      logits, state = model.apply({**variables, 'params': params}, normalized, train=True, mutable=['batch_stats'])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state
-
-    gradients, state = jax.grad(loss, has_aux=True)(variables['params'])
-    updates, optimizer_state = optimizer.update(gradients, optimizer_state, variables['params'])
-    return {'params': optax.apply_updates(variables['params'], updates), **state}, optimizer_state
-
-  optimizer_state = optimizer.init(variables['params'])
-  for batch in range(steps):
-    part = np.arange(batch * batch_size, (batch + 1) * batch_size) % len(images)
-    variables, optimizer_state = step(variables, optimizer_state, images[part], labels[part])
-  return trained.Restored(trained.TrainedRun(smoke.get_config(), info), model, variables, steps)
-
-
 @pytest.fixture(scope='module')
 def toy() -> trained.Restored:
   images, labels, _ = squares(40 * 32, seed=0)
@@ -113,26 +69,13 @@ def explained(toy):
   return explainer(images, np.full(NUM_EXPLAINED, -1, np.int32)), labels, corners, explainer
 
 
-def read_class_folders(root, per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """The first `per_class` images of each class folder under `root`, their labels and the class names."""
-  names = sorted(path.name for path in root.iterdir())
-  images, labels = [], []
-  for label, name in enumerate(names):
-    for path in sorted((root / name).iterdir())[:per_class]:
-      images.append(np.asarray(Image.open(path).convert('RGB')))
-      labels.append(label)
-  return np.stack(images), np.array(labels, np.int32), names
-
-
 @pytest.fixture(scope='module')
-def cifar(cifar10_jpeg_dir):
+def cifar(cifar_tiny, cifar10_jpeg_dir):
   """(resnet_tiny trained briefly on real CIFAR-10 JPEGs, CIFAR_EXPLAINED test images, their labels)."""
-  images, labels, names = read_class_folders(cifar10_jpeg_dir / 'train', CIFAR_TRAIN_PER_CLASS)
-  order = np.random.default_rng(0).permutation(len(images))
-  restored = train_tiny(images[order], labels[order], names, CIFAR_TRAIN_STEPS, batch_size=64)
-  test_images, test_labels, _ = read_class_folders(cifar10_jpeg_dir / 'test', CIFAR_EXPLAINED // len(names) + 1)
+  per_class = CIFAR_EXPLAINED // len(cifar_tiny.run.info.class_names) + 1
+  test_images, test_labels, _ = read_class_folders(cifar10_jpeg_dir / 'test', per_class)
   chosen = np.random.default_rng(1).permutation(len(test_images))[:CIFAR_EXPLAINED]
-  return restored, test_images[chosen], test_labels[chosen]
+  return cifar_tiny, test_images[chosen], test_labels[chosen]
 
 
 # The named point in models.py.

@@ -13,11 +13,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmark_checks import check_record, check_run_times
+
 ROOT = Path(__file__).resolve().parents[1]
 # What our code may import that the GPU image lacks and ../shared/device/pack-carry does not bring
 # (it brings ml_collections, clu and, named on its command line, qwix): importing any fails the test.
 GPU_IMAGE_LACKS = ('tensorflow', 'tensorflow_datasets', 'dm_pix', 'optuna', 'sqlalchemy', 'psycopg', 'tf2onnx')
 NUM_CLASSES = 10
+# The suite's parts: the benchmark script each runs (its JSON's checks).
+PART_SCRIPTS = {
+  'tune': 'time_to_accuracy',
+  'fast': 'time_to_accuracy',
+  'throughput': 'throughput',
+  'resnet18': 'time_to_accuracy',
+}
 
 
 def jpeg_folder(root: Path) -> Path:
@@ -47,6 +56,18 @@ def results(path: str) -> dict:
   return json.loads(Path(path).read_text())['results']
 
 
+def check_tuning_choice(tuning: dict):
+  """The rate of the best validation accuracy among the trials of the first steps per call, then the steps per call
+  of the least training time at that rate, each trial's figures adding up."""
+  trials, chosen = tuning['trials'], tuning['chosen']
+  for trial in trials:
+    check_run_times(trial)
+  of_rates = [trial for trial in trials if trial['steps_per_call'] == trials[0]['steps_per_call']]
+  assert chosen['learning_rate'] == max(of_rates, key=lambda trial: trial['accuracy'])['learning_rate']
+  at_rate = [trial for trial in trials if trial['learning_rate'] == chosen['learning_rate']]
+  assert chosen['steps_per_call'] == min(at_rate, key=lambda trial: trial['train_s'])['steps_per_call']
+
+
 def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_path):
   data = jpeg_folder(tmp_path / 'cifar10-jpeg')
   output_dir = tmp_path / 'results'
@@ -65,8 +86,12 @@ def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_pat
   assert list(parts) == ['tune', 'fast', 'throughput', 'resnet18']
   assert all(part['status'] == 0 and part['json'] and not part['skipped'] for part in parts.values()), parts
   assert summary['within_budget'] and summary['wall_s'] <= 800
+  assert sum(part['seconds'] for part in parts.values()) <= summary['wall_s'] + len(parts)  # One after another.
+  for name, part in parts.items():
+    check_record(PART_SCRIPTS[name], json.loads(Path(part['json']).read_text()))
 
   tuning = results(parts['tune']['json'])['tuning']
+  check_tuning_choice(tuning)
   assert tuning['chosen']['learning_rate'] in (0.5, 0.8, 1.2) and tuning['chosen']['steps_per_call'] in (1, 8)
   assert len(tuning['trials']) == 4 and all(trial['seed'] == 1000 for trial in tuning['trials'])
   fast_record = json.loads(Path(parts['fast']['json']).read_text())

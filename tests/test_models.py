@@ -92,7 +92,7 @@ def test_new_preset_parameter_counts_are_exact(name, expected):
 
 @pytest.mark.parametrize('name, millions', PUBLISHED_MILLIONS.items())
 def test_counts_match_the_papers(name, millions):
-  assert round(NEW_PRESET_COUNTS[name] / 1e6, 1) == millions
+  assert round(param_count(name) / 1e6, 1) == millions
 
 
 @pytest.mark.parametrize('name', [n for n in models.PRESETS if n != 'resnet18_imagenet_stem'])

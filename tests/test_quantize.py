@@ -21,9 +21,10 @@ from configs import smoke
 from resnet_flax import evaluate, models
 from resnet_flax.compress import quantize
 from resnet_flax.errors import ConfigError
-from resnet_flax.run import report_paths, writers
+from resnet_flax.run import writers
 from resnet_flax.train import config_checks, trainer
 
+import helpers
 from helpers import finished_steps, load_checkpoint, run_main
 
 QAT_STEPS = 8
@@ -40,8 +41,12 @@ def qat_config(init_from, **fields) -> ml_collections.ConfigDict:
   return smoke_config(**{'num_epochs': 1.0, 'init_from': str(init_from), 'quantize.mode': 'qat', **fields})
 
 
-def report_dir(workdir, suffix: str = ''):
-  return Path(report_paths.report_dir(str(workdir), smoke_config().data, suffix))
+def report_dir(workdir, label: str = 'plain') -> Path:
+  return helpers.indexed_report_dir(workdir, smoke_config().data, label)
+
+
+def report_dirs(workdir) -> list[str]:
+  return sorted(p.name for p in (workdir / 'eval').iterdir() if p.is_dir())
 
 
 def leaves(tree) -> dict:
@@ -72,16 +77,11 @@ def qat_run(straight_run, tmp_path_factory):
 
 def test_ptq_evaluation_agrees_with_float_in_a_report_of_its_own(float_run):
   workdir, reports = float_run
-  assert sorted(p.name for p in (workdir / 'eval').iterdir()) == [
-    report_dir(workdir).name,
-    report_dir(workdir, '-int8-ptq').name,
-  ]
+  assert report_dirs(workdir) == sorted([report_dir(workdir).name, report_dir(workdir, 'int8-ptq').name])
   predictions = {}
-  for mode, suffix in (('none', ''), ('ptq', '-int8-ptq')):
-    assert (
-      json.loads((report_dir(workdir, suffix) / 'report.json').read_text())['accuracy'] == reports[mode]['accuracy']
-    )
-    predictions[mode] = np.load(report_dir(workdir, suffix) / evaluate.PREDICTIONS_FILE)
+  for mode, label in (('none', 'plain'), ('ptq', 'int8-ptq')):
+    assert json.loads((report_dir(workdir, label) / 'report.json').read_text())['accuracy'] == reports[mode]['accuracy']
+    predictions[mode] = np.load(report_dir(workdir, label) / evaluate.PREDICTIONS_FILE)
   assert np.mean(predictions['ptq']['prediction'] == predictions['none']['prediction']) >= 0.9
   difference = np.abs(predictions['ptq']['probabilities'] - predictions['none']['probabilities'])
   assert 0 < difference.max() < 0.05  # Close, and computed otherwise.
@@ -142,7 +142,7 @@ def test_qat_records_its_recipe_and_resumes_bitwise(qat_run, tmp_path):
 
 def test_a_qat_run_evaluates_in_int8_exactly_as_training_evaluated_it(qat_run):
   results = evaluate.evaluate_checkpoint(smoke_config(), str(qat_run))  # quantize.mode=none: as trained.
-  assert [p.name for p in (qat_run / 'eval').iterdir()] == [report_dir(qat_run, '-int8-qat').name]
+  assert report_dirs(qat_run) == [report_dir(qat_run, 'int8-qat').name]
   assert results['quantize']['mode'] == 'qat' and results['quantize']['float_layers'] == []
   assert len(results['quantize']['int8_layers']) == 10  # 7 convolutions, 2 shortcuts, the classifier.
   scalars = writers.read_scalars(str(qat_run))
@@ -217,7 +217,7 @@ def test_the_command_line_trains_qat_and_serves_int8(straight_run, tmp_path):
   assert returncode == 0, output
   returncode, output = run_main(qat, '--mode=evaluate')
   assert returncode == 0 and 'Serving in int8 (qat)' in output, output
-  assert json.loads((report_dir(qat, '-int8-qat') / 'report.json').read_text())['quantize']['mode'] == 'qat'
+  assert json.loads((report_dir(qat, 'int8-qat') / 'report.json').read_text())['quantize']['mode'] == 'qat'
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), np.uint8)).save(image)
   returncode, output = run_main(qat, '--mode=predict', f'--predict_paths={image}')
   assert returncode == 0 and 'Serving in int8 (qat)' in output, output
@@ -226,8 +226,8 @@ def test_the_command_line_trains_qat_and_serves_int8(straight_run, tmp_path):
   shutil.copytree(straight_run, float_copy, ignore=shutil.ignore_patterns('eval'))
   returncode, output = run_main(float_copy, '--mode=evaluate', '--config.quantize.mode=ptq')
   assert returncode == 0, output
-  assert (report_dir(float_copy, '-int8-ptq') / 'report.json').is_file()
-  assert not report_dir(float_copy).exists()
+  assert report_dirs(float_copy) == [report_dir(float_copy, 'int8-ptq').name]  # No float report.
+  assert (report_dir(float_copy, 'int8-ptq') / 'report.json').is_file()
   returncode, output = run_main(float_copy, '--mode=evaluate', '--config.quantize.mode=qat')
   assert returncode == 1
   assert output.strip().splitlines()[-1].startswith('error: --config.quantize.mode=qat: the run was trained without')

@@ -128,28 +128,57 @@ def test_unwritable_workdir_is_refused_before_any_work(tmp_path):
   assert blocker.read_text() == ''
 
 
+# Where no tmpfs can be mounted, the disk is full for every write of Orbax's own (Python) files from the second
+# checkpoint on, from main.py's start (a sitecustomize): the arrays, which tensorstore writes, still go through.
+DISK_FULL_AFTER_THE_FIRST_CHECKPOINT = r"""import errno, re
+from etils import epath
+
+first_step = []
+
+
+def unless_full(write):
+  def checked(path, *args, **kwargs):
+    step = re.search(r'/checkpoints/(\d+)', str(path))
+    if step:
+      first_step[:] = first_step or [step[1]]
+      if step[1] != first_step[0]:
+        raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+    return write(path, *args, **kwargs)
+  return checked
+
+
+Path = type(epath.Path('/'))
+Path.write_text, Path.write_bytes = unless_full(Path.write_text), unless_full(Path.write_bytes)
+"""
+
+
 @pytest.fixture
-def tiny_disk(tmp_path):
+def full_disk(tmp_path) -> tuple[Path, dict[str, str]]:
+  """(a workdir, main.py's environment) where the disk fills after the first checkpoint: a 1 MiB tmpfs (room for
+  the smoke model's first checkpoint, ~0.7 MiB, not for a second) where one can be mounted, else ENOSPC injected."""
   mount_point = tmp_path / 'tiny_disk'
   mount_point.mkdir()
-  # 1 MiB: room for the smoke model's first checkpoint (~0.6 MiB), not for a second.
-  if subprocess.run(
-    ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount_point)], capture_output=True
-  ).returncode:
-    pytest.skip('cannot mount a small tmpfs here (needs root) to fill a disk')
-  yield mount_point
-  subprocess.run(['umount', str(mount_point)], check=True)
+  mount = ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(mount_point)]
+  if not subprocess.run(mount, capture_output=True).returncode:
+    yield mount_point / 'run', {}
+    subprocess.run(['umount', str(mount_point)], check=True)
+    return
+  site = tmp_path / 'full_disk_site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(DISK_FULL_AFTER_THE_FIRST_CHECKPOINT)
+  yield tmp_path / 'run', {'PYTHONPATH': os.pathsep.join(filter(None, [str(site), os.environ.get('PYTHONPATH')]))}
 
 
-def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tiny_disk):
-  returncode, output = run_main(tiny_disk / 'run', '--config.keep_checkpoints=5')
+def test_full_disk_during_a_save_is_a_clear_error_and_keeps_the_previous_checkpoint(full_disk):
+  workdir, env = full_disk
+  returncode, output = run_main(workdir, '--config.keep_checkpoints=5', env=env)
   assert returncode == 1, output
   last_line = output.strip().splitlines()[-1]
   assert last_line.startswith('error: no space left on the device while saving a checkpoint'), last_line
   assert 'Traceback' not in output  # Orbax's and tensorstore's reports of the failed writes are one line each.
-  kept = finished_steps(tiny_disk / 'run')
+  kept = finished_steps(workdir)
   assert kept and f'the checkpoint of step {kept[-1]} is intact' in last_line
-  assert load_checkpoint(tiny_disk / 'run', kept[-1])['step'] == kept[-1]
+  assert load_checkpoint(workdir, kept[-1])['step'] == kept[-1]
 
 
 def run_two_processes(workdir, port: int, *args) -> list[subprocess.Popen]:

@@ -3,6 +3,7 @@ split is only reported, and without a validation split 'best' is the final check
 
 import itertools
 import logging
+import math
 
 import jax
 import pytest
@@ -11,6 +12,7 @@ from configs import smoke
 from resnet_flax import data, evaluate
 from resnet_flax.data import input_pipeline
 from resnet_flax.errors import ConfigError
+from resnet_flax.run import writers
 from resnet_flax.train import step, trainer
 
 STEPS_PER_EPOCH = 6  # (512 - 128 held out) // 64.
@@ -71,6 +73,37 @@ def test_early_stopping_ends_with_a_checkpoint_and_says_why(tmp_path, monkeypatc
   with caplog.at_level(logging.INFO):
     assert trainer.train_and_evaluate(config, str(tmp_path)) == {}  # Rerunning the command does not train on.
   assert f'Training already ended, early stopping at step {stopped_at}' in caplog.text
+
+
+def early_stop(evaluations: list[tuple[int, float]], patience: int) -> tuple[int, int, float] | None:
+  """(step, best step, best accuracy) of the evaluation where `patience` evaluations have passed without a better
+  accuracy than the best before them, or None."""
+  best_step, best = 0, -math.inf
+  for at, accuracy in evaluations:
+    if accuracy > best:
+      best_step, best = at, accuracy
+    if (at - best_step) // STEPS_PER_EPOCH >= patience:
+      return at, best_step, best
+  return None
+
+
+@pytest.mark.slow
+def test_a_real_validation_split_stops_training_where_its_accuracies_say(tmp_path, caplog):
+  """Nothing scripted: the validation accuracy of the smoke data reaches its ceiling (1.0 at the 4th of 10 epochs,
+  measured) and the run ends `patience` evaluations after its best, as the accuracies it recorded say."""
+  config = validated_config(epochs=10, early_stopping_patience=2)
+  with caplog.at_level(logging.INFO):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  evaluations = writers.read_scalars(str(tmp_path))['eval_accuracy']
+  assert all(accuracy * 128 == round(accuracy * 128) for _, accuracy in evaluations)  # Of the 128 held out.
+  stop = early_stop(evaluations, patience=2)
+  assert stop and stop[0] < 10 * STEPS_PER_EPOCH, evaluations  # It stopped early ...
+  stopped_at, best_step, best = stop
+  assert evaluations[-1][0] == stopped_at  # ... at that evaluation, not later.
+  assert f'early stopping at step {stopped_at}: no better validation accuracy than {best:.4f} (step {best_step})' in (
+    caplog.text
+  )
+  assert max(int(p.name) for p in (tmp_path / 'checkpoints').glob('[0-9]*')) == stopped_at
 
 
 def test_early_stopping_needs_a_validation_split(tmp_path):

@@ -29,7 +29,7 @@ unchanged (no statistic is collected: activations are scaled dynamically). run.j
 recipe (`Recipe`) in the resume fingerprint, and evaluation serves such a run through
 `serving_model` like PTQ: in int8, computing what training evaluated.
 
-The served model's report goes to `eval/<name>-int8-<mode>/`, never over the float one, with its
+The served model's report goes to a directory labelled `int8-<mode>`, never over the float one, with its
 parameter bytes (`served_bytes`) against float32's. Pitfall (DESIGN.md, model-optimization#599):
 int8 is not faster on every CPU; XLA:CPU runs these int8 convolutions slower than float32 ones (about
 twice the time for resnet_tiny): this saves memory and bytes to ship, not CPU time.
@@ -226,8 +226,3 @@ def summary(variables: dict[str, Any], recipe: Recipe | None) -> dict[str, Any]:
     'weights': 'int8, symmetric, a float32 scale per output channel',
     'activations': 'int8, symmetric, a float32 scale per example from its absmax (dynamic range)',
   }
-
-
-def report_suffix(recipe: Recipe | None) -> str:
-  """Of the report directory's name: an int8 report never overwrites the float one."""
-  return '' if recipe is None else f'-int8-{recipe.mode}'

@@ -4,11 +4,12 @@
 when the run had no validation split; latest; or a step), runs one jitted forward
 pass sharded over the ('data',) mesh on every example of the test split exactly once (padded,
 masked batches), and computes the report on the host in float64 numpy, so the same checkpoint
-gives the identical report on any number of devices. It writes `<workdir>/eval/<name>/`
-(`run.report_paths.report_dir`): `report.json`, `predictions.npz`, `confusion_matrix.png`,
-`per_class.png`; and `<workdir>/training_curves.png` (see `report`). Any image is resized as the run's
-were (run.json). A model served in int8 (`quantize`: PTQ on request, a QAT run always) reports in
-`<name>-int8-<mode>/`. TTA and int8 are options of the forward pass.
+gives the identical report on any number of devices. It writes a directory of its own,
+`<workdir>/eval/<data>-step<N>-<label>-<hash>/` (`run.report_paths.report_dir`, keyed by the settings
+`report.report_key` names): `report.json`, `predictions.npz`, `confusion_matrix.png`, `per_class.png`;
+adds its entry to `<workdir>/eval/index.json`; and draws `<workdir>/training_curves.png` (see `report`).
+Any image is resized as the run's were (run.json). A model is served in int8 (`quantize`) by PTQ on
+request, a QAT run always. TTA and int8 are options of the forward pass.
 
 More sections come from the evaluators the config chooses (`evaluators`: registered by name, run after
 the forward pass on the restored model and the test split, each returning its section of report.json
@@ -83,10 +84,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   results = {'workdir': os.path.abspath(workdir), **core_metrics(context, outputs)}
   for name, evaluator in active.items():
     results[name] = evaluator.evaluate(context)
-  directory = report_paths.report_dir(workdir, config.data, quantize.report_suffix(restored.quantized))
+  key = report.report_key(config, active, restored.step, restored.quantized)
+  directory = report_paths.report_dir(workdir, config.data, key)
   if jax.process_index() == 0:
     report.write_report(results, directory, active)
     write_predictions(outputs, split.labels, label_to_model, os.path.join(directory, PREDICTIONS_FILE))
+    report_paths.record(workdir, config.data, key, report.headline(results, active))
     curves.write_training_curves(workdir, restored.run.info.steps_per_epoch)
   log_summary(results, config.eval.tta, directory)
   return results

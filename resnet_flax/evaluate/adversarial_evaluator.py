@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
@@ -43,10 +44,19 @@ def check_attackable(context: EvalContext) -> None:
     )
 
 
+def epsilon_axis(norm: str) -> tuple[float, str]:
+  """What the ε axis shows of a radius (pixels in [0, 1]) and its label: L-inf radii in 1/255ths, as papers write
+  them (8 means 8/255); L2 radii as they are."""
+  if norm == 'linf':
+    return 255.0, 'L-inf radius ε, in 1/255 of the pixel range (8 means ε = 8/255)'
+  return 1.0, f'{norm} radius ε, pixels in [0, 1]'
+
+
 def plot_accuracy_vs_epsilon(adversarial: dict[str, Any], title: str, directory: str):
-  """Robust accuracy of each attack and of their per-example worst case against the radius ε (in 1/255)."""
+  """Robust accuracy of each attack and of their per-example worst case against the radius ε."""
   curve = adversarial['curve']
-  radii = [0.0] + [e * 255 for e in curve['epsilons']]
+  scale, label = epsilon_axis(adversarial['norm'])
+  radii = [0.0] + [e * scale for e in curve['epsilons']]
   figure = Figure(figsize=(7, 4.5), layout='constrained')
   axes = figure.subplots()
   for name in [*adversarial['accuracy'], 'worst_case']:
@@ -55,8 +65,8 @@ def plot_accuracy_vs_epsilon(adversarial: dict[str, Any], title: str, directory:
       (r, a) for r, a in zip(radii, [adversarial['clean_accuracy'], *curve[name]], strict=True) if a is not None
     ]
     axes.plot(*zip(*points, strict=True), marker='o', label=name, **style)  # APGD: from epsilon on.
-  axes.axvline(adversarial['epsilon'] * 255, color='grey', linewidth=0.8)
-  axes.set_xlabel(f'{adversarial["norm"]} radius ε (x 1/255, pixels in [0, 1])')
+  axes.axvline(adversarial['epsilon'] * scale, color='grey', linewidth=0.8)
+  axes.set_xlabel(label)
   axes.set_ylabel('accuracy')
   axes.set_ylim(0, 1)
   axes.legend()
@@ -64,7 +74,22 @@ def plot_accuracy_vs_epsilon(adversarial: dict[str, Any], title: str, directory:
   figure.savefig(os.path.join(directory, PLOT_FILE), dpi=100)
 
 
-@evaluators.register('adversarial', check=check_attackable, plot=plot_accuracy_vs_epsilon, switch='eval.attacks')
+def attacks_label(config: ml_collections.ConfigDict) -> str:
+  """`pgd20-linf-eps8`, `pgd20-l2-eps0.5`: the attacks, the norm and ε in the plot's units (the report
+  directory's label)."""
+  scale, _ = epsilon_axis(config.eval.attack_norm)
+  return f'{"+".join(config.eval.attacks)}-{config.eval.attack_norm}-eps{config.eval.epsilon * scale:.4g}'
+
+
+@evaluators.register(
+  'adversarial',
+  check=check_attackable,
+  plot=plot_accuracy_vs_epsilon,
+  switch='eval.attacks',
+  settings=('eval.attacks', 'eval.epsilon', 'eval.attack_norm', 'eval.attack_examples', 'eval.epsilon_curve'),
+  label=attacks_label,
+  headline={'worst_case_adversarial_accuracy': 'worst_case_accuracy'},
+)
 def adversarial_section(context: EvalContext) -> dict[str, Any]:
   """The `adversarial` entry of report.json (`attacks.robustness_report`) on `eval.attack_examples` test images."""
   restored, split, config = context.restored, context.split, context.config

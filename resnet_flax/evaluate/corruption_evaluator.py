@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
 from resnet_flax.evaluate import evaluators, inference
 from resnet_flax.evaluate.evaluators import EvalContext
-from resnet_flax.robust import corruptions
+from resnet_flax.robust import corruption_ops, corruptions
 
 PLOT_FILE = 'corruptions.png'
 
@@ -39,7 +40,23 @@ def plot_corruptions(section: dict[str, Any], title: str, directory: str):
   figure.savefig(os.path.join(directory, PLOT_FILE), dpi=100)
 
 
-@evaluators.register(corruptions.REPORT_KEY, plot=plot_corruptions, switch='eval.corruptions')
+def corruptions_label(config: ml_collections.ConfigDict) -> str:
+  """`c-all`, `c-fog+snow` (up to two names) or `c-<count>`: the report directory's label."""
+  names = corruptions.parse_names(config.eval.corruptions)
+  if names == tuple(corruption_ops.CORRUPTIONS):
+    return 'c-all'
+  return f'c-{"+".join(names) if len(names) <= 2 else len(names)}'
+
+
+@evaluators.register(
+  corruptions.REPORT_KEY,
+  plot=plot_corruptions,
+  switch='eval.corruptions',
+  # Not eval.corruption_cache_dir: the cache holds the same images.
+  settings=('eval.corruptions', 'eval.corruption_examples', 'eval.corruption_seed', 'eval.corruption_baseline'),
+  label=corruptions_label,
+  headline={'mean_corruption_accuracy': 'mean_accuracy'},
+)
 def corruption_section(context: EvalContext) -> dict[str, Any]:
   """The `corruptions` entry of report.json."""
   restored, mesh, batch_size = context.restored, context.mesh, context.config.eval_batch_size

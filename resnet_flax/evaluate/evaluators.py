@@ -7,12 +7,15 @@ attack, on corrupted images, ...) on the restored model and the test split. It i
 built-in one also runs when the config field it registers as its `switch` is set (`eval.attacks` runs
 `adversarial`, `eval.corruptions` runs `corruptions`, as they always have). `evaluate.evaluate_checkpoint`
 checks them all before any work, runs each after the forward pass and draws their plots beside the report.
+An evaluator also names the config fields that change its section (`settings`: the report's directory is
+keyed by them), a short `label` for that directory's name, and the `headline` numbers of its section that
+`eval/index.json` lists (`run.report_paths`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -46,6 +49,9 @@ class Evaluator:
   check: Callable[[EvalContext], None] | None = None  # Raises ConfigError, before any work, on what it cannot measure.
   plot: Callable[[Section, str, str], None] | None = None  # (section, title, report directory): draws its figure.
   switch: str = ''  # A config field that, set, runs it unnamed in eval.evaluators ('': only when named).
+  settings: tuple[str, ...] = ()  # The config fields that change its section: they key the report's directory.
+  label: Callable[[ml_collections.ConfigDict], str] | None = None  # The directory's short label (None: its name).
+  headline: Mapping[str, str] = dataclasses.field(default_factory=dict)  # index.json's number -> its section's key.
 
 
 EVALUATORS: dict[str, Evaluator] = {}
@@ -57,13 +63,17 @@ def register(
   check: Callable[[EvalContext], None] | None = None,
   plot: Callable[[Section, str, str], None] | None = None,
   switch: str = '',
+  settings: Sequence[str] = (),
+  label: Callable[[ml_collections.ConfigDict], str] | None = None,
+  headline: Mapping[str, str] | None = None,
 ) -> Callable[[Callable[[EvalContext], Section]], Callable[[EvalContext], Section]]:
-  """Decorator: registers `evaluate(context) -> section` as the evaluator `name` (its key in report.json)."""
+  """Decorator: registers `evaluate(context) -> section` as the evaluator `name` (its key in report.json); the
+  other arguments are `Evaluator`'s fields."""
 
   def add(evaluate: Callable[[EvalContext], Section]) -> Callable[[EvalContext], Section]:
     if name in EVALUATORS or not name.isidentifier():
       raise ValueError(f'Cannot register evaluator {name!r}: {"taken" if name in EVALUATORS else "not an identifier"}.')
-    EVALUATORS[name] = Evaluator(evaluate, check, plot, switch)
+    EVALUATORS[name] = Evaluator(evaluate, check, plot, switch, tuple(settings), label, dict(headline or {}))
     return evaluate
 
   return add

@@ -1,18 +1,62 @@
 """What an evaluation leaves on disk: report.json and its plots, in the directory `run.report_paths.report_dir`
-names (matplotlib's object API: no pyplot, no global backend). Each evaluator draws its own plot there."""
+names (matplotlib's object API: no pyplot, no global backend), and its entry of eval/index.json. Each evaluator
+draws its own plot there. `report_key` decides which settings key that directory; `headline` picks the index's
+numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 
+from resnet_flax import config_fields
+from resnet_flax.compress import quantize
 from resnet_flax.evaluate.evaluators import Evaluator
 from resnet_flax.run import report_paths
+
+CORE_HEADLINE = ('accuracy', 'loss', 'tta_accuracy')  # Of every report (tta_accuracy where TTA ran).
+
+
+def report_key(
+  config: ml_collections.ConfigDict, evaluators: Mapping[str, Evaluator], step: int, served: quantize.Recipe | None
+) -> report_paths.Evaluation:
+  """What tells this evaluation's report directory apart, decided field by field (configs/default.py):
+  - the checkpoint's step, not `eval.checkpoint`: `best`, `latest` and a step that name one checkpoint give one report;
+  - `eval.tta`: the TTA accuracy and the saved probabilities;
+  - the model as served (`served`): float, or int8 by its recipe (`quantize.mode`, `.stem`, `.classifier`; a QAT
+    run always serves as trained);
+  - the evaluators that run (`eval.evaluators`, and those `eval.attacks` or `eval.corruptions` switch on), each
+    with the fields it registers as its `settings`: the adversarial one `eval.attacks`, `.epsilon`, `.attack_norm`,
+    `.attack_examples`, `.epsilon_curve`; the corruption one `eval.corruptions`, `.corruption_examples`,
+    `.corruption_seed`, `.corruption_baseline` (its CE and mCE).
+  Not `eval_batch_size` (every example counts once, whatever the batch) nor `eval.corruption_cache_dir` (a cache of
+  the same images). What selects the data is `report_paths`' part of the key."""
+  settings = {
+    'eval.tta': config.eval.tta,
+    'served': None if served is None else dataclasses.asdict(served),
+    'evaluators': list(evaluators),
+  }
+  labels = ['' if config.eval.tta == 'none' else f'tta-{config.eval.tta}']
+  for name, evaluator in evaluators.items():
+    settings.update({field: config_fields.get(config, field) for field in evaluator.settings})
+    labels.append(evaluator.label(config) if evaluator.label else name)
+  labels.append('' if served is None else f'int8-{served.mode}')
+  as_json = json.loads(json.dumps(settings))  # Tuples as lists: the index holds what the hash saw.
+  return report_paths.Evaluation(step, '_'.join(label for label in labels if label), as_json)
+
+
+def headline(report: Mapping[str, Any], evaluators: Mapping[str, Evaluator]) -> dict[str, float]:
+  """The numbers eval/index.json lists of `report`: `CORE_HEADLINE` and those each evaluator registers."""
+  numbers = {key: report[key] for key in CORE_HEADLINE if key in report}
+  for name, evaluator in evaluators.items():
+    numbers.update({key: report[name][field] for key, field in evaluator.headline.items()})
+  return numbers
 
 
 def write_report(report: dict[str, Any], directory: str, evaluators: Mapping[str, Evaluator]):

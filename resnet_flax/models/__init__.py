@@ -362,6 +362,32 @@ def create_model_from_config(config: ml_collections.ConfigDict, num_classes: int
   return create_model(config.model.name, num_classes, dtype=compute_dtype(config), **options)
 
 
+FULL_RESOLUTION_STEMS = ('cifar', 'whiten')  # 3x3 stride 1: the first stage sees the input at its full size.
+LARGE_IMAGE = 96  # From this side on a full-resolution stem costs (side / 32)^2 = 9x CIFAR's, or more.
+
+
+def full_resolution_stem(config: ml_collections.ConfigDict) -> bool:
+  """Whether the model's first stage sees the images at their full size (the CIFAR or whitening stem), which
+  `model.stem=imagenet` would change; False for an architecture without the option."""
+  preset = PRESETS[config.model.name]
+  if 'stem' not in {field.name for field in dataclasses.fields(preset.func)}:
+    return False
+  return (config.model.stem or preset.keywords.get('stem', 'cifar')) in FULL_RESOLUTION_STEMS
+
+
+def stem_cost_note(config: ml_collections.ConfigDict, image_side: int) -> str | None:
+  """What the preset's CIFAR stem costs on `image_side`-pixel images and the field that changes it; None where
+  the stem was chosen (`model.stem`), downsamples, or the images are small."""
+  if config.model.stem or image_side < LARGE_IMAGE or not full_resolution_stem(config):
+    return None
+  return (
+    f'{config.model.name} keeps its CIFAR stem (3x3, stride 1) on {image_side}x{image_side} images: its first stage '
+    f'runs at full resolution, about {(image_side / 32) ** 2:.0f}x the compute and activation memory of 32x32 CIFAR. '
+    '--config.model.stem=imagenet (7x7 stride 2 and a max-pool: 16x fewer pixels after it) is the usual choice '
+    'for photos (configs/photos.py)'
+  )
+
+
 def init_variables(model: nn.Module, image_shape: Sequence[int], key: jax.Array | None = None):
   """Initial {'params', 'batch_stats'}; with no key only their shapes (nothing is computed)."""
   dummy = jnp.zeros((1, *image_shape), jnp.float32)

@@ -6,7 +6,9 @@ test images, class-stratified (a shuffle by `eval.corruption_seed`, then the cla
 corruption and severity with one compiled forward pass and no test-time augmentation. With
 `eval.corruption_baseline` it adds Hendrycks' corruption error of each corruption relative to that
 run's (CE_c = sum_s E_s,c / sum_s E_s,c(baseline), not normalised by AlexNet), their mean (mCE), and
-the relative mCE (errors minus the clean error), refusing a baseline scored on other images.
+the relative mCE (errors minus the clean error). The baseline is a report.json, or a workdir: of its
+evaluations on the same data (its eval/index.json), the newest that scored the same images; a baseline
+scored on other images is refused.
 """
 
 from __future__ import annotations
@@ -203,39 +205,58 @@ def scores(accuracy: dict[str, list[float]], clean_accuracy: float, baseline: di
 def load_baseline(
   config: ml_collections.ConfigDict, entry: dict[str, Any], names: Sequence[str]
 ) -> dict[str, Any] | None:
-  """The corruption report of `eval.corruption_baseline` (a workdir, or its report.json), checked to
-  score the same images and every corruption of this one; None without a baseline."""
+  """The corruption report of `eval.corruption_baseline` that scored the same images (`entry`'s identity) and
+  every corruption of `names`: that report.json, or of that workdir's evaluations on the same data the newest
+  such one (its eval/index.json, then a report of the old layout: `report_paths.report_files`); None without a
+  baseline. Refused in one line, naming what it looked for, when none fits."""
   baseline = config.eval.corruption_baseline
   if not baseline:
     return None
-  path = (
-    baseline
-    if os.path.isfile(baseline)
-    else os.path.join(report_paths.report_dir(baseline, config.data), report_paths.REPORT_FILE)
+  looked_in = baseline if os.path.isfile(baseline) else f'{report_paths.index_path(baseline)} and its reports'
+  wanted = (
+    f'a report of {", ".join(names)} on {report_paths.report_name(config.data)}, on the same '
+    f'{entry["examples"]} images (seed {entry["seed"]}), in {looked_in}'
   )
   fix = (
     f'evaluate it with --mode=evaluate --workdir={baseline} --config.eval.corruptions=all '
     f'--config.eval.corruption_examples={entry["examples"]} --config.eval.corruption_seed={entry["seed"]} '
     'on the same data'
   )
-  if not os.path.isfile(path):
-    raise ConfigError(f'--config.eval.corruption_baseline={baseline}: there is no {path}; {fix}')
-  with open(path) as f:
-    scored = json.load(f).get(REPORT_KEY)
-  if scored is None:
-    raise ConfigError(f'--config.eval.corruption_baseline={baseline}: {path} holds no corruption report; {fix}')
+  paths = [baseline] if os.path.isfile(baseline) else report_paths.report_files(baseline, config.data)
+  scored = {path: section for path in paths if (section := _corruption_section(path)) is not None}
+  if not scored:
+    raise ConfigError(f'--config.eval.corruption_baseline={baseline}: looked for {wanted} and found none; {fix}')
+  problems = {path: _mismatch(section, entry, names) for path, section in scored.items()}
+  for path, problem in problems.items():
+    if problem is None:
+      return {**scored[path], 'path': os.path.abspath(path)}
+  newest, problem = next(iter(problems.items()))
+  raise ConfigError(
+    f'--config.eval.corruption_baseline={baseline}: looked for {wanted}; none of its {len(problems)} corruption '
+    f'reports fits, the newest, {newest}, {problem} {fix}'
+  )
+
+
+def _corruption_section(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path) as f:
+      return json.load(f).get(REPORT_KEY)
+  except (OSError, ValueError, AttributeError) as e:
+    raise ConfigError(f'--config.eval.corruption_baseline: {path} is not an evaluation report ({e!r})') from e
+
+
+def _mismatch(scored: dict[str, Any], entry: dict[str, Any], names: Sequence[str]) -> str | None:
+  """Why the corruption report `scored` cannot be the baseline of `entry`'s on `names`; None when it can."""
   differences = [
     f'{key} {str(scored.get(key))[:12]} here {str(entry[key])[:12]}'
     for key in ('examples', 'seed', 'generator_version', 'images_sha256')
     if scored.get(key) != entry[key]
   ]
   if differences:
-    raise ConfigError(
-      f'--config.eval.corruption_baseline={baseline} was scored on other corrupted images '
-      f'({"; ".join(differences)}): score this run as it was (--config.eval.corruption_examples='
-      f'{scored.get("examples")} --config.eval.corruption_seed={scored.get("seed")}, the same data), or {fix}'
+    return (
+      f'was scored on other corrupted images ({"; ".join(differences)}): score this run as it was '
+      f'(--config.eval.corruption_examples={scored.get("examples")} --config.eval.corruption_seed='
+      f'{scored.get("seed")}, the same data), or'
     )
   missing = [name for name in names if name not in scored['accuracy']]
-  if missing:
-    raise ConfigError(f'--config.eval.corruption_baseline={baseline} lacks the corruptions {missing}: {fix}')
-  return {**scored, 'path': os.path.abspath(path)}
+  return f'lacks the corruptions {missing}:' if missing else None

@@ -73,6 +73,13 @@ def wait_until_finished(manager: ocp.CheckpointManager):
     manager.wait_until_finished()
 
 
+def close(manager: ocp.CheckpointManager):
+  """Closes `manager`: a failed background write it reports again (Orbax's async checkpointer keeps its error) is the
+  one-line CheckpointError too, never a traceback; the failed save is unfinished, so every listed step is intact."""
+  with _disk_errors_explained(manager, None):
+    manager.close()
+
+
 @contextlib.contextmanager
 def _disk_errors_explained(manager: ocp.CheckpointManager, step: int | None):
   """Turns 'no space left on device' from Orbax (raised directly or wrapped) into a CheckpointError."""

@@ -12,6 +12,8 @@ from matplotlib.figure import Figure
 from resnet_flax.run import writers
 from resnet_flax.run.workdir import epochs_at
 
+FEW_POINTS = 20  # A series with fewer points is drawn with markers: a single point draws no line at all.
+
 
 def write_training_curves(workdir: str, steps_per_epoch: int) -> str | None:
   """`<workdir>/training_curves.png`: loss, accuracy and learning rate against epochs, from TensorBoard."""
@@ -33,9 +35,11 @@ def write_training_curves(workdir: str, steps_per_epoch: int) -> str | None:
           epochs_at(np.array(steps), steps_per_epoch),
           values,
           label=tag.replace('_', ' '),
-          marker='o' if tag.startswith('eval') else None,
+          marker='o' if tag.startswith('eval') or len(steps) < FEW_POINTS else None,
           markersize=3,
         )
+    if name == 'loss':  # Early losses can be thousands of times the final ones: a log axis shows both.
+      axes.set_yscale('log')
     axes.set_xlabel('epoch')
     axes.set_title(name)
     axes.grid(alpha=0.3)

@@ -50,13 +50,17 @@ def _in_steps(epochs: float, per_epoch: int) -> int:
   return round(epochs * per_epoch)
 
 
+LOG_POINTS = 50  # `log_every_steps=0`: about this many training-metric points per run, however long.
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
-  """How many steps an epoch, the run and the interval between evaluations take."""
+  """How many steps an epoch, the run and the intervals between evaluations and between logs take."""
 
   per_epoch: int
   total: int
   eval_every: int
+  log_every: int = 1  # `log_every_steps`, or the run's steps / LOG_POINTS when that is 0.
 
   @classmethod
   def of(cls, config: ml_collections.ConfigDict, num_train_examples: int) -> Steps:
@@ -66,8 +70,9 @@ class Steps:
         f'batch_size={config.batch_size} is larger than the {num_train_examples} training images; '
         'lower --config.batch_size'
       )
-    total, eval_every = _in_steps(config.num_epochs, per_epoch), _in_steps(config.eval_every_epochs, per_epoch)
-    return cls(per_epoch, max(1, total), max(1, eval_every))
+    total = max(1, _in_steps(config.num_epochs, per_epoch))
+    eval_every = max(1, _in_steps(config.eval_every_epochs, per_epoch))
+    return cls(per_epoch, total, eval_every, config.log_every_steps or max(1, total // LOG_POINTS))
 
   def at_epoch(self, epochs: float) -> int:
     """The step at which `epochs` (fractional) epochs end."""

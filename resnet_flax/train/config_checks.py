@@ -40,8 +40,9 @@ TRAIN_RULES: dict[str, rules.Rule] = {
   'steps_per_call': rules.positive,
   'checkpoint_every_steps': rules.positive,
   'keep_checkpoints': rules.positive,
-  'log_every_steps': rules.positive,
+  'log_every_steps': rules.non_negative,
   'skip_nonfinite_updates': rules.BOOLEAN,
+  'check_memory': rules.BOOLEAN,
 }
 
 RULES: dict[str, rules.Rule] = {

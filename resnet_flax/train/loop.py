@@ -133,7 +133,7 @@ class TrainLoop:
         step += length
         unlogged_metrics.append(call_metrics)
         is_last = step == steps.total
-        is_log_step = step % config.log_every_steps == 0 or is_last
+        is_log_step = step % steps.log_every == 0 or is_last
         if is_log_step:
           self._log_train_metrics(state, step, unlogged_metrics, progress)
           unlogged_metrics = []
@@ -171,7 +171,7 @@ class TrainLoop:
     """Steps per compiled call from `start_step` to the end: calls end at log, evaluation, checkpoint and
     epoch boundaries."""
     config, steps = self.config, self.steps
-    ends_every = (config.log_every_steps, steps.eval_every, config.checkpoint_every_steps, steps.per_epoch)
+    ends_every = (steps.log_every, steps.eval_every, config.checkpoint_every_steps, steps.per_epoch)
     lengths = input_pipeline.call_lengths(start_step, steps.total, config.steps_per_call, ends_every)
     logging.info(
       'Training steps %d..%d (%d per epoch) in %d calls of at most %d steps',

@@ -236,7 +236,22 @@ def compute_eval_metrics(eval_fn: Callable, state: TrainState, batches: Iterable
   return {k: float(v) for k, v in jax.device_get(total.compute()).items()}
 
 
-def jit_steps(spec: StepSpec, mesh: Mesh, stack_fn: Callable = train_stack) -> tuple[Callable, Callable]:
+@dataclasses.dataclass(frozen=True)
+class BoundTrainStep:
+  """The jitted train step with the extensions' arguments bound: called with (state, stack); `lower` takes the
+  same, for XLA's memory analysis before the first step (`train.memory`), whose executable the calls then run."""
+
+  jitted: Any  # jax.jit of (state, stack, args).
+  args: Any  # `StepSpec.arguments`, replicated.
+
+  def __call__(self, state: TrainState, stack: dict[str, jax.Array]) -> tuple[TrainState, Any]:
+    return self.jitted(state, stack, self.args)
+
+  def lower(self, state: TrainState, stack: dict[str, Any]) -> jax.stages.Lowered:
+    return self.jitted.lower(state, stack, self.args)
+
+
+def jit_steps(spec: StepSpec, mesh: Mesh, stack_fn: Callable = train_stack) -> tuple[BoundTrainStep, Callable]:
   """The sharded train and eval steps. The state is replicated and donated to the train step, which takes a
   stack of batches (`stack_fn`: `train_stack`, or the learning-rate finder's, which returns each step's
   loss); the eval step takes one batch. The extensions' arguments (`StepSpec.arguments`: a teacher's
@@ -248,8 +263,7 @@ def jit_steps(spec: StepSpec, mesh: Mesh, stack_fn: Callable = train_stack) -> t
     out_shardings=(replicated, replicated),
     donate_argnums=0,
   )
-  args = jax.device_put(spec.arguments(), replicated)
-  train_fn = lambda state, stack: train_stack_fn(state, stack, args)
+  train_fn = BoundTrainStep(train_stack_fn, jax.device_put(spec.arguments(), replicated))
   eval_fn = jax.jit(
     functools.partial(eval_step, spec=spec), in_shardings=(replicated, sharded), out_shardings=replicated
   )

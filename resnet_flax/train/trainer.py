@@ -28,7 +28,7 @@ from resnet_flax.models import layers
 from resnet_flax.robust import adversarial
 from resnet_flax.run import checkpoint, curves, distributed, writers
 from resnet_flax.run.workdir import RunInfo, Steps, check_resumable, check_writable
-from resnet_flax.train import config_checks, finetune, loop
+from resnet_flax.train import config_checks, finetune, loop, memory
 from resnet_flax.train.step import (
   StepSpec,
   TrainState,
@@ -45,6 +45,9 @@ def initial_variables(
   config: ml_collections.ConfigDict, model: flax.linen.Module, train_split: data.ImageData, mean, std
 ):
   """Initialised weights of `model`, a whitening stem set from the training images, within the budget."""
+  note = models.stem_cost_note(config, train_split.images.shape[1])
+  if note:
+    logging.warning('%s', note)
   variables = models.init_variables(model, train_split.images.shape[1:], jax.random.key(config.seed))
   if layers.WHITENING in variables['params']:
     whitening_images = augment.normalize(train_split.images[:WHITENING_IMAGES], mean, std)
@@ -200,7 +203,7 @@ def train_and_evaluate(
     try:
       checkpoint.wait_until_finished(manager)
     finally:
-      manager.close()
+      checkpoint.close(manager)
       writer.flush()
   if jax.process_index() == 0:
     curves.write_training_curves(workdir, setup.steps.per_epoch)
@@ -224,13 +227,14 @@ def resume_and_train(
   if start_step >= setup.steps.total:
     logging.info('Training is already complete: step %d of %d. Nothing to do.', start_step, setup.steps.total)
     return {}
+  train_loop = create_loop(config, setup, manager, writer, on_evaluation, state, start_step)  # Checks memory first.
   setup.run.save(workdir, config)
   if jax.process_index() == 0:
     writers.drop_csv_rows_after(workdir, start_step)  # Rows a killed run wrote after its last checkpoint.
   if start_step == 0:
     num_params = models.count_params(setup.variables['params'])
     writer.write_hparams({**writers.flatten_hparams(config), 'num_params': num_params})
-  return create_loop(config, setup, manager, writer, on_evaluation).run(state, start_step)
+  return train_loop.run(state, start_step)
 
 
 def create_loop(
@@ -239,12 +243,19 @@ def create_loop(
   manager: ocp.CheckpointManager,
   writer: Any,  # Of `writers.create_writer`.
   on_evaluation: Callable[[int, dict[str, float]], None] | None,
+  state: TrainState,
+  start_step: int,
 ) -> loop.TrainLoop:
-  """The compiled steps, the input pipeline, the evaluation (with the overfitting guard) and the host loop."""
+  """The compiled steps, checked to fit in memory from `start_step` on (`train.memory`), the input pipeline, the
+  evaluation (with the overfitting guard) and the host loop."""
   train_fn, eval_fn = jit_steps(setup.spec, setup.mesh)
   pipeline = input_pipeline.create_pipeline(
     config.data.pipeline, setup.train_split, config.batch_size, config.seed, setup.mesh, sampling=config.data.sampling
   )
+  if config.check_memory:  # After the pipeline: the device pipeline's copy of the split is then in use.
+    longest_call = min(config.steps_per_call, setup.steps.per_epoch, setup.steps.total - start_step)
+    needs = memory.StepNeeds(setup, train_fn, eval_fn, state, longest_call, config.eval_batch_size)
+    memory.check_steps_fit(config, needs)
   eval_batches = lambda: pipeline.eval_batches(setup.eval_split, config.eval_batch_size)
   evaluate_fn = lambda s: compute_eval_metrics(eval_fn, s, eval_batches())
   guard = None
