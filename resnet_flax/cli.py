@@ -22,7 +22,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with every mistake told in one line (a mistyped config field included)."""
   try:
     args = flags.FLAGS([with_fractions(arg) for arg in argv])
-    if flags.FLAGS['config'].value is not None:  # Optional where another flag replaces it (a sweep's --report).
+    if run_config() is not None:  # Optional where another flag replaces it (a sweep's --report); absent: serve.
       flags.FLAGS.config.keys()  # A config file that failed to load raises only when first used.
     return args
   except flags.Error as e:  # Its message may hold a config file's traceback: the first and last lines tell.

@@ -1,11 +1,17 @@
 """Shared fixtures (helpers that are not fixtures live in helpers.py)."""
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+
+import resnet_flax
+from configs import smoke
+from resnet_flax.deploy import export
+from resnet_flax.evaluate import inference
 
 from helpers import COMPILATION_CACHE, read_class_folders, run_smoke, train_tiny
 
@@ -45,3 +51,14 @@ def straight_run(tmp_path_factory):
   returncode, output = run_smoke(workdir)
   assert returncode == 0, output
   return workdir
+
+
+@pytest.fixture(scope='session')
+def exported(straight_run, tmp_path_factory):
+  """(workdir, model card, the JAX model, test images) of a copy of the smoke run exported in every format; shared by
+  the tests of the export and of the server."""
+  workdir = tmp_path_factory.mktemp('export') / 'run'
+  shutil.copytree(straight_run, workdir)
+  card = export.run_export(smoke.get_config(), str(workdir), command='the command')
+  model = resnet_flax.load(str(workdir))
+  return workdir, card, model, inference.load_test_split(smoke.get_config().data, model.restored.run.info).images

@@ -2,13 +2,16 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import flax.linen as nn
+import httpx
 import jax
 import numpy as np
 import optax
@@ -58,6 +61,42 @@ def run_sweep(*args, wait: bool = True):
   """Runs `python -m resnet_flax.sweep *args`; returns (returncode, output), or the Popen if not `wait`."""
   command = [sys.executable, '-m', 'resnet_flax.sweep', f'--compilation_cache_dir={COMPILATION_CACHE}', *args]
   return run_command(command, devices=1, wait=wait)
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (the OS chooses it)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def start_server(workdir, port: int, *args, env: dict[str, str] | None = None) -> subprocess.Popen:
+  """`python -m resnet_flax.serve --workdir=<workdir> --port=<port> *args` on 127.0.0.1, output piped."""
+  command = [
+    sys.executable,
+    '-m',
+    'resnet_flax.serve',
+    f'--workdir={workdir}',
+    f'--port={port}',
+    f'--compilation_cache_dir={COMPILATION_CACHE}',
+    *args,
+  ]
+  return run_command(command, devices=1, wait=False, env=env)
+
+
+def wait_until_ready(base_url: str, process: subprocess.Popen | None = None, timeout_s: float = 120) -> float:
+  """Seconds until GET <base_url>/readyz answers 200; fails at once if `process` ends first."""
+  start = time.perf_counter()
+  while time.perf_counter() - start < timeout_s:
+    if process is not None and process.poll() is not None:
+      raise AssertionError(f'the server exited with {process.returncode}:\n{process.stdout.read()}')
+    try:
+      if httpx.get(f'{base_url}/readyz', timeout=5).status_code == 200:
+        return time.perf_counter() - start
+    except httpx.TransportError:  # Not listening yet.
+      pass
+    time.sleep(0.1)
+  raise AssertionError(f'{base_url} was not ready after {timeout_s} s')
 
 
 def xla_flags(devices: int) -> str:

@@ -1,7 +1,7 @@
 """`--mode=export`: every format against the JAX model, the model card, missing packages, bad names.
 
 One export of a copy of the shared smoke run (`straight_run`: resnet_tiny, 10 synthetic classes, 32x32
-images) in every format serves the tests that read artifacts.
+images) in every format (conftest's `exported`, which the server's tests share) serves the tests that read artifacts.
 """
 
 import json
@@ -16,12 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-import resnet_flax
 from configs import smoke
 from resnet_flax import models
 from resnet_flax.deploy import api, export, formats
 from resnet_flax.errors import ConfigError, UserError
-from resnet_flax.evaluate import inference
 from resnet_flax.models import trained
 from resnet_flax.run.distributed import create_mesh
 from resnet_flax.run.workdir import RunInfo
@@ -29,16 +27,6 @@ from resnet_flax.run.workdir import RunInfo
 from helpers import SMOKE_TOTAL_STEPS, run_main
 
 FLOAT_FORMATS = ('jax', 'saved_model', 'tflite', 'onnx')
-
-
-@pytest.fixture(scope='module')
-def exported(straight_run, tmp_path_factory):
-  """(workdir, model card, the JAX model, test images) of a copy of the smoke run exported in every format."""
-  workdir = tmp_path_factory.mktemp('export') / 'run'
-  shutil.copytree(straight_run, workdir)
-  card = export.run_export(smoke.get_config(), str(workdir), command='the command')
-  model = resnet_flax.load(str(workdir))
-  return workdir, card, model, inference.load_test_split(smoke.get_config().data, model.restored.run.info).images
 
 
 def artifact_path(workdir, name: str) -> str:

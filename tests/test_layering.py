@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'resnet_flax'
 # Top to bottom. A module belongs to the layer of its longest prefix here; the package root
 # (`resnet_flax/__init__.py`, which holds `resnet_flax.load`) sits with the Python API it calls.
 LAYERS = (
-  ('resnet_flax.cli', 'resnet_flax.sweep', 'resnet_flax.explain.command'),  # Commands.
+  ('resnet_flax.cli', 'resnet_flax.sweep', 'resnet_flax.explain.command', 'resnet_flax.serve'),  # Commands.
   ('resnet_flax', 'resnet_flax.deploy'),  # The Python API, predict, export.
   ('resnet_flax.explain',),  # Grad-CAM and integrated gradients of a restored model.
   ('resnet_flax.evaluate',),
