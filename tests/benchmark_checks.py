@@ -120,6 +120,29 @@ def check_corruption_speed(results: Results, settings: Results):
   assert results['images_per_sec']['values'] == pytest.approx([images / total for total in totals])
 
 
+def check_serve_load(results: Results, settings: Results):
+  """Each server got ready and exited 0 after SIGTERM, answered every request, and its peak memory (a high-water
+  mark) never fell; each rate and ratio is that of the figures it names."""
+  most = str(max(settings['clients']))
+  for backend, servers in results['backends'].items():
+    assert list(servers) == ['batching', 'no_batching'], backend
+    assert servers['no_batching']['max_batch'] == 1 < servers['batching']['max_batch']
+    for figures in servers.values():
+      assert figures['exit_code'] == 0 and figures['ready_s'] > 0, backend
+      levels = figures['clients']
+      assert list(levels) == [str(clients) for clients in settings['clients']], backend
+      peaks = [figures['peak_rss_bytes_ready'], *(level['peak_rss_bytes'] for level in levels.values())]
+      assert peaks[0] > 0 and peaks == sorted(peaks), backend
+      for level in levels.values():
+        assert level['requests'] > 0 and level['errors'] == 0 == level['error_rate'], backend
+        assert level['requests_per_s'] == pytest.approx(level['requests'] / level['seconds'])
+        assert 0 < level['latency_ms']['p50'] <= level['latency_ms']['p99'], backend
+    ratio = (
+      servers['batching']['clients'][most]['requests_per_s'] / servers['no_batching']['clients'][most]['requests_per_s']
+    )
+    assert results['batching_speedup'][backend] == pytest.approx(ratio)
+
+
 # script: its check of (results, settings).
 CHECKS = {
   'throughput': check_throughput,
@@ -129,6 +152,7 @@ CHECKS = {
   'time_to_accuracy': check_time_to_accuracy,
   'compression': check_compression,
   'corruption_speed': check_corruption_speed,
+  'serve_load': check_serve_load,
 }
 
 

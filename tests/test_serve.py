@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from configs import smoke
 from resnet_flax import models
 from resnet_flax.deploy import export, formats
-from resnet_flax.deploy.serving import backends, launch, overlay, server
+from resnet_flax.deploy.serving import backends, batching, launch, overlay, server
 from resnet_flax.deploy.serving.request_images import Limits
 from resnet_flax.errors import ConfigError
 from resnet_flax.evaluate import inference
@@ -350,6 +350,84 @@ def test_concurrent_requests_share_forward_passes_that_compile_nothing(servers, 
   assert statuses == [200] * 16
   assert total == 16 and count <= 8 and singles < count, (count, total, singles)  # Two images a pass or more.
   assert compiled == []  # Every padded batch size was compiled at start-up.
+
+
+class RecordingModel:
+  """A predict that records the batch shapes it is given, each image's probabilities its mean pixel value."""
+
+  def __init__(self, fail: bool = False):
+    self.shapes, self.fail = [], fail
+
+  def __call__(self, images: np.ndarray) -> np.ndarray:
+    self.shapes.append(images.shape)
+    if self.fail:
+      raise RuntimeError('the runtime failed')
+    return images.reshape(len(images), -1).mean(axis=1, keepdims=True).astype(np.float32)
+
+
+def run_batcher(model, sizes: list[int], max_batch: int, max_wait_ms: float, scenario) -> list[int]:
+  """The sizes of the forward passes a Batcher runs for `scenario(batcher)` (a coroutine function)."""
+
+  async def main():
+    batcher = batching.Batcher(model, max_batch, max_wait_ms, sizes.append)
+    try:
+      return await scenario(batcher)
+    finally:
+      await batcher.close()
+
+  return asyncio.run(main())
+
+
+def images_of(*values: int) -> np.ndarray:
+  return np.stack([np.full((2, 2, 3), value, np.uint8) for value in values])
+
+
+def test_the_batcher_pads_to_powers_of_two_and_answers_each_caller_its_own_rows():
+  model, sizes = RecordingModel(), []
+
+  async def scenario(batcher):
+    return await asyncio.gather(batcher.predict(images_of(1, 2, 3)), batcher.predict(images_of(4, 5, 6, 7, 8, 9)))
+
+  first, second = run_batcher(model, sizes, max_batch=8, max_wait_ms=0, scenario=scenario)
+  assert first.ravel().tolist() == [1, 2, 3] and second.ravel().tolist() == [4, 5, 6, 7, 8, 9]
+  assert sizes == [8, 1] and [shape[0] for shape in model.shapes] == [8, 1]  # 9 images: 8, then 1.
+
+
+def test_a_lone_request_does_not_wait_and_one_being_read_is_waited_for():
+  sizes = []
+
+  async def lone(batcher):
+    start = time.perf_counter()
+    await batcher.predict(images_of(1))
+    return time.perf_counter() - start
+
+  assert run_batcher(RecordingModel(), sizes, max_batch=8, max_wait_ms=5000, scenario=lone) < 1  # Not 5 s.
+
+  async def one_arriving(batcher):
+    async def slow_reader():
+      with batcher.expecting():
+        await asyncio.sleep(0.2)
+      return await batcher.predict(images_of(2))
+
+    reading = asyncio.create_task(slow_reader())
+    await asyncio.sleep(0.05)
+    return await asyncio.gather(batcher.predict(images_of(1)), reading)
+
+  sizes.clear()
+  run_batcher(RecordingModel(), sizes, max_batch=8, max_wait_ms=5000, scenario=one_arriving)
+  assert sizes == [2]  # One forward pass for both.
+
+
+def test_a_failed_forward_pass_fails_its_callers_only():
+  model, sizes = RecordingModel(fail=True), []
+
+  async def scenario(batcher):
+    with pytest.raises(RuntimeError, match='the runtime failed'):
+      await batcher.predict(images_of(1))
+    model.fail = False
+    return await batcher.predict(images_of(5))
+
+  assert run_batcher(model, sizes, max_batch=4, max_wait_ms=0, scenario=scenario).ravel().tolist() == [5]
 
 
 def fake_served() -> backends.Served:

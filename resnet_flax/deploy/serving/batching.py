@@ -1,7 +1,8 @@
 """Dynamic batching: the images of concurrent requests share one forward pass, computed off the event loop.
 
-One asyncio task gathers the queued images: it takes the first, then more as they come, for up to
-`max_wait_ms` or until it holds `max_batch`. The batch is padded with black images to the next power of
+One asyncio task gathers the queued images: it takes the first, then more as they come, until it holds
+`max_batch`, for up to `max_wait_ms` but only while other requests are still being read and decoded
+(`expecting`): a lone request never waits, and under load the batches fill. The batch is padded with black images to the next power of
 two, so a backend sees at most log2(max_batch) + 1 shapes, all compiled and warmed at start-up
 (`backends.warm`). The forward pass runs in one worker thread: the event loop keeps accepting and
 parsing requests meanwhile, and the images that arrive during a pass form the next batch. One thread,
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -40,7 +42,17 @@ class Batcher:
     self._predict, self._max_batch, self._max_wait_s, self._observe = predict, max_batch, max_wait_ms / 1000, observe
     self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future]] = asyncio.Queue()
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='forward')
+    self._arriving = 0  # Requests being read and decoded, whose images a batch may wait for.
     self._task = asyncio.get_running_loop().create_task(self._run())
+
+  @contextlib.contextmanager
+  def expecting(self) -> Iterator[None]:
+    """Around the reading and decoding of a request whose images `predict` will get: a batch waits for them."""
+    self._arriving += 1
+    try:
+      yield
+    finally:
+      self._arriving -= 1
 
   async def predict(self, pixels: np.ndarray) -> np.ndarray:
     """Probabilities [N, classes] of uint8 `pixels` [N, H, W, 3], computed with whatever else is queued."""
@@ -62,7 +74,7 @@ class Batcher:
       await self._forward(batch)
 
   async def _gather(self) -> list[tuple[np.ndarray, asyncio.Future]]:
-    """The first queued image, then those that come within the wait, up to max_batch."""
+    """The first queued image, then those queued or coming within the wait, up to max_batch."""
     batch = [await self._queue.get()]
     deadline = asyncio.get_running_loop().time() + self._max_wait_s
     while len(batch) < self._max_batch:
@@ -70,7 +82,7 @@ class Batcher:
         batch.append(self._queue.get_nowait())
         continue
       left = deadline - asyncio.get_running_loop().time()
-      if left <= 0:
+      if left <= 0 or not self._arriving:
         break
       try:
         batch.append(await asyncio.wait_for(self._queue.get(), left))

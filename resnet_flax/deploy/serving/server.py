@@ -232,8 +232,9 @@ def _v1_router(state: State) -> APIRouter:
     request: Request, model: ServedModel, top_k: Annotated[int, Query(ge=1, description='Classes per image')] = 5
   ) -> dict[str, Any]:
     """The top-k classes of each image, most probable first, with the checkpoint step and the model."""
-    uploads, pixels = await pixels_of(request, model)
-    probabilities = await state.batcher.predict(pixels)
+    with state.batcher.expecting():
+      uploads, pixels = await pixels_of(request, model)
+    probabilities = await state.batcher.predict(pixels)  # Queued at once: no await in between.
     names = model.backend.facts.class_names
     predictions = []
     for upload, row in zip(uploads, probabilities, strict=True):
