@@ -371,7 +371,7 @@ def run_batcher(model, sizes: list[int], max_batch: int, max_wait_ms: float, sce
   async def main():
     batcher = batching.Batcher(model, max_batch, max_wait_ms, sizes.append)
     try:
-      return await scenario(batcher)
+      return await asyncio.wait_for(scenario(batcher), 20)  # A caller left waiting fails the test.
     finally:
       await batcher.close()
 
@@ -386,11 +386,14 @@ def test_the_batcher_pads_to_powers_of_two_and_answers_each_caller_its_own_rows(
   model, sizes = RecordingModel(), []
 
   async def scenario(batcher):
-    return await asyncio.gather(batcher.predict(images_of(1, 2, 3)), batcher.predict(images_of(4, 5, 6, 7, 8, 9)))
+    together = await asyncio.gather(batcher.predict(images_of(1, 2, 3)), batcher.predict(images_of(4, 5)))
+    return [*together, await batcher.predict(images_of(*range(6, 15)))]
 
-  first, second = run_batcher(model, sizes, max_batch=8, max_wait_ms=0, scenario=scenario)
-  assert first.ravel().tolist() == [1, 2, 3] and second.ravel().tolist() == [4, 5, 6, 7, 8, 9]
-  assert sizes == [8, 1] and [shape[0] for shape in model.shapes] == [8, 1]  # 9 images: 8, then 1.
+  first, second, third = run_batcher(model, sizes, max_batch=8, max_wait_ms=0, scenario=scenario)
+  assert first.ravel().tolist() == [1, 2, 3] and second.ravel().tolist() == [4, 5]
+  assert third.ravel().tolist() == list(range(6, 15))
+  assert sizes == [5, 8, 1]  # Both callers in one pass; 9 images: 8, then 1.
+  assert [shape[0] for shape in model.shapes] == [8, 8, 1]  # 5 padded to 8.
 
 
 def test_a_lone_request_does_not_wait_and_one_being_read_is_waited_for():
