@@ -473,6 +473,23 @@ def test_a_model_that_fails_to_load_stops_the_server_with_its_message():
     )
 
 
+def test_a_failing_runtime_or_a_run_that_cannot_explain_answer_json_and_the_server_goes_on():
+  served = fake_served()
+  failing = dataclasses.replace(served.backend, predict=RecordingModel(fail=True))
+  with ThreadServer(
+    server.create_app(server.Settings('/nonexistent/run'), lambda: dataclasses.replace(served, backend=failing))
+  ) as running:
+    wait_until_ready(running.url, timeout_s=10)
+    failed = httpx.post(f'{running.url}/v1/predict', files=upload([TINY_PNG]))
+    assert failed.status_code == 500
+    assert failed.json() == {
+      'error': 'internal error (RuntimeError: the runtime failed); the server log has the traceback'
+    }
+    refused = httpx.post(f'{running.url}/v1/explain', files=upload([TINY_PNG]))  # No JAX model to load there.
+    assert refused.status_code == 409 and 'has no checkpoint' in refused.json()['error'], refused.text
+    assert httpx.get(f'{running.url}/healthz').status_code == 200
+
+
 def test_metrics_count_requests_by_status_and_in_flight(servers):
   url = servers('tflite')
   httpx.post(f'{url}/v1/predict', files=upload([TINY_PNG]))

@@ -14,7 +14,8 @@ The model loads in a thread once the server listens, so `/healthz` answers at on
 when predictions can start; a failure to load stops the server (`on_failure`). With an API key, every
 `/v1/*` route wants `Authorization: Bearer <key>`, compared in constant time (`hmac.compare_digest`)
 and never logged. Every error is JSON `{"error": "..."}` naming the problem: the requests' own
-(`request_images.RequestError`, the body limit's 413 included), FastAPI's validation and routing (404, 405).
+(`request_images.RequestError`, the body limit's 413 included), FastAPI's validation and routing (404, 405), what
+the run cannot do (a `UserError`: 409) and a failure of the server (500, its traceback logged).
 """
 
 import asyncio
@@ -23,7 +24,7 @@ import dataclasses
 import hmac
 import importlib.resources
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -87,11 +88,28 @@ class State:
   def ready(self) -> bool:
     return self.batcher is not None
 
+  async def served_model(self) -> backends.Served:
+    """What serves: a dependency of the /v1 routes, a 503 while the model loads."""
+    if not self.ready:
+      raise RequestError(503, 'the model is still loading: GET /readyz says when it is ready')
+    return self.served
+
+  async def read_images(self, request: Request) -> tuple[list[request_images.Upload], np.ndarray]:
+    """The uploads of `request` and their pixels as the model sees them (decoded in a thread)."""
+    uploads = await request_images.read_uploads(request, self.settings.limits)
+    facts = self.served.backend.facts
+    pixels = await asyncio.to_thread(
+      request_images.decode_all, uploads, facts.image_size, facts.resize_policy, self.settings.limits
+    )
+    return uploads, pixels
+
   def explain_model(self) -> api.Model:
-    """The JAX model, loaded on the first call (the served one where the backend is jax); call it in a thread."""
+    """The JAX model of the served checkpoint, loaded on the first call (the served one where the backend is jax);
+    call it in a thread."""
     with self._explain_lock:
       if self._explain_model is None:
-        self._explain_model = self.served.backend.jax_model or api.load(self.settings.workdir)
+        step = self.served.backend.facts.checkpoint_step  # The artifacts' checkpoint, as their model card says.
+        self._explain_model = self.served.backend.jax_model or api.load(self.settings.workdir, step)
       return self._explain_model
 
   def explain_png(self, pixels: np.ndarray, class_name: str | None) -> tuple[bytes, int]:
@@ -173,6 +191,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     }
     return error(e.status_code, messages.get(e.status_code, str(e.detail)), e.headers)
 
+  @app.exception_handler(UserError)
+  async def user_error(request: Request, e: UserError) -> JSONResponse:  # The run cannot do it (explain an int8 run).
+    return error(409, str(e))
+
+  @app.exception_handler(Exception)
+  async def internal_error(request: Request, e: Exception) -> JSONResponse:  # Starlette logs it with its traceback.
+    return error(500, f'internal error ({type(e).__name__}: {e}); the server log has the traceback')
+
 
 def _add_probes(app: FastAPI, state: State) -> None:
   page = importlib.resources.files(__package__).joinpath('web', 'index.html').read_text(encoding='utf-8')
@@ -198,34 +224,37 @@ def _add_probes(app: FastAPI, state: State) -> None:
     return Response(state.metrics.exposition(), media_type='text/plain; version=0.0.4; charset=utf-8')
 
 
-def _v1_router(state: State) -> APIRouter:
-  settings = state.settings
+def _authorization(api_key: str | None) -> Callable:
+  """The dependency that wants `Authorization: Bearer <api_key>` (nothing where `api_key` is None)."""
   bearer = HTTPBearer(auto_error=False, description="The server's --api_key, when it has one.")
 
   async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
-    if settings.api_key is None:
-      return
     given = credentials.credentials if credentials else ''
-    if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+    if api_key is not None and not hmac.compare_digest(given.encode(), api_key.encode()):
       raise HTTPException(
         401, 'this server wants an API key: send Authorization: Bearer <key>', {'WWW-Authenticate': 'Bearer'}
       )
 
-  async def served() -> backends.Served:
-    if not state.ready:
-      raise RequestError(503, 'the model is still loading: GET /readyz says when it is ready')
-    return state.served
+  return authorized
 
-  ServedModel = Annotated[backends.Served, Depends(served)]  # The served model, as a route parameter.
-  router = APIRouter(prefix='/v1', dependencies=[Depends(authorized)])
 
-  async def pixels_of(request: Request, model: backends.Served) -> tuple[list[request_images.Upload], np.ndarray]:
-    uploads = await request_images.read_uploads(request, settings.limits)
-    facts = model.backend.facts
-    decoded = await asyncio.to_thread(
-      request_images.decode_all, uploads, facts.image_size, facts.resize_policy, settings.limits
+def top_classes(
+  uploads: list[request_images.Upload], probabilities: np.ndarray, class_names: Sequence[str], top_k: int
+) -> list[dict[str, Any]]:
+  """/v1/predict's `predictions`: each image's `top_k` classes, most probable first."""
+  predictions = []
+  for upload, row in zip(uploads, probabilities, strict=True):
+    top = np.argsort(-row, kind='stable')[:top_k]
+    predictions.append(
+      {'image': upload.name, 'top_k': [{'class': class_names[i], 'probability': float(row[i])} for i in top]}
     )
-    return uploads, decoded
+  return predictions
+
+
+def _v1_router(state: State) -> APIRouter:
+  settings = state.settings
+  ServedModel = Annotated[backends.Served, Depends(state.served_model)]  # The served model, as a route parameter.
+  router = APIRouter(prefix='/v1', dependencies=[Depends(_authorization(settings.api_key))])
 
   @router.post('/predict', openapi_extra={'requestBody': UPLOAD_BODY})
   async def predict(
@@ -233,21 +262,14 @@ def _v1_router(state: State) -> APIRouter:
   ) -> dict[str, Any]:
     """The top-k classes of each image, most probable first, with the checkpoint step and the model."""
     with state.batcher.expecting():
-      uploads, pixels = await pixels_of(request, model)
+      uploads, pixels = await state.read_images(request)
     probabilities = await state.batcher.predict(pixels)  # Queued at once: no await in between.
-    names = model.backend.facts.class_names
-    predictions = []
-    for upload, row in zip(uploads, probabilities, strict=True):
-      top = np.argsort(-row, kind='stable')[:top_k]
-      predictions.append(
-        {'image': upload.name, 'top_k': [{'class': names[i], 'probability': float(row[i])} for i in top]}
-      )
     facts = model.backend.facts
     return {
       'model': facts.model,
       'checkpoint_step': facts.checkpoint_step,
       'backend': model.name,
-      'predictions': predictions,
+      'predictions': top_classes(uploads, probabilities, facts.class_names, top_k),
     }
 
   @router.post('/explain', openapi_extra={'requestBody': UPLOAD_BODY}, response_class=Response)
@@ -257,10 +279,9 @@ def _v1_router(state: State) -> APIRouter:
     class_name: Annotated[str | None, Query(description='The class to explain (default: the predicted one)')] = None,
   ) -> Response:
     """A PNG of the Grad-CAM map of one image over the pixels the model saw (the JAX model, whatever the backend)."""
-    names = model.backend.facts.class_names
-    if class_name is not None and class_name not in names:
+    if class_name is not None and class_name not in model.backend.facts.class_names:
       raise RequestError(400, f'unknown class_name {class_name!r}: GET /v1/model lists the classes')
-    uploads, pixels = await pixels_of(request, model)
+    uploads, pixels = await state.read_images(request)
     if len(uploads) != 1:
       raise RequestError(400, f'/v1/explain takes one image, got {len(uploads)}')
     png, explained = await asyncio.to_thread(state.explain_png, pixels, class_name)
