@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from absl import logging
 
 import resnet_flax
 from configs import smoke
@@ -18,6 +19,8 @@ from helpers import COMPILATION_CACHE, read_class_folders, run_smoke, train_tiny
 # In-process runs share compiled programs too (the smoke runs of many tests compile the same steps).
 jax.config.update('jax_compilation_cache_dir', str(COMPILATION_CACHE))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+# In-process code logs INFO as main.py does, whatever test ran before in this worker (caplog reads it).
+logging.set_verbosity(logging.INFO)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 CIFAR_TRAIN_PER_CLASS, CIFAR_TRAIN_STEPS = 500, 300

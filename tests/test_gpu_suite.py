@@ -68,6 +68,7 @@ def check_tuning_choice(tuning: dict):
   assert chosen['steps_per_call'] == min(at_rate, key=lambda trial: trial['train_s'])['steps_per_call']
 
 
+@pytest.mark.slow  # Two minutes: every part of the suite, each a process.
 def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_path):
   data = jpeg_folder(tmp_path / 'cifar10-jpeg')
   output_dir = tmp_path / 'results'

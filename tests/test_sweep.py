@@ -182,6 +182,7 @@ def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint_with_sqlite(tmp_
   assert workers.best_validation_accuracy(str(tmp_path / 'rerun')) == study.best_value
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(POSTGRES_URL is None, reason='RESNET_FLAX_TEST_POSTGRES_URL is not set (.ci/run starts a server)')
 def test_a_killed_machine_s_trial_is_retried_from_its_checkpoint_with_postgresql(tmp_path, space_file):
   workdir, name = tmp_path / 'sweep', f'kill-{uuid.uuid4().hex[:8]}'
