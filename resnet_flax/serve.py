@@ -49,7 +49,7 @@ def settings() -> server.Settings:
     backend=FLAGS.backend,
     max_batch=FLAGS.max_batch,
     max_wait_ms=FLAGS.max_wait_ms,
-    api_key=FLAGS.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+    api_key=(FLAGS.api_key or os.environ.get(API_KEY_VARIABLE) or '').strip() or None,  # A secret file's newline.
     limits=Limits(int(FLAGS.max_body_mb * 2**20), FLAGS.max_images, FLAGS.max_pixels),
   )
 

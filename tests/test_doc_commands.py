@@ -4,7 +4,8 @@ A ```bash block right after the line `<!-- runs in tests/test_doc_commands.py --
 of docs/, is run here from the Markdown itself, command by command, in a scratch directory that holds the
 repository's `main.py` and `configs/` (so `runs/...` land there): a renamed flag or config field in such a
 block fails this test. The blocks run in the order of `PAGES`, in one directory, so a later block may use a
-run an earlier one trained. Only cheap blocks are marked: synthetic data, seconds per command.
+run an earlier one trained. Only cheap blocks are marked: synthetic data, seconds per command. Together they take
+minutes, so they are in the slow set; that a renamed flag fails them, and the build, are in the fast one.
 `mkdocs build --strict` is the other half: the site builds, and a page left out of the nav or a broken link
 stops it.
 """
@@ -60,6 +61,7 @@ def test_at_least_ten_commands_are_marked():
   assert len(documented_commands()) >= 10, documented_commands()
 
 
+@pytest.mark.slow  # About three minutes in all: the slow set, which .ci/run runs after the fast one.
 @pytest.mark.parametrize('page, command', documented_commands(), ids=lambda value: value[:90])
 def test_the_command_runs_as_written(page, command, scratch):
   result = run(command, scratch)

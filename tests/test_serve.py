@@ -230,6 +230,8 @@ BAD_REQUESTS = {  # id: (method, path, httpx arguments, status, what the error s
   'not_an_image': ('POST', '/v1/predict', {'files': [('file', ('notes.txt', b'some text', 'text/plain'))]}, 400,
                    'image 1 (notes.txt) is not an image'),
   'truncated_jpeg': ('POST', '/v1/predict', {'files': upload([truncated_jpeg()])}, 400, 'truncated'),
+  'an_icon': ('POST', '/v1/predict', {'files': upload([encoded(np.zeros((16, 16, 3), np.uint8), 'ICO')])}, 400,
+              'image 1 (image0.png) is not an image in a format served here (JPEG, PNG'),  # ICO decodes on opening.
   'over_the_pixel_limit': ('POST', '/v1/predict', {'files': upload([png_header(2000, 1000)])}, 413,
                            '2000 x 1000 pixels, over the limit of 1,000,000 pixels'),
   'decompression_bomb': ('POST', '/v1/predict', {'files': upload([png_header(30000, 30000)])}, 413,
@@ -256,6 +258,8 @@ BAD_REQUESTS = {  # id: (method, path, httpx arguments, status, what the error s
                        'image 1 is not valid base64'),
   'not_json': ('POST', '/v1/predict', {'content': b'{"images": [', 'headers': {'Content-Type': 'application/json'}},
                400, 'the body is not valid JSON'),
+  'json_nested_too_deep': ('POST', '/v1/predict', {'content': b'[' * 100_000,
+                           'headers': {'Content-Type': 'application/json'}}, 400, 'the body is not valid JSON'),
   'json_of_another_shape': ('POST', '/v1/predict', {'json': ['abc']}, 400, 'a JSON body must be {"images"'),
   'malformed_multipart': ('POST', '/v1/predict', {'content': b'x', 'headers': {'Content-Type': 'multipart/form-data'}},
                           400, 'malformed multipart body'),
@@ -616,6 +620,7 @@ def test_a_mistake_on_the_command_line_is_one_line(tmp_path):
     ({'max_batch': 512}, '--max_batch=512: choose a power of two from 1 to 256'),
     ({'max_wait_ms': -1.0}, '--max_wait_ms=-1.0: choose 0 (no waiting) or more'),
     ({'limits': Limits(max_images=0)}, '--max_body_mb, --max_images and --max_pixels must be positive'),
+    ({'api_key': 'clé'}, 'the API key must be printable ASCII without spaces: an HTTP header could not carry it'),
   ],
 )
 def test_settings_are_checked_before_anything_loads(change, message):

@@ -29,6 +29,9 @@ from resnet_flax.data.dataset import DataError
 
 RESIZE_POLICIES = ('squash', 'shorter_side_then_center_crop')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tif', '.tiff')
+# The Pillow formats decoded (JPEG's opener also takes a phone's MPO). Not every format Pillow has: some decode the
+# whole image while opening it (ICO's embedded PNG), before any pixel limit, or call other programs (EPS).
+IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'BMP', 'GIF', 'TIFF')
 RESAMPLING = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0  # Pillow: shrink by whole factors first while still 3x the target (fast, visually the same).
 WHITE = (255, 255, 255)
@@ -44,7 +47,7 @@ def open_rgb(source: ImageSource, draft_size: int = 0) -> Image.Image:
   """
   name = '<bytes>' if isinstance(source, bytes) else os.fspath(source)
   try:
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
       if draft_size and image.format == 'JPEG':
         image.draft('RGB', (draft_size, draft_size))
       return _to_rgb(ImageOps.exif_transpose(image))

@@ -86,7 +86,7 @@ class Batcher:
         break
       try:
         batch.append(await asyncio.wait_for(self._queue.get(), left))
-      except TimeoutError:
+      except asyncio.TimeoutError:  # Not the builtin TimeoutError before Python 3.11.
         break
     return batch
 

@@ -29,6 +29,9 @@ def check_settings(settings: server.Settings) -> None:
     raise ConfigError(f'--max_batch={settings.max_batch}: choose a power of two from 1 to {api.MAX_BATCH}')
   if settings.max_wait_ms < 0:
     raise ConfigError(f'--max_wait_ms={settings.max_wait_ms}: choose 0 (no waiting) or more')
+  key = settings.api_key
+  if key is not None and not (key.isascii() and key.isprintable() and ' ' not in key):
+    raise ConfigError('the API key must be printable ASCII without spaces: an HTTP header could not carry it')
   limits = settings.limits
   if min(limits.max_body_bytes, limits.max_images, limits.max_pixels) < 1:
     raise ConfigError('--max_body_mb, --max_images and --max_pixels must be positive')

@@ -13,6 +13,7 @@ notice) and is refused naming the image. Every refusal is a `RequestError`: an H
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -94,7 +95,7 @@ async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
   if media_type == MULTIPART:
     uploads = await _multipart_uploads(request, limits)
   elif media_type == JSON:
-    uploads = _json_uploads(await request.body(), limits)
+    uploads = await asyncio.to_thread(_json_uploads, await request.body(), limits)  # Up to the body limit: long.
   else:
     raise RequestError(415, f'unsupported Content-Type {media_type or "(none)"!r}: {HOW_TO_SEND}')
   if not uploads:
@@ -122,7 +123,7 @@ def _json_uploads(body: bytes, limits: Limits) -> list[Upload]:
     return []
   try:
     document = json.loads(body)
-  except ValueError as e:
+  except (ValueError, RecursionError) as e:  # RecursionError: nested too deep.
     raise RequestError(400, f'the body is not valid JSON ({e})') from e
   texts = document.get('images') if isinstance(document, dict) else None
   if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
@@ -146,13 +147,14 @@ def decode(upload: Upload, size: tuple[int, int], policy: str, limits: Limits) -
   if not upload.content:
     raise RequestError(400, f'{upload.name} is empty')
   try:
-    with Image.open(io.BytesIO(upload.content)) as image:
+    with Image.open(io.BytesIO(upload.content), formats=images.IMAGE_FORMATS) as image:
       width, height = image.size
   except Image.DecompressionBombError as e:
     raise RequestError(413, f'{upload.name} has too many pixels ({e})') from e
   except Image.UnidentifiedImageError as e:
-    raise RequestError(400, f'{upload.name} is not an image: Pillow knows no image format that it is') from e
-  except (OSError, SyntaxError, ValueError) as e:  # SyntaxError: a broken PNG header.
+    formats = ', '.join(images.IMAGE_FORMATS)
+    raise RequestError(400, f'{upload.name} is not an image in a format served here ({formats})') from e
+  except (OSError, SyntaxError, ValueError, RecursionError) as e:  # SyntaxError: a broken PNG header.
     raise RequestError(400, f'{upload.name} is not a readable image ({e})') from e
   if width * height > limits.max_pixels:
     raise RequestError(

@@ -19,8 +19,10 @@ the run cannot do (a `UserError`: 409) and a failure of the server (500, its tra
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hmac
 import importlib.resources
 import threading
@@ -40,6 +42,7 @@ from resnet_flax.deploy.serving import backends, batching, metrics, overlay, req
 from resnet_flax.deploy.serving.request_images import Limits, RequestError
 from resnet_flax.errors import UserError
 
+DECODERS = 2  # Images decoded at once (`State.decode`).
 UPLOAD_BODY = {  # /v1/predict's and /v1/explain's bodies in the OpenAPI schema (the route parses them itself).
   'required': True,
   'content': {
@@ -83,6 +86,9 @@ class State:
     self.failure: str | None = None
     self._explain_model: api.Model | None = None
     self._explain_lock = threading.Lock()
+    # At most DECODERS images decode at once, however many requests come: each may hold a few full-size copies of
+    # an image of up to limits.max_pixels (0.2 GB apiece at 50 megapixels), so decoding's memory stays bounded.
+    self._decoders = concurrent.futures.ThreadPoolExecutor(DECODERS, thread_name_prefix='decode')
 
   @property
   def ready(self) -> bool:
@@ -95,13 +101,15 @@ class State:
     return self.served
 
   async def read_images(self, request: Request) -> tuple[list[request_images.Upload], np.ndarray]:
-    """The uploads of `request` and their pixels as the model sees them (decoded in a thread)."""
+    """The uploads of `request` and their pixels as the model sees them."""
     uploads = await request_images.read_uploads(request, self.settings.limits)
-    facts = self.served.backend.facts
-    pixels = await asyncio.to_thread(
-      request_images.decode_all, uploads, facts.image_size, facts.resize_policy, self.settings.limits
-    )
-    return uploads, pixels
+    return uploads, await self.decode(uploads)
+
+  async def decode(self, uploads: list[request_images.Upload]) -> np.ndarray:
+    """uint8 [N, H, W, 3] of `uploads` as the model sees them, decoded in one of the `DECODERS` threads."""
+    facts, limits = self.served.backend.facts, self.settings.limits
+    decode = functools.partial(request_images.decode_all, uploads, facts.image_size, facts.resize_policy, limits)
+    return await asyncio.get_running_loop().run_in_executor(self._decoders, decode)
 
   def explain_model(self) -> api.Model:
     """The JAX model of the served checkpoint, loaded on the first call (the served one where the backend is jax);
@@ -281,9 +289,10 @@ def _v1_router(state: State) -> APIRouter:
     """A PNG of the Grad-CAM map of one image over the pixels the model saw (the JAX model, whatever the backend)."""
     if class_name is not None and class_name not in model.backend.facts.class_names:
       raise RequestError(400, f'unknown class_name {class_name!r}: GET /v1/model lists the classes')
-    uploads, pixels = await state.read_images(request)
-    if len(uploads) != 1:
+    uploads = await request_images.read_uploads(request, settings.limits)
+    if len(uploads) != 1:  # Before decoding any.
       raise RequestError(400, f'/v1/explain takes one image, got {len(uploads)}')
+    pixels = await state.decode(uploads)
     png, explained = await asyncio.to_thread(state.explain_png, pixels, class_name)
     return Response(png, media_type='image/png', headers={'X-Explained-Class-Index': str(explained)})
 
