@@ -50,6 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment.cutout_size = 8  # Side of the square Cutout erases.
   config.augment.randaugment_num_ops = 2  # RandAugment: ops applied to each image (N).
   config.augment.randaugment_magnitude = 9  # RandAugment: strength M, 0..30 as torchvision (timm's 0..10 x 3).
+  config.augment.augmix_width = 3  # AugMix: augmentation chains mixed per image.
+  config.augment.augmix_depth = -1  # AugMix: ops per chain; -1 draws 1..3 per chain (the paper's default).
+  config.augment.augmix_severity = 3  # AugMix: op strength, 1..10 (levels uniform in [0.1, severity]).
+  config.augment.augmix_alpha = 1.0  # AugMix: chain weights ~ Dirichlet(alpha), skip weight ~ Beta(alpha, alpha).
   config.augment.mixup_alpha = 0.0  # Mixup: lambda ~ Beta(alpha, alpha) per batch; 0 turns it off.
   config.augment.cutmix_alpha = 0.0  # CutMix: lambda ~ Beta(alpha, alpha) per batch; 0 off; both on: 50/50.
   config.augment.mix_prob = 1.0  # Mixup/CutMix: the chance that a batch is mixed at all.
@@ -99,6 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill.teacher_checkpoint = 'best'  # teacher a workdir: best (as eval.checkpoint chooses) | latest | a step.
   config.distill.alpha = 0.9  # Loss: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy.
   config.distill.temperature = 4.0  # T, softening both softmaxes (CRD's KD baseline: alpha 0.9, T 4).
+
+  config.augmix = ml_collections.ConfigDict()  # AugMix's consistency loss (resnet_flax/train/consistency.py).
+  config.augmix.jsd_weight = 0.0  # CE(clean) + weight x JSD(clean, 2 AugMix views): 3x the step; 0 off (paper: 12).
 
   config.prune = ml_collections.ConfigDict()  # Gradual magnitude pruning (resnet_flax/compress/prune.py).
   config.prune.sparsity = 0.0  # Fraction of each pruned kernel's weights set to 0 by the end; 0 = off.

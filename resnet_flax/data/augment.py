@@ -10,9 +10,13 @@
                            Taylor, 2017);
   autoaugment, randaugment(num_ops, magnitude), trivialaugment
                            the policies of `policies` (AutoAugment CIFAR-10, RandAugment on
-                           torchvision's 0..30 magnitude scale, TrivialAugment Wide).
+                           torchvision's 0..30 magnitude scale, TrivialAugment Wide);
+  augmix(width, depth, severity, alpha)
+                           `augmix.augment_and_mix` (Hendrycks et al. 2020); returns float32 pixel
+                           values, like cutout. With its consistency loss (`augmix.jsd_weight`) the
+                           train step makes the AugMix views itself (train/consistency.py).
 An argument left out comes from its config field (crop_padding, pad_mode, cutout_size,
-randaugment_num_ops, randaugment_magnitude), so 'crop' means what it always did. A new op is one
+randaugment_num_ops, randaugment_magnitude, augmix_*), so 'crop' means what it always did. A new op is one
 function decorated with `register_op`; `check_ops` validates a config without tracing anything.
 
 Every random choice is a function of (step key, example index, op position), so a resumed run
@@ -24,7 +28,7 @@ leaves the draws of the others unchanged.
 
 Crop and flip move uint8 pixels (a quarter of the bytes of float32); the first cutout turns the
 image into float32 pixel values, and `normalize` runs last, on the whole batch. The three policies
-need uint8 pixels, so they come before cutout (as in the AutoAugment paper: policy, then Cutout).
+and augmix need uint8 pixels, so they come before cutout (as in the AutoAugment paper: policy, then Cutout).
 benchmarks/augment_cost.py measures what each op adds to a train step.
 """
 
@@ -41,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_flax.data import policies
+from resnet_flax.data import augmix, policies
 
 PAD_MODES = ('reflect', 'constant')
 # Test-time augmentation (`eval.tta`): the (flip, shift) views of `view` whose softmax is averaged.
@@ -232,6 +236,12 @@ def check_ops(aug_config) -> None:
   _steps(aug_config)
 
 
+def op_arguments(text: str, aug_config) -> dict[str, Any]:
+  """The checked arguments of the op `text` ('name' or 'name(arg=value, ...)') as `augment_batch` would
+  call it under `aug_config`; a one-line ValueError as `check_ops` raises."""
+  return _resolve(text, aug_config).arguments
+
+
 def augment_batch(
   images: jax.Array,
   key: jax.Array,
@@ -349,3 +359,19 @@ def _randaugment(key: jax.Array, image: jax.Array, context: OpContext, num_ops: 
 @register_op('trivialaugment')
 def _trivialaugment(key: jax.Array, image: jax.Array, context: OpContext) -> jax.Array:
   return policies.trivialaugment(key, image)
+
+
+@register_op(
+  'augmix',
+  fields={'width': 'augmix_width', 'depth': 'augmix_depth', 'severity': 'augmix_severity', 'alpha': 'augmix_alpha'},
+  checks={
+    'width': augmix.check_width,
+    'depth': augmix.check_depth,
+    'severity': augmix.check_severity,
+    'alpha': augmix.check_alpha,
+  },
+)
+def _augmix(
+  key: jax.Array, image: jax.Array, context: OpContext, width: int, depth: int, severity: float, alpha: float
+) -> jax.Array:
+  return augmix.augment_and_mix(key, image, width=width, depth=depth, severity=severity, alpha=alpha)

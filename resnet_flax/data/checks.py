@@ -7,7 +7,7 @@ import ml_collections
 
 from resnet_flax import config_fields as rules
 from resnet_flax import data
-from resnet_flax.data import augment, images, input_pipeline, policies
+from resnet_flax.data import augment, augmix, images, input_pipeline, policies
 from resnet_flax.errors import ConfigError
 
 
@@ -35,6 +35,10 @@ CONFIG_RULES: dict[str, rules.Rule] = {
   'augment.cutout_size': rules.non_negative,
   'augment.randaugment_num_ops': rules.non_negative,
   'augment.randaugment_magnitude': _magnitude,
+  'augment.augmix_width': augmix.check_width,
+  'augment.augmix_depth': augmix.check_depth,
+  'augment.augmix_severity': augmix.check_severity,
+  'augment.augmix_alpha': augmix.check_alpha,
   'augment.mixup_alpha': rules.non_negative,
   'augment.cutmix_alpha': rules.non_negative,
   'augment.mix_prob': rules.probability,

@@ -29,7 +29,7 @@ from resnet_flax.errors import BudgetError
 from resnet_flax.robust import adversarial  # noqa: F401 (registers its step extensions)
 from resnet_flax.run.workdir import epoch_of
 from resnet_flax.step_extensions import Batch, Loss, StepContext, StepExtension
-from resnet_flax.train import distill  # noqa: F401 (registers its step extension)
+from resnet_flax.train import consistency, distill  # noqa: F401 (registers their step extensions)
 
 
 class TrainState(train_state.TrainState):
