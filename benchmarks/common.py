@@ -33,11 +33,11 @@ from absl import flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_flax import models, optim
+from resnet_flax import models
 from resnet_flax.data import ImageData, augment, input_pipeline
 from resnet_flax.run import distributed
 from resnet_flax.run.workdir import Steps, epoch_of
-from resnet_flax.train import step, trainer
+from resnet_flax.train import hyperparams, step, trainer
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'numpy', 'torch')
@@ -172,13 +172,12 @@ def create_jax_trainer(config: ml_collections.ConfigDict, split: ImageData) -> J
   model = models.create_model_from_config(config, num_classes)
   mean, std = augment.channel_stats(split.images)
   variables = trainer.initial_variables(config, model, split, mean, std)
-  learning_rate_fn = optim.create_learning_rate_fn(config.optim, steps)
+  spec = step.create_spec(config, model, steps, mean, std, num_classes)
+  hparams = hyperparams.of(config)
   mesh = distributed.create_mesh()
-  tx = optim.create_optimizer(config.optim, learning_rate_fn)
-  state = jax.device_put(
-    step.create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P())
-  )
-  train_fn, _ = step.jit_steps(step.StepSpec(config, learning_rate_fn, mean, std, num_classes, steps.per_epoch), mesh)
+  state = step.create_train_state(variables, spec.optimizer(hparams), ema=config.ema_decay > 0)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  train_fn, _ = step.jit_steps(spec, mesh, hparams)
   return JaxTrainer(config, mesh, train_fn, state, mean, std)
 
 
@@ -211,35 +210,6 @@ def jax_peak_bytes() -> int | None:
   """Peak bytes the allocator of the first local device has handed out; None where it does not say (CPU)."""
   stats = jax.local_devices()[0].memory_stats()
   return stats.get('peak_bytes_in_use') if stats else None
-
-
-class CompileTimer:
-  """Wall time JAX spends compiling inside a `with` block: tracing, lowering to MLIR and XLA compiling
-  every jitted function, read from `jax.monitoring`'s compile events (overlaps counted once)."""
-
-  EVENT_PREFIX = '/jax/core/compile/'
-
-  def __init__(self):
-    self._spans: list[tuple[float, float]] = []
-
-  def _listen(self, event: str, start: float, end: float, **_):
-    if event.startswith(self.EVENT_PREFIX):
-      self._spans.append((start, end))
-
-  def __enter__(self) -> CompileTimer:
-    jax.monitoring.register_event_time_span_listener(self._listen)
-    return self
-
-  def __exit__(self, *_):
-    jax.monitoring.unregister_event_time_span_listener(self._listen)
-
-  @property
-  def seconds(self) -> float:
-    total, covered_until = 0.0, float('-inf')
-    for start, end in sorted(self._spans):
-      total += max(0.0, end - max(start, covered_until))
-      covered_until = max(covered_until, end)
-    return total
 
 
 # Results.

@@ -23,6 +23,7 @@ from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
 from resnet_flax import data  # noqa: E402
 from resnet_flax.robust import corruption_ops, corruptions  # noqa: E402
+from resnet_flax.run import compile_log  # noqa: E402
 
 flags.DEFINE_string('data_path', None, 'Unpacked CIFAR-10 image folder: corrupt its test images, not noise.')
 flags.DEFINE_integer('examples', 1000, 'Images corrupted by each of the 75 settings.')
@@ -54,7 +55,7 @@ def main(_):
   logging.set_verbosity(logging.WARNING)
   common.apply_tiny({'examples': 8, 'repeats': 1, 'data_path': None})
   images = test_images()
-  with common.CompileTimer() as compiling:
+  with compile_log.CompileLog() as compiling:
     first = corruption_seconds(images)
   passes = [corruption_seconds(images) for _ in range(FLAGS.repeats)]
   totals = [sum(p.values()) for p in passes]

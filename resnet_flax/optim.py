@@ -10,6 +10,10 @@ applies to conv and dense kernels only, never to frozen ones. `optim.freeze='bac
 the classifier (a linear probe; the train step then runs the model in inference mode, so BatchNorm
 statistics stay as they are too).
 
+The weight decay, momentum and peak learning rate come from the run's traced hyperparameters
+(`train.hyperparams`), not from `config.optim`: the train step builds the optimizer from them, so one
+compiled step serves every value. `Schedule` is the learning rate at a step for a given peak.
+
 `class_weight_vector` turns `optim.class_weights` into one loss weight per class, which the train
 step multiplies into each example's cross-entropy.
 """
@@ -37,6 +41,7 @@ from resnet_flax.models import layers
 from resnet_flax.run.workdir import Steps
 
 OptimConfig = ml_collections.ConfigDict  # `config.optim`.
+Hyperparams = dict[str, Any]  # `train.hyperparams.of`: 'learning_rate', 'weight_decay', 'momentum'... (may be traced).
 FREEZE = ('none', 'backbone')  # `optim.freeze`: train everything, or only the classifier (`models.HEAD`).
 
 
@@ -45,33 +50,35 @@ def kernel_mask(params: Any) -> Any:
   return flax.traverse_util.path_aware_map(lambda path, _: path[-1] == 'kernel', params)
 
 
-def _decay(optim: OptimConfig) -> optax.GradientTransformation:
-  return optax.add_decayed_weights(optim.weight_decay, mask=kernel_mask)
+def _decay(hparams: Hyperparams) -> optax.GradientTransformation:
+  return optax.add_decayed_weights(hparams['weight_decay'], mask=kernel_mask)
 
 
-def _sgd(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def _sgd(optim: OptimConfig, hparams: Hyperparams, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum. `weight_decay` is an L2 term added to the gradient, or with
   `decoupled_weight_decay` it shrinks the weights outside the momentum (Loshchilov & Hutter)."""
   if optim.decoupled_weight_decay:
-    momentum = optax.trace(decay=optim.momentum, nesterov=optim.nesterov)
-    return optax.chain(momentum, _decay(optim), optax.scale_by_learning_rate(learning_rate_fn))
-  return optax.chain(_decay(optim), optax.sgd(learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov))
+    momentum = optax.trace(decay=hparams['momentum'], nesterov=optim.nesterov)
+    return optax.chain(momentum, _decay(hparams), optax.scale_by_learning_rate(learning_rate_fn))
+  sgd = optax.sgd(learning_rate_fn, momentum=hparams['momentum'], nesterov=optim.nesterov)
+  return optax.chain(_decay(hparams), sgd)
 
 
-def _adam(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+def _adam(optim: OptimConfig, hparams: Hyperparams, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
   """Adam with an L2 term added to the gradient (coupled weight decay)."""
-  return optax.chain(_decay(optim), optax.adam(learning_rate_fn, optim.b1, optim.b2))
+  return optax.chain(_decay(hparams), optax.adam(learning_rate_fn, optim.b1, optim.b2))
 
 
-def _adamw(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  return optax.adamw(learning_rate_fn, optim.b1, optim.b2, weight_decay=optim.weight_decay, mask=kernel_mask)
+def _adamw(optim: OptimConfig, hparams: Hyperparams, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  weight_decay = hparams['weight_decay']
+  return optax.adamw(learning_rate_fn, optim.b1, optim.b2, weight_decay=weight_decay, mask=kernel_mask)
 
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """An entry of `OPTIMIZERS`."""
 
-  make: Callable[[OptimConfig, optax.Schedule], optax.GradientTransformation]
+  make: Callable[[OptimConfig, Hyperparams, optax.Schedule], optax.GradientTransformation]
   options: tuple[str, ...]  # The optimizer-specific `optim.*` fields (of OPTION_DEFAULTS) it reads.
   sharpness_aware: bool = False  # The train step takes the gradient at SAM's ascent point (`sam_gradients`).
 
@@ -115,19 +122,24 @@ def param_labels(params: Any, freeze: str = 'none') -> Any:
   return flax.traverse_util.path_aware_map(label, params)
 
 
-def create_optimizer(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
-  """The optimizer of `optim.name` for each parameter group of `param_labels`.
+def create_optimizer(
+  optim: OptimConfig, learning_rate_fn: optax.Schedule, hparams: Hyperparams | None = None
+) -> optax.GradientTransformation:
+  """The optimizer of `optim.name` for each parameter group of `param_labels`, at the rates of
+  `learning_rate_fn`, with the weight decay and momentum of `hparams` (`train.hyperparams.of`; traced in the
+  train step), else of `optim`.
 
   BatchNorm scales may be frozen and BN biases get their own rate (airbench's speed tricks). A
   whitening stem is always frozen, and with `optim.freeze='backbone'` all but the classifier is:
   neither the gradient nor weight decay moves a frozen parameter (`set_to_zero` replaces its update).
   """
   make = OPTIMIZERS[optim.name].make
+  hparams = hparams or {'weight_decay': optim.weight_decay, 'momentum': optim.momentum}
   bias_lr = lambda step: optim.bn_bias_lr_multiplier * learning_rate_fn(step)
   groups = {
-    'other': make(optim, learning_rate_fn),
-    'bn_scale': optax.set_to_zero() if optim.bn_scale_frozen else make(optim, learning_rate_fn),
-    'bn_bias': make(optim, bias_lr),
+    'other': make(optim, hparams, learning_rate_fn),
+    'bn_scale': optax.set_to_zero() if optim.bn_scale_frozen else make(optim, hparams, learning_rate_fn),
+    'bn_bias': make(optim, hparams, bias_lr),
     'frozen': optax.set_to_zero(),
   }
   return optax.multi_transform(groups, functools.partial(param_labels, freeze=optim.freeze))
@@ -138,24 +150,27 @@ def create_optimizer(optim: OptimConfig, learning_rate_fn: optax.Schedule) -> op
 WARMUP_CLIP_FRACTION = 0.2  # A warmup as long as the run shrinks to this share of it (quick's is 1/6).
 
 
-def _cosine(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
+Peak = float | jax.Array  # The peak learning rate: traced in the train step.
+
+
+def _cosine(optim: OptimConfig, peak: Peak, steps: Steps, warmup_steps: int) -> optax.Schedule:
   """Cosine decay to 0 over the steps after the warmup."""
-  return optax.cosine_decay_schedule(optim.learning_rate, steps.total - warmup_steps)
+  return optax.cosine_decay_schedule(peak, steps.total - warmup_steps)
 
 
-def _onecycle(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
+def _onecycle(optim: OptimConfig, peak: Peak, steps: Steps, warmup_steps: int) -> optax.Schedule:
   """Linear decay to 0 at the last step."""
-  return optax.linear_schedule(optim.learning_rate, 0.0, steps.total - warmup_steps)
+  return optax.linear_schedule(peak, 0.0, steps.total - warmup_steps)
 
 
-def _step(optim: OptimConfig, steps: Steps, warmup_steps: int) -> optax.Schedule:
+def _step(optim: OptimConfig, peak: Peak, steps: Steps, warmup_steps: int) -> optax.Schedule:
   """Multiplied by `step_gamma` at each of `step_epochs`."""
   boundaries = {steps.at_epoch(epoch) - warmup_steps: optim.step_gamma for epoch in optim.step_epochs}
-  return optax.piecewise_constant_schedule(optim.learning_rate, boundaries)
+  return optax.piecewise_constant_schedule(peak, boundaries)
 
 
-# `optim.schedule`: the decay after the warmup, from the peak rate, given the run's steps and the warmup's.
-SCHEDULES: dict[str, Callable[[OptimConfig, Steps, int], optax.Schedule]] = {
+# `optim.schedule`: the decay after the warmup from the peak rate, given the run's steps and the warmup's.
+SCHEDULES: dict[str, Callable[[OptimConfig, Peak, Steps, int], optax.Schedule]] = {
   'cosine': _cosine,
   'onecycle': _onecycle,
   'step': _step,
@@ -179,13 +194,30 @@ def warmup_steps(optim: OptimConfig, steps: Steps) -> int:
   return clipped
 
 
-def create_learning_rate_fn(optim: OptimConfig, steps: Steps) -> optax.Schedule:
-  """The schedule of `optim.schedule` after a linear warmup from 0 (`warmup_steps`; none when that is 0)."""
-  warmup = warmup_steps(optim, steps)
-  decay = SCHEDULES[optim.schedule](optim, steps, warmup)
-  if not warmup:  # optax warns of a linear schedule of no steps.
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, optim.learning_rate, warmup), decay], [warmup])
+def create_learning_rate_fn(optim: OptimConfig, steps: Steps, peak: Peak | None = None) -> optax.Schedule:
+  """The schedule of `optim.schedule` after a linear warmup from 0 (`warmup_steps`; none when that is 0), up to
+  `peak` (default `optim.learning_rate`)."""
+  return Schedule.of(optim, steps).at(optim.learning_rate if peak is None else peak)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A run's schedule for any peak rate: `at(peak)` is the optax schedule. Hashable when `optim` is frozen, so
+  that runs which differ only in their peak rate share a compiled step."""
+
+  optim: OptimConfig
+  steps: Steps
+  warmup: int  # `warmup_steps`: computed (and warned of) once, at set-up.
+
+  @classmethod
+  def of(cls, optim: OptimConfig, steps: Steps) -> Schedule:
+    return cls(optim, steps, warmup_steps(optim, steps))
+
+  def at(self, peak: Peak) -> optax.Schedule:
+    decay = SCHEDULES[self.optim.schedule](self.optim, peak, self.steps, self.warmup)
+    if not self.warmup:  # optax warns of a linear schedule of no steps.
+      return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, self.warmup), decay], [self.warmup])
 
 
 def sam_gradients(grad_fn: Callable, params: Any, grads: Any, rho: float, adaptive: bool) -> Any:

@@ -18,8 +18,9 @@ four do:
 | `after_update`   | after the optimizer's update                 | pruning (masks the EMA)                |
 
 Hyperparameters reach the compiled step as arguments (`arguments`, replicated, never donated), not as
-constants closed over: the same program serves any value of them, and a later traced input needs no
-change here. Values are computed on the host in float64 and rounded once to float32, as Python
+constants closed over: the same program serves any value of them. An extension names the config fields they
+come from (`traced_fields`): left out of the compiled step's key (`train.step.StepSpec`), runs that differ
+only in them share the program; what else tells two extensions' programs apart is its `fingerprint`. Values are computed on the host in float64 and rounded once to float32, as Python
 constants were, so the step computes the same bits with them as arguments.
 
 Written by hand: optax composes gradient transformations and flax composes modules, but no maintained
@@ -44,6 +45,7 @@ class StepContext:
 
   state: Any  # The `train.step.TrainState` the step starts from.
   forward: Forward  # Training's forward pass (train mode, dropout keyed by the step).
+  apply: Callable[..., Any]  # The model's `apply` (inference mode with train=False).
   key: jax.Array  # The step's key: an extension draws from `jax.random.fold_in(key, <its own stream>)`.
   mean: Any  # The normalisation the images carry, per channel.
   std: Any
@@ -69,6 +71,7 @@ class StepExtension:
   """A recipe's changes to the train step. Every hook is a no-op here; subclasses override theirs."""
 
   name: ClassVar[str]  # Its key in `REGISTRY` and in the step's arguments.
+  traced_fields: ClassVar[tuple[str, ...]] = ()  # Config fields that reach the step only through `arguments`.
 
   @classmethod
   def check_config(cls, config: ml_collections.ConfigDict) -> None:
@@ -88,6 +91,11 @@ class StepExtension:
   def run_record(self) -> dict[str, Any]:
     """run.json's fields (`run.workdir.RunInfo`) this extension sets."""
     return {}
+
+  def fingerprint(self) -> Any:
+    """What, beyond the config without `traced_fields`, makes this extension's program: its run.json record
+    (a teacher's path and step), by default. Equal fingerprints of equal configs share a compiled step."""
+    return repr(sorted(self.run_record().items()))
 
   def arguments(self) -> Any:
     """A pytree the compiled step receives as `args` in the hooks below."""

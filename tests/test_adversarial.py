@@ -74,14 +74,15 @@ class GivenImages(step_extensions.StepExtension):
 
 @pytest.fixture(scope='module')
 def one_step(straight_run, tmp_path_factory):
-  """(the plain step's spec, the trained smoke run's state, a uint8 batch of its training images)."""
+  """(the plain step's spec and hyperparameters, the trained smoke run's state, a uint8 batch of its training
+  images)."""
   config = smoke.get_config()
   config.optim.warmup_epochs = 0.0  # The update of step 0 shows the gradients.
   setup = trainer.set_up(config, str(tmp_path_factory.mktemp('adversarial_step')))
   restored, _ = restore_smoke_run(straight_run)
   state = setup.state.replace(params=restored.variables['params'], batch_stats=restored.variables['batch_stats'])
   images, labels = setup.train_split.images[:64], setup.train_split.labels[:64]
-  return setup.spec, state, {'image': images, 'label': labels, 'index': np.arange(64, dtype=np.int32)}
+  return setup.spec, setup.hparams, state, {'image': images, 'label': labels, 'index': np.arange(64, dtype=np.int32)}
 
 
 def adversarial_config(method: str):
@@ -90,11 +91,13 @@ def adversarial_config(method: str):
   return config
 
 
-def compiled_step(spec, extension=None):
+def compiled_step(spec, hparams, extension=None):
   """(state, batch, the extension's arguments) -> (reported loss, updated parameters, flattened)."""
   spec = dataclasses.replace(spec, extensions=(extension,) if extension else ())
   name = extension.name if extension else None
-  train = jax.jit(lambda state, batch, args: step.train_step(state, batch, {name: args} if name else {}, spec=spec))
+  train = jax.jit(
+    lambda state, batch, args: step.train_step(state, batch, hparams, {name: args} if name else {}, spec=spec)
+  )
 
   def run(state, batch, args=None):
     new_state, metrics = train(state, batch, args)
@@ -103,22 +106,25 @@ def compiled_step(spec, extension=None):
   return run
 
 
-def attack_outside(spec, extension, train_mode: bool, objective):
+def attack_outside(spec, hparams, extension, train_mode: bool, objective):
   """(state, batch) -> (the step's augmented images, them attacked, the train-mode logits of each), attacked as
   the step at `state.step` would: its key, its forward pass (`train_mode`) or inference, `objective(targets)`."""
   return jax.jit(
-    functools.partial(attacked, spec=spec, extension=extension, train_mode=train_mode, objective=objective)
+    functools.partial(
+      attacked, spec=spec, hparams=hparams, extension=extension, train_mode=train_mode, objective=objective
+    )
   )
 
 
-def attacked(state, batch, *, spec, extension, train_mode, objective):
-  step_key = jax.random.fold_in(jax.random.key(spec.config.seed), state.step)
+def attacked(state, batch, *, spec, hparams, extension, train_mode, objective):
+  step_key = jax.random.fold_in(jax.random.key(hparams['seed']), state.step)
   augment_key, mix_key, dropout_key = jax.random.split(step_key, 3)
   epoch = epoch_of(state.step, spec.steps_per_epoch)
-  images, targets = step.augmented_batch(batch, augment_key, mix_key, epoch, spec)
+  images, targets = step.augmented_batch(batch, augment_key, mix_key, epoch, hparams, spec)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  train = lambda x: state.apply_fn(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})[0]
-  logits_fn = train if train_mode else lambda x: state.apply_fn(variables, x, train=False)
+  apply = spec.model.apply
+  train = lambda x: apply(variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key})[0]
+  logits_fn = train if train_mode else lambda x: apply(variables, x, train=False)
   attack_key = jax.random.fold_in(step_key, adversarial.ATTACK_STREAM)
   args, steps = extension.arguments(), extension.steps
   adversarial_images = adversarial.perturb(
@@ -129,13 +135,13 @@ def attacked(state, batch, *, spec, extension, train_mode, objective):
 
 @pytest.mark.parametrize('method', ['fgsm_rs', 'pgd'])
 def test_the_step_trains_on_the_attacked_batch(one_step, method):
-  spec, state, batch = one_step
+  spec, hparams, state, batch = one_step
   extension = adversarial.AdversarialTraining(adversarial_config(method))
   args = extension.arguments()
-  attack = attack_outside(spec, extension, train_mode=True, objective=adversarial.cross_entropy_objective)
+  attack = attack_outside(spec, hparams, extension, train_mode=True, objective=adversarial.cross_entropy_objective)
   clean, attacked_images, _, _ = attack(state, batch)
-  loss, params = compiled_step(spec, extension)(state, batch, args)
-  given = compiled_step(spec, GivenImages())
+  loss, params = compiled_step(spec, hparams, extension)(state, batch, args)
+  given = compiled_step(spec, hparams, GivenImages())
   attacked_loss, attacked_params = given(state, batch, {'images': attacked_images})
   clean_loss, clean_params = given(state, batch, {'images': clean})
   assert loss == pytest.approx(attacked_loss, rel=1e-4)
@@ -147,19 +153,21 @@ def test_the_step_trains_on_the_attacked_batch(one_step, method):
 
 
 def test_trades_adds_beta_times_the_kl_from_the_clean_to_the_attacked_prediction(one_step):
-  spec, state, batch = one_step
+  spec, hparams, state, batch = one_step
   extension = adversarial.Trades(adversarial_config('trades'))
   args = extension.arguments()
-  attack = attack_outside(spec, extension, train_mode=False, objective=lambda targets: adversarial.trades_objective)
+  attack = attack_outside(
+    spec, hparams, extension, train_mode=False, objective=lambda targets: adversarial.trades_objective
+  )
   _, _, clean_logits, attacked_logits = attack(state, batch)
   clean, attacked_prediction = (
     log_softmax(np.asarray(x, np.float64), axis=-1) for x in (clean_logits, attacked_logits)
   )
   kl = np.mean(np.sum(np.exp(clean) * (clean - attacked_prediction), axis=-1))
   assert kl > 1e-3  # The attack moved the prediction: dropping it cannot pass.
-  trades = compiled_step(spec, extension)
+  trades = compiled_step(spec, hparams, extension)
   loss = lambda beta: trades(state, batch, {**args, 'beta': np.float32(beta)})[0]
-  clean_loss = compiled_step(spec)(state, batch)[0]
+  clean_loss = compiled_step(spec, hparams)(state, batch)[0]
   assert loss(0.0) == pytest.approx(clean_loss, rel=1e-6)  # Cross-entropy on the clean images.
   assert loss(args['beta']) - loss(0.0) == pytest.approx(args['beta'] * kl, rel=1e-3)
 

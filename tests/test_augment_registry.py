@@ -15,7 +15,9 @@ from resnet_flax.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ZERO_MEAN, UNIT_STD = (0.0,) * 3, (1.0,) * 3  # Identity normalization up to the 1/255 scale.
-BUILT_IN = ', '.join(('crop', 'flip', 'alternating_flip', 'cutout', 'autoaugment', 'randaugment', 'trivialaugment'))
+BUILT_IN = ', '.join(
+  ('crop', 'flip', 'alternating_flip', 'cutout', 'autoaugment', 'randaugment', 'trivialaugment', 'augmix')
+)
 
 
 def _config(ops, **overrides) -> ml_collections.ConfigDict:

@@ -113,7 +113,7 @@ def tiny_needs(tmp_path_factory):
   """The smoke config's set-up and its steps' needs (compiled as training compiles them)."""
   config = smoke.get_config()
   setup = trainer.set_up(config, str(tmp_path_factory.mktemp('memory')))
-  train_fn, eval_fn = step.jit_steps(setup.spec, setup.mesh)
+  train_fn, eval_fn = step.jit_steps(setup.spec, setup.mesh, setup.hparams)
   return config, memory.StepNeeds(setup, train_fn, eval_fn, setup.state, 1, config.eval_batch_size)
 
 

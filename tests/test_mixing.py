@@ -13,7 +13,8 @@ BATCH, SIDE = 16, 8
 
 @functools.cache
 def _mix_fn(**kwargs):
-  """mix_batch as the trainer runs it: under jit, with the alphas as constants; compiled once."""
+  """mix_batch under jit, with the alphas as constants, an alpha of 0 off (None) as `train.hyperparams` makes it."""
+  kwargs = {name: None if name.endswith('_alpha') and not value else value for name, value in kwargs.items()}
   return jax.jit(functools.partial(mixing.mix_batch, **kwargs))
 
 

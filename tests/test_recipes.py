@@ -14,7 +14,7 @@ from resnet_flax import evaluate, models, optim
 from resnet_flax.data import mixing
 from resnet_flax.errors import ConfigError
 from resnet_flax.run.workdir import Steps
-from resnet_flax.train import config_checks, step, trainer
+from resnet_flax.train import config_checks, hyperparams, step, trainer
 
 CURVATURE = jnp.array([1.0, 10.0])  # f(w) = 1/2 sum(a * w^2): gradient a * w.
 
@@ -156,7 +156,7 @@ def test_optimizer_names_come_from_the_registry(monkeypatch):
   config.optim.name = 'rmsprop'
   with pytest.raises(ConfigError, match=r"optim.name='rmsprop' is invalid: choose one of sgd, sam, adam, adamw$"):
     config_checks.validate(config)
-  rmsprop = optim.Optimizer(lambda optim_config, learning_rate_fn: optax.rmsprop(learning_rate_fn), options=())
+  rmsprop = optim.Optimizer(lambda optim_config, hparams, learning_rate_fn: optax.rmsprop(learning_rate_fn), options=())
   monkeypatch.setitem(optim.OPTIMIZERS, 'rmsprop', rmsprop)
   config_checks.validate(config)  # Registered: valid, with no other change.
   tx = optim.create_optimizer(config.optim, lambda step: 0.1)
@@ -218,11 +218,11 @@ def test_the_train_step_mixes_with_the_configs_mix_prob(monkeypatch):
   config = smoke.get_config()
   config.augment.mixup_alpha, config.augment.mix_prob = 1.0, 0.3
   model = models.create_model_from_config(config, 10)
-  tx = optim.create_optimizer(config.optim, lambda step: 0.1)
-  state = step.create_train_state(model, models.init_variables(model, (8, 8, 3)), tx)
+  spec = step.create_spec(config, model, Steps.of(config, 10 * config.batch_size), (0.5,) * 3, (0.25,) * 3, 10)
+  hparams = hyperparams.of(config)
+  state = step.create_train_state(models.init_variables(model, (8, 8, 3)), spec.optimizer(hparams))
   batch = {'image': jnp.zeros((8, 8, 8, 3), jnp.uint8), 'label': jnp.zeros(8, jnp.int32), 'index': jnp.arange(8)}
-  spec = step.StepSpec(config, lambda s: 0.1, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10, steps_per_epoch=10)
-  jax.eval_shape(functools.partial(step.train_step, spec=spec), state, batch, {})
+  jax.eval_shape(functools.partial(step.train_step, spec=spec), state, batch, hparams, {})
   assert seen == [0.3]
 
 

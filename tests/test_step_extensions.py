@@ -88,7 +88,7 @@ def test_its_weight_reaches_the_compiled_step_as_an_argument(registered, tmp_pat
   }
   train = jax.jit(functools.partial(step.train_step, spec=setup.spec))
   loss = lambda weight: float(
-    train(setup.state, batch, {LogitPenalty.name: {'weight': np.float32(weight)}})[1].loss.compute()
+    train(setup.state, batch, setup.hparams, {LogitPenalty.name: {'weight': np.float32(weight)}})[1].loss.compute()
   )
   assert loss(WEIGHT) > loss(0.0) + 1e-3  # One program, whatever the weight.
   assert train._cache_size() == 1

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_flax import models, optim
+from resnet_flax import models
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import writers
 from resnet_flax.run.workdir import Steps
-from resnet_flax.train import step, trainer
+from resnet_flax.train import hyperparams, step, trainer
 
 from helpers import finished_steps, load_checkpoint
 
@@ -36,11 +36,12 @@ def tiny_smoke_config(**overrides):
 def test_scanned_steps_equal_the_steps_one_by_one():
   config = tiny_smoke_config()
   model = models.create_model_from_config(config, NUM_CLASSES)
-  learning_rate_fn = optim.create_learning_rate_fn(config.optim, Steps.of(config, STEPS_PER_EPOCH * config.batch_size))
+  steps = Steps.of(config, STEPS_PER_EPOCH * config.batch_size)
+  spec = step.create_spec(config, model, steps, (0.5,) * 3, (0.25,) * 3, NUM_CLASSES)
+  hparams = hyperparams.of(config)
+  learning_rate_fn = spec.learning_rate_fn(hparams)
   state = step.create_train_state(
-    model,
-    models.init_variables(model, (SIZE, SIZE, 3), jax.random.key(0)),
-    optim.create_optimizer(config.optim, learning_rate_fn),
+    models.init_variables(model, (SIZE, SIZE, 3), jax.random.key(0)), spec.optimizer(hparams)
   )
   rng = np.random.default_rng(0)
   batches = {
@@ -48,8 +49,7 @@ def test_scanned_steps_equal_the_steps_one_by_one():
     'label': rng.integers(0, NUM_CLASSES, (STEPS, BATCH)).astype(np.int32),
     'index': np.tile(np.arange(BATCH, dtype=np.int32), (STEPS, 1)),
   }
-  spec = step.StepSpec(config, learning_rate_fn, (0.5,) * 3, (0.25,) * 3, NUM_CLASSES, STEPS_PER_EPOCH)
-  train_fn = jax.jit(lambda state, stack: step.train_stack(state, stack, {}, spec=spec))
+  train_fn = jax.jit(lambda state, stack: step.train_stack(state, stack, hparams, {}, spec=spec))
 
   one_by_one, step_metrics = state, []
   for i in range(STEPS):

@@ -15,8 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+Alpha = float | jax.Array | None  # None turns the mixer off (another program); a value may be traced.
 
-def _mixup(key: jax.Array, images: jax.Array, partners: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
+
+def _mixup(key: jax.Array, images: jax.Array, partners: jax.Array, alpha: Alpha) -> tuple[jax.Array, jax.Array]:
   lam = jax.random.beta(key, alpha, alpha)
   return (lam * images + (1 - lam) * partners).astype(images.dtype), lam
 
@@ -35,7 +37,7 @@ def _cutmix_box(key: jax.Array, height: int, width: int, area: jax.Array) -> jax
   return (rows >= top) & (rows < top + box_height) & (cols >= left) & (cols < left + box_width)
 
 
-def _cutmix(key: jax.Array, images: jax.Array, partners: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
+def _cutmix(key: jax.Array, images: jax.Array, partners: jax.Array, alpha: Alpha) -> tuple[jax.Array, jax.Array]:
   lam_key, box_key = jax.random.split(key)
   lam = jax.random.beta(lam_key, alpha, alpha)
   box = _cutmix_box(box_key, images.shape[1], images.shape[2], 1 - lam)
@@ -48,18 +50,20 @@ def mix_batch(
   key: jax.Array,
   *,
   num_classes: int,
-  mixup_alpha: float,
-  cutmix_alpha: float,
+  mixup_alpha: Alpha,
+  cutmix_alpha: Alpha,
   prob: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
   """Float [B, H, W, C] images and int [B] labels -> (mixed images, float32 targets [B, num_classes]).
 
-  With both alphas > 0 each batch uses mixup or CutMix with probability 1/2; with one > 0, that one;
-  with both 0 the images pass through and the targets are one-hot. `prob` is the chance that a
-  batch is mixed at all. The alphas and `prob` are Python numbers: they choose the program.
+  With both alphas on (not None) each batch uses mixup or CutMix with probability 1/2; with one on, that
+  one; with both None the images pass through and the targets are one-hot. `prob` is the chance that a
+  batch is mixed at all. Which alphas are on and `prob` choose the program; the alphas' values may be
+  traced (`train.hyperparams`: 0 there is None here).
   """
   targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-  mixers = [(mixer, alpha) for mixer, alpha in ((_mixup, mixup_alpha), (_cutmix, cutmix_alpha)) if alpha > 0]
+  pairs = ((_mixup, mixup_alpha), (_cutmix, cutmix_alpha))
+  mixers = [(mixer, alpha) for mixer, alpha in pairs if alpha is not None]
   if not mixers:
     return images, targets
   partner_key, choice_key, mix_key, apply_key = jax.random.split(key, 4)

@@ -388,12 +388,19 @@ def stem_cost_note(config: ml_collections.ConfigDict, image_side: int) -> str | 
   )
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: nn.Module, key: jax.Array, images: jax.Array) -> Any:
+  """`model.init`, compiled once per equal model (modules compare by their fields) and input shape: the seeds of
+  a recipe share it, as they share the train step."""
+  return model.init(key, images, train=False)
+
+
 def init_variables(model: nn.Module, image_shape: Sequence[int], key: jax.Array | None = None):
   """Initial {'params', 'batch_stats'}; with no key only their shapes (nothing is computed)."""
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   if key is None:
     return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), dummy)
-  return jax.jit(functools.partial(model.init, train=False))(key, dummy)
+  return _init(model, key, dummy)
 
 
 def apply_to_pixels(

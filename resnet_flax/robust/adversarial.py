@@ -141,6 +141,8 @@ def perturb(
 class _Attacking(step_extensions.StepExtension):
   """What adversarial training's extensions share: the attack of a step's batch against the current weights."""
 
+  traced_fields = ('adversarial.epsilon', 'adversarial.step_size', 'adversarial.trades_beta')
+
   def __init__(self, adversarial: ml_collections.ConfigDict):
     self.config, self.steps = adversarial, num_steps(adversarial)
 
@@ -192,7 +194,7 @@ class Trades(_Attacking):
     return {**attack_arguments(self.config), 'beta': np.float32(self.config.trades_beta)}
 
   def prepare(self, args, context, batch):
-    logits_fn = lambda images: context.state.apply_fn(_variables(context.state), images, train=False)
+    logits_fn = lambda images: context.apply(_variables(context.state), images, train=False)
     return batch, self.attack(args, context, batch.images, logits_fn, trades_objective)
 
   def loss(self, args, context, attacked: jax.Array, loss: step_extensions.Loss) -> step_extensions.Loss:

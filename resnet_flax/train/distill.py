@@ -178,6 +178,7 @@ class Distillation(step_extensions.StepExtension):
   loss in place of the cross-entropy (`loss`); its weights, alpha and T enter the step as arguments."""
 
   name = 'distill'
+  traced_fields = ('distill.alpha', 'distill.temperature')
 
   def __init__(self, teacher: Teacher, distill_config: ml_collections.ConfigDict):
     self.teacher, self.distill_config = teacher, distill_config

@@ -40,6 +40,7 @@ length of a real run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -59,6 +60,7 @@ from resnet_flax.data import input_pipeline
 from resnet_flax.errors import ConfigError
 from resnet_flax.run.workdir import check_writable
 from resnet_flax.train import config_checks, trainer
+from resnet_flax.train.hyperparams import Hyperparams
 from resnet_flax.train.step import StepSpec, TrainState, jit_steps, train_step
 
 OUTPUT_DIR = 'lr_find'
@@ -76,14 +78,26 @@ def exponential_schedule(min_lr: float, max_lr: float, num_steps: int) -> optax.
   return optax.exponential_decay(min_lr, transition_steps=num_steps - 1, decay_rate=max_lr / min_lr)
 
 
+@dataclasses.dataclass(frozen=True)
+class Ramp:
+  """The range test's schedule as the train step takes one (`StepSpec.schedule`): the config's peak is unused."""
+
+  min_lr: float
+  max_lr: float
+  num_steps: int
+
+  def at(self, peak: Any) -> optax.Schedule:
+    return exponential_schedule(self.min_lr, self.max_lr, self.num_steps)
+
+
 def find_stack(
-  state: TrainState, stack: dict[str, jax.Array], args: dict[str, Any], *, spec: StepSpec
+  state: TrainState, stack: dict[str, jax.Array], hparams: Hyperparams, args: dict[str, Any], *, spec: StepSpec
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """`train_step` on each batch of a stack [steps, B, ...]: the state after them, and each step's
   loss and learning rate [steps]. One step runs without a loop, as in `train.step.train_stack` (jax#12868)."""
 
   def step(state, batch):
-    state, step_metrics = train_step(state, batch, args, spec=spec)
+    state, step_metrics = train_step(state, batch, hparams, args, spec=spec)
     return state, {'loss': step_metrics.loss.compute(), 'learning_rate': step_metrics.learning_rate.compute()}
 
   if stack['label'].shape[0] == 1:
@@ -193,7 +207,7 @@ def run_lr_find(
   config_checks.validate(config)
   check_settings(config, num_steps, min_lr, max_lr)
   check_writable(workdir)
-  train_fn, state, pipeline = compile_finder(config, workdir, exponential_schedule(min_lr, max_lr, num_steps))
+  train_fn, state, pipeline = compile_finder(config, workdir, Ramp(min_lr, max_lr, num_steps))
   lengths = input_pipeline.call_lengths(0, num_steps, config.steps_per_call, (pipeline.steps_per_epoch,))
   beta = smoothing_factor(num_steps, min_lr, max_lr)
   logging.info(
@@ -219,15 +233,15 @@ def run_lr_find(
 
 
 def compile_finder(
-  config: ml_collections.ConfigDict, workdir: str, learning_rate_fn: optax.Schedule
+  config: ml_collections.ConfigDict, workdir: str, schedule: Ramp
 ) -> tuple[Callable, TrainState, input_pipeline.InputPipeline]:
-  """Training's own set-up (`trainer.set_up`) with `learning_rate_fn`, without pruning and the EMA: the
+  """Training's own set-up (`trainer.set_up`) with `schedule`, without pruning and the EMA: the
   compiled `find_stack` step, the fresh initial state (replicated) and the input pipeline."""
-  setup = trainer.set_up(finder_config(config), workdir, learning_rate_fn)
+  setup = trainer.set_up(finder_config(config), workdir, schedule)
   pipeline = input_pipeline.create_pipeline(
     config.data.pipeline, setup.train_split, config.batch_size, config.seed, setup.mesh, sampling=config.data.sampling
   )
-  train_fn, _ = jit_steps(setup.spec, setup.mesh, stack_fn=find_stack)
+  train_fn, _ = jit_steps(setup.spec, setup.mesh, setup.hparams, stack_fn=find_stack)
   return train_fn, setup.state, pipeline
 
 

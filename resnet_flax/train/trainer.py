@@ -13,7 +13,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
@@ -26,14 +25,15 @@ from resnet_flax.data import augment, input_pipeline
 from resnet_flax.errors import ConfigError
 from resnet_flax.models import layers
 from resnet_flax.robust import adversarial
-from resnet_flax.run import checkpoint, curves, distributed, writers
+from resnet_flax.run import checkpoint, compile_log, curves, distributed, writers
 from resnet_flax.run.workdir import RunInfo, Steps, check_resumable, check_writable
-from resnet_flax.train import config_checks, finetune, loop, memory
+from resnet_flax.train import config_checks, finetune, hyperparams, loop, memory
 from resnet_flax.train.step import (
   StepSpec,
   TrainState,
   check_param_budget,
   compute_eval_metrics,
+  create_spec,
   create_train_state,
   jit_steps,
 )
@@ -104,7 +104,8 @@ class Setup:
   steps: Steps
   model: flax.linen.Module  # As the extensions wrap it (QAT).
   variables: Any  # The initial (or `init_from`) weights, on the host.
-  spec: StepSpec  # The compiled step's normalisation, schedule, class weights and extensions.
+  spec: StepSpec  # The compiled step's model, normalisation, schedule, class weights and extensions.
+  hparams: hyperparams.Hyperparams  # The values the compiled step takes as an argument.
   mesh: Mesh
   state: TrainState  # Replicated over `mesh`.
   run: RunInfo
@@ -131,9 +132,9 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[dict[str, data.ImageDa
   return splits, validation
 
 
-def set_up(config: ml_collections.ConfigDict, workdir: str, learning_rate_fn: optax.Schedule | None = None) -> Setup:
-  """Data, step extensions, model, initial weights (`init_from` included), optimizer, the step's spec and the
-  replicated state. `learning_rate_fn` replaces the config's schedule (the learning-rate finder's)."""
+def set_up(config: ml_collections.ConfigDict, workdir: str, schedule: Any = None) -> Setup:
+  """Data, step extensions, model, initial weights (`init_from` included), the step's spec, its hyperparameters
+  and the replicated state. `schedule` (`.at(peak)`) replaces the config's (the learning-rate finder's)."""
   splits, validation = load_data(config)
   train_split = splits['train']
   steps = Steps.of(config, len(train_split))
@@ -145,14 +146,14 @@ def set_up(config: ml_collections.ConfigDict, workdir: str, learning_rate_fn: op
   variables, mean, std, init_from = finetune.apply_init_from(
     config, workdir, variables, train_split.class_names, mean, std
   )
-  learning_rate_fn = learning_rate_fn or optim.create_learning_rate_fn(config.optim, steps)
-  tx = step_extensions.fold(extensions, 'wrap_optimizer', optim.create_optimizer(config.optim, learning_rate_fn))
-  mesh = distributed.create_mesh()
-  state = jax.device_put(create_train_state(model, variables, tx, ema=config.ema_decay > 0), NamedSharding(mesh, P()))
   class_weights = optim.class_weight_vector(config.optim.class_weights, train_split.labels, train_split.class_names)
-  spec = StepSpec(config, learning_rate_fn, mean, std, num_classes, steps.per_epoch, class_weights, extensions)
+  spec = create_spec(config, model, steps, mean, std, num_classes, class_weights, extensions, schedule)
+  hparams = hyperparams.of(config)
+  mesh = distributed.create_mesh()
+  state = create_train_state(variables, spec.optimizer(hparams), ema=config.ema_decay > 0)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
   run = run_info(config, train_split, spec, init_from, validation)
-  return Setup(splits, validation, steps, model, variables, spec, mesh, state, run)
+  return Setup(splits, validation, steps, model, variables, spec, hparams, mesh, state, run)
 
 
 def run_info(
@@ -198,7 +199,9 @@ def train_and_evaluate(
   manager = checkpoint.create_manager(workdir, config.keep_checkpoints, config.checkpoint_every_steps)
   writer = writers.create_writer(workdir, is_primary=jax.process_index() == 0, steps_per_epoch=setup.steps.per_epoch)
   try:
-    eval_metrics = resume_and_train(config, workdir, setup, manager, writer, on_evaluation)
+    with compile_log.CompileLog() as compiling:
+      eval_metrics = resume_and_train(config, workdir, setup, manager, writer, on_evaluation)
+    logging.info('Compiled %s', compiling.summary())
   finally:
     try:
       checkpoint.wait_until_finished(manager)
@@ -248,7 +251,7 @@ def create_loop(
 ) -> loop.TrainLoop:
   """The compiled steps, checked to fit in memory from `start_step` on (`train.memory`), the input pipeline, the
   evaluation (with the overfitting guard) and the host loop."""
-  train_fn, eval_fn = jit_steps(setup.spec, setup.mesh)
+  train_fn, eval_fn = jit_steps(setup.spec, setup.mesh, setup.hparams)
   pipeline = input_pipeline.create_pipeline(
     config.data.pipeline, setup.train_split, config.batch_size, config.seed, setup.mesh, sampling=config.data.sampling
   )
