@@ -60,17 +60,18 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = (
-    'sgd'  # resnet_flax.optim.OPTIMIZERS: sgd | sam (SGD at the sharpness-aware gradient) | adam | adamw.
+    'sgd'  # resnet_flax.optim.OPTIMIZERS: sgd | sam (SGD at the sharpness-aware gradient) | adam | adamw | muon.
   )
   config.optim.learning_rate = 0.1  # Peak learning rate, reached after the warmup.
-  config.optim.momentum = 0.9  # SGD, SAM: momentum.
-  config.optim.nesterov = True  # SGD, SAM: Nesterov momentum.
+  config.optim.momentum = 0.9  # SGD, SAM, Muon: momentum.
+  config.optim.nesterov = True  # SGD, SAM, Muon: Nesterov momentum.
   config.optim.weight_decay = 5e-4  # On conv and dense kernels only (not BN, not biases).
   config.optim.decoupled_weight_decay = False  # SGD, SAM: decay the weights outside the momentum (AdamW always does).
   config.optim.b1 = 0.9  # Adam/AdamW: first-moment decay.
   config.optim.b2 = 0.999  # Adam/AdamW: second-moment decay.
   config.optim.sam_rho = 0.05  # SAM: radius of the ascent step.
   config.optim.sam_adaptive = False  # SAM: adaptive (ASAM) ascent, scaled by |w|.
+  config.optim.muon_lr_multiplier = 0.5  # Muon: the hidden conv kernels' rate, x the schedule's (the rest: SGD's).
   config.optim.schedule = (
     'cosine'  # resnet_flax.optim.SCHEDULES, after the warmup: cosine | onecycle (linear to 0) | step.
   )

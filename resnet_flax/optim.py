@@ -74,6 +74,38 @@ def _adamw(optim: OptimConfig, hparams: Hyperparams, learning_rate_fn: optax.Sch
   return optax.adamw(learning_rate_fn, optim.b1, optim.b2, weight_decay=weight_decay, mask=kernel_mask)
 
 
+# Muon's conv kernels [kh, kw, in, out] as matrices [kh * kw * in, out], airbench94_muon's flattening.
+CONV_AS_MATRIX = optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=(3,))
+
+
+def muon_labels(params: Any) -> Any:
+  """'muon' for the hidden conv kernels (4-D, all but the stem), 'sgd' for the rest: BatchNorm, biases, the
+  stem and the classifier (airbench94_muon's split). Leaves another group holds (optax's MaskedNode) are 'sgd'."""
+
+  def label(path, leaf):
+    hidden_conv = getattr(leaf, 'ndim', 0) == 4 and path[0] != models.STEM
+    return 'muon' if hidden_conv else 'sgd'
+
+  return flax.traverse_util.path_aware_map(label, params)
+
+
+def _muon(optim: OptimConfig, hparams: Hyperparams, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """Muon (Jordan et al. 2024; airbench94_muon) on the hidden conv kernels, `_sgd` on the rest: the kernels'
+  momentum is orthogonalised by optax's Newton-Schulz (`scale_by_muon`, a kernel flattened by CONV_AS_MATRIX),
+  decayed outside it and scaled by `muon_lr_multiplier` x the schedule. Its own `multi_transform`:
+  `optax.contrib.muon` would give every non-2-D parameter, so every conv kernel, Adam instead."""
+  muon = optax.chain(
+    optax.contrib.scale_by_muon(
+      beta=hparams['momentum'],
+      nesterov=optim.nesterov,
+      weight_dimension_numbers=lambda params: jax.tree.map(lambda _: CONV_AS_MATRIX, params),
+    ),
+    optax.add_decayed_weights(hparams['weight_decay']),
+    optax.scale_by_learning_rate(lambda step: optim.muon_lr_multiplier * learning_rate_fn(step)),
+  )
+  return optax.multi_transform({'muon': muon, 'sgd': _sgd(optim, hparams, learning_rate_fn)}, muon_labels)
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
   """An entry of `OPTIMIZERS`."""
@@ -89,6 +121,7 @@ OPTIMIZERS: dict[str, Optimizer] = {
   'sam': Optimizer(_sgd, (*_SGD_OPTIONS, 'sam_rho', 'sam_adaptive'), sharpness_aware=True),
   'adam': Optimizer(_adam, ('b1', 'b2')),
   'adamw': Optimizer(_adamw, ('b1', 'b2')),
+  'muon': Optimizer(_muon, ('momentum', 'nesterov', 'muon_lr_multiplier')),
 }
 # The optimizer-specific fields at their configs/default.py values: an optimizer that does not read
 # one of them refuses any other value (config_checks), rather than ignoring it.
@@ -100,6 +133,7 @@ OPTION_DEFAULTS = {
   'b2': 0.999,
   'sam_rho': 0.05,
   'sam_adaptive': False,
+  'muon_lr_multiplier': 0.5,
 }
 
 
@@ -316,6 +350,7 @@ CONFIG_RULES: dict[str, rules.Rule] = {
   'optim.b2': rules.fraction,
   'ema_decay': rules.fraction,
   'optim.bn_bias_lr_multiplier': rules.positive,
+  'optim.muon_lr_multiplier': rules.positive,
   'optim.freeze': rules.choice(FREEZE),
 }
 

@@ -7,17 +7,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import flax
 import flax.linen as nn
 import httpx
 import jax
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from PIL import Image
 
+from configs import default
 from resnet_flax import models
 from resnet_flax.data import augment
 from resnet_flax.evaluate import inference
@@ -249,3 +252,11 @@ def read_class_folders(root, per_class: int) -> tuple[np.ndarray, np.ndarray, li
       images.append(np.asarray(Image.open(path).convert('RGB')))
       labels.append(label)
   return np.stack(images), np.array(labels, np.int32), names
+
+
+def overrides_of(add_fields: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]) -> list[str]:
+  """The `--config.field=value` flags that make a config what `add_fields` (a recipe's, e.g.
+  configs/augmix.py's `add_augmix`) makes of it: the fields it changes from configs/default.py."""
+  flat = lambda config: flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  plain, recipe = flat(default.get_config()), flat(add_fields(default.get_config()))
+  return [f'--config.{field}={value!r}' for field, value in recipe.items() if plain[field] != value]

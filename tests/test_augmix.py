@@ -1,9 +1,6 @@
 """AugMix: the op (data/augmix.py, the train op 'augmix') and its Jensen-Shannon consistency loss
 (train/consistency.py): ranges, determinism, the op list, the loss against NumPy, the refusals, a smoke run,
-and (slow) a bitwise resume after a kill."""
-
-import signal
-import time
+and (slow, in test_recipe_resume.py) a bitwise resume after a kill."""
 
 import flax.linen as nn
 import jax
@@ -19,8 +16,6 @@ from resnet_flax.data import augment, augmix
 from resnet_flax.errors import ConfigError
 from resnet_flax.run import writers
 from resnet_flax.train import config_checks, consistency, trainer
-
-from helpers import finished_steps, load_checkpoint, run_smoke
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 NUM_CLASSES = 5
@@ -41,22 +36,6 @@ def augmix_config(**fields) -> ml_collections.ConfigDict:
   config = augmix_recipe.add_augmix(smoke.get_config())
   config.update_from_flattened_dict(fields)
   return config
-
-
-def recipe_overrides() -> list[str]:
-  """`configs/augmix.py`'s fields as command-line overrides of the smoke config."""
-  plain, recipe = _flatten(default.get_config()), _flatten(augmix_recipe.add_augmix(default.get_config()))
-  return [f'--config.{field}={value!r}' for field, value in recipe.items() if plain[field] != value]
-
-
-def _flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
-  flat = {}
-  for name, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      flat.update(_flatten(value, f'{prefix}{name}.'))
-    else:
-      flat[f'{prefix}{name}'] = value
-  return flat
 
 
 # The op.
@@ -237,29 +216,3 @@ def test_smoke_training_with_the_loss_finishes_with_a_finite_loss(tmp_path):
   trainer.train_and_evaluate(config, str(tmp_path))
   losses = [loss for _, loss in writers.read_scalars(str(tmp_path))['train_loss']]
   assert len(losses) == 4 and np.all(np.isfinite(losses))
-
-
-@pytest.fixture(scope='module')
-def straight_augmix_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('augmix_straight')
-  returncode, output = run_smoke(workdir, *recipe_overrides())
-  assert returncode == 0, output
-  return workdir
-
-
-@pytest.mark.slow
-def test_the_recipe_on_the_smoke_config_resumes_bitwise_after_a_kill(straight_augmix_run, tmp_path):
-  process = run_smoke(tmp_path, *recipe_overrides(), wait=False)
-  deadline = time.time() + 300
-  while not finished_steps(tmp_path) and time.time() < deadline:
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  killed_at = finished_steps(tmp_path)
-  assert process.returncode == -signal.SIGKILL and killed_at and killed_at[-1] < finished_steps(straight_augmix_run)[-1]
-  returncode, output = run_smoke(tmp_path, *recipe_overrides())
-  assert returncode == 0 and f'Resuming from the checkpoint of step {killed_at[-1]}' in output, output
-  last = finished_steps(straight_augmix_run)[-1]
-  resumed, straight = load_checkpoint(tmp_path, last), load_checkpoint(straight_augmix_run, last)
-  for name in ('params', 'batch_stats', 'opt_state', 'step'):
-    jax.tree.map(np.testing.assert_array_equal, resumed[name], straight[name])

@@ -154,7 +154,7 @@ def test_frozen_batch_norm_scales_and_faster_biases():
 def test_optimizer_names_come_from_the_registry(monkeypatch):
   config = smoke.get_config()
   config.optim.name = 'rmsprop'
-  with pytest.raises(ConfigError, match=r"optim.name='rmsprop' is invalid: choose one of sgd, sam, adam, adamw$"):
+  with pytest.raises(ConfigError, match=r"optim.name='rmsprop' is invalid: choose one of sgd, sam, adam, adamw, muon$"):
     config_checks.validate(config)
   rmsprop = optim.Optimizer(lambda optim_config, hparams, learning_rate_fn: optax.rmsprop(learning_rate_fn), options=())
   monkeypatch.setitem(optim.OPTIMIZERS, 'rmsprop', rmsprop)
