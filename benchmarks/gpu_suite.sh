@@ -14,8 +14,9 @@
 # part stopped from outside keeps what it measured); a part still running GRACE_S past its deadline is
 # stopped. Time a part leaves unused goes to the next:
 #   tune        configs/fast.py: learning rate on a validation split, then steps per call      0.15
-#   fast        configs/fast.py, 5 seeds with the tuned values: train time, test accuracy + TTA 0.45
-#   throughput  resnet18 + resnet34 train step, batch 512 bf16, vs PyTorch; device pipeline; memory 0.70
+#   fast        configs/fast.py, 5 seeds with the tuned values: train time, test accuracy + TTA 0.35
+#   fast_muon   the same with optim.name=muon (it beat SGD on 2 CPU cores: docs/training.md)  0.55
+#   throughput  resnet18 + resnet34 train step, batch 512 bf16, vs PyTorch; device pipeline; memory 0.74
 #   resnet18    configs/resnet18.py (the seed recipe), as many epochs as the time left allows  0.94
 # then benchmarks/gpu_suite_summary.py prints the figures against the targets and writes
 # gpu_suite_<device>.json, which lists every part's exit status, seconds and JSON.
@@ -43,8 +44,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 parts=$work/parts.tsv
 GRACE_S=15
-# Compiled programs and GPU autotuning results shared by the parts and runs. Each seed and learning
-# rate is a constant of its train step, so a run recompiles, but reuses the autotuning of its kernels.
+# Compiled programs and GPU autotuning results shared by the parts and runs. The seed and the learning
+# rate are inputs of the train step: the seeds of a part run its first seed's program, and the later parts
+# (processes of their own) load the programs of the same config from this cache; each JSON records the
+# compile seconds of every run.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$work/jax_cache}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 
@@ -70,9 +73,11 @@ results_of() { awk -F'\t' -v name="$1" '$1 == name { print $4 }' "$parts"; }
 part tune 0.15 "$python" benchmarks/time_to_accuracy.py --config=configs/fast.py --seeds=0 \
   --tune_learning_rates=0.8,1.2,0.5 --tune_steps_per_call=1,8 --run_estimate_s=40
 tuned=$(results_of tune)
-part fast 0.45 "$python" benchmarks/time_to_accuracy.py --config=configs/fast.py --seeds=5 \
+part fast 0.35 "$python" benchmarks/time_to_accuracy.py --config=configs/fast.py --seeds=5 \
   ${tuned:+--tuned="$tuned"} --run_estimate_s=40
-part throughput 0.70 "$python" benchmarks/throughput.py --models=resnet18,resnet34 --batch_size=512 --repeats=3
+part fast_muon 0.55 "$python" benchmarks/time_to_accuracy.py --config=configs/fast.py --config.optim.name=muon \
+  --seeds=5 ${tuned:+--tuned="$tuned"} --run_estimate_s=40
+part throughput 0.74 "$python" benchmarks/throughput.py --models=resnet18,resnet34 --batch_size=512 --repeats=3
 part resnet18 0.94 "$python" benchmarks/time_to_accuracy.py --config=configs/resnet18.py --seeds=1 \
   --config.data.pipeline=device --config.half_precision=True --fit_epochs --run_estimate_s=60
 

@@ -311,7 +311,8 @@ def main(argv):
     f'device: {device}; {config_file}, {FLAGS.seeds} seed(s), {config.num_epochs:g} epochs of '
     f'{config.model.name} on {config.data.source} data {config.data.path}'
   )
-  variant = ' '.join([Path(config_file).stem] + ['tuning'] * tuning_asked() + ['fit'] * FLAGS.fit_epochs)
+  optimizer = [config.optim.name] if config.optim.name != 'sgd' else []  # fast.py with Muon: another JSON.
+  variant = ' '.join([Path(config_file).stem, *optimizer] + ['tuning'] * tuning_asked() + ['fit'] * FLAGS.fit_epochs)
 
   def save(results: dict[str, Any]):
     settings = {

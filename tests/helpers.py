@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -260,3 +261,16 @@ def overrides_of(add_fields: Callable[[ml_collections.ConfigDict], ml_collection
   flat = lambda config: flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
   plain, recipe = flat(default.get_config()), flat(add_fields(default.get_config()))
   return [f'--config.{field}={value!r}' for field, value in recipe.items() if plain[field] != value]
+
+
+def kill_after_first_checkpoint(workdir, *args, timeout_s: float = 300) -> list[int]:
+  """Starts the smoke run (`args` its overrides) and SIGKILLs it once it has written a checkpoint; the steps of
+  the checkpoints it left."""
+  process = run_smoke(workdir, *args, wait=False)
+  deadline = time.time() + timeout_s
+  while not finished_steps(workdir) and time.time() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL
+  return finished_steps(workdir)

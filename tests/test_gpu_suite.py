@@ -24,6 +24,7 @@ NUM_CLASSES = 10
 PART_SCRIPTS = {
   'tune': 'time_to_accuracy',
   'fast': 'time_to_accuracy',
+  'fast_muon': 'time_to_accuracy',
   'throughput': 'throughput',
   'resnet18': 'time_to_accuracy',
 }
@@ -84,7 +85,7 @@ def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_pat
   [summary_path] = output_dir.glob('gpu_suite_cpu_*_tiny.json')
   summary = results(summary_path)
   parts = summary['parts']
-  assert list(parts) == ['tune', 'fast', 'throughput', 'resnet18']
+  assert list(parts) == ['tune', 'fast', 'fast_muon', 'throughput', 'resnet18']
   assert all(part['status'] == 0 and part['json'] and not part['skipped'] for part in parts.values()), parts
   assert summary['within_budget'] and summary['wall_s'] <= 800
   assert sum(part['seconds'] for part in parts.values()) <= summary['wall_s'] + len(parts)  # One after another.
@@ -102,13 +103,18 @@ def test_gpu_suite_tiny_runs_every_part_without_what_the_gpu_image_lacks(tmp_pat
   assert chosen_in_fast['steps_per_call'] == tuning['chosen']['steps_per_call']
   [seed] = fast_record['results']['runs']
   assert 0 <= seed['tta_accuracy'] <= 1 and seed['train_s'] > 0
+  muon_record = json.loads(Path(parts['fast_muon']['json']).read_text())
+  assert (
+    muon_record['settings']['config_values']['optim']['name'] == 'muon'
+    and parts['fast_muon']['json'] != parts['fast']['json']
+  )
 
   assert results(parts['throughput']['json'])['resnet_tiny']['jax']['step_images_per_sec']['median'] > 0
   resnet18 = results(parts['resnet18']['json'])
   assert resnet18['fit']['num_epochs'] >= 1 and len(resnet18['runs']) == 1
 
   targets = {target['target']: target for target in summary['targets']}
-  assert len(targets) == 4  # fast; resnet_tiny's JAX/PyTorch ratio and pipeline; resnet18.
+  assert len(targets) == 5  # fast with SGD and with Muon; resnet_tiny's JAX/PyTorch ratio and pipeline; resnet18.
   if importlib.util.find_spec('torch') is None:  # As in CI; on the GPU machine the ratio is measured.
     ratio = next(target for name, target in targets.items() if 'PyTorch' in name)
     assert ratio['met'] is None and 'torch: not importable' in ratio['measured']

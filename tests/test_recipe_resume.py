@@ -1,16 +1,13 @@
 """(slow) Each recipe of issue 29 on the smoke config resumes bitwise after a SIGKILL, as every other recipe does:
 Muon (its momentum in the optimizer state) and AugMix with its consistency loss (its views drawn from the step)."""
 
-import signal
-import time
-
 import jax
 import numpy as np
 import pytest
 
 from configs import augmix
 
-from helpers import finished_steps, load_checkpoint, overrides_of, run_smoke
+from helpers import finished_steps, kill_after_first_checkpoint, load_checkpoint, overrides_of, run_smoke
 
 RECIPES = {
   'muon': ['--config.optim.name=muon'],
@@ -31,14 +28,8 @@ def uninterrupted(request, tmp_path_factory):
 @pytest.mark.slow
 def test_the_recipe_resumes_bitwise_after_a_kill(uninterrupted, tmp_path):
   overrides, straight = uninterrupted
-  process = run_smoke(tmp_path, *overrides, wait=False)
-  deadline = time.time() + 300
-  while not finished_steps(tmp_path) and time.time() < deadline:
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  killed_at = finished_steps(tmp_path)
-  assert process.returncode == -signal.SIGKILL and killed_at and killed_at[-1] < finished_steps(straight)[-1]
+  killed_at = kill_after_first_checkpoint(tmp_path, *overrides)
+  assert killed_at and killed_at[-1] < finished_steps(straight)[-1]
   returncode, output = run_smoke(tmp_path, *overrides)
   assert returncode == 0 and f'Resuming from the checkpoint of step {killed_at[-1]}' in output, output
   last = finished_steps(straight)[-1]

@@ -1,8 +1,6 @@
 """The trainer end to end: budget, errors, exact resume after SIGKILL, sharding, TensorBoard."""
 
 import json
-import signal
-import time
 from pathlib import Path
 
 import jax
@@ -15,7 +13,7 @@ from resnet_flax.run import writers
 from resnet_flax.train import loop, trainer
 
 import helpers
-from helpers import finished_steps, load_checkpoint
+from helpers import finished_steps, kill_after_first_checkpoint, load_checkpoint
 
 TOTAL_STEPS = helpers.SMOKE_TOTAL_STEPS
 run_main = helpers.run_smoke
@@ -47,14 +45,8 @@ def test_rerun_of_a_complete_run_says_so_and_exits_zero(straight_run):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path):
-  process = run_main(tmp_path, wait=False)
-  deadline = time.time() + 120
-  while not finished_steps(tmp_path) and time.time() < deadline:
-    time.sleep(0.02)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  killed_at = finished_steps(tmp_path)
-  assert process.returncode == -signal.SIGKILL and killed_at and killed_at[-1] < TOTAL_STEPS
+  killed_at = kill_after_first_checkpoint(tmp_path, timeout_s=120)
+  assert killed_at and killed_at[-1] < TOTAL_STEPS
 
   returncode, output = run_main(tmp_path)
   assert returncode == 0, output
