@@ -5,6 +5,12 @@ import json
 import re
 import sys
 
+import pytest
+
+from configs import smoke
+from resnet_flax.errors import ConfigError
+from resnet_flax.train import config_checks
+
 from helpers import run_command, run_main
 
 
@@ -36,3 +42,10 @@ def test_a_second_process_with_another_seed_and_rate_loads_the_train_step_from_t
     assert len(compiled) == 1, output[-3000:]  # The trainer's line: 'Compiled ... jit(train_stack) 2.1 s ...'.
     served.append(bool(compiled[0]))
   assert served == [False, True]
+
+
+def test_a_seed_the_int32_input_cannot_hold_is_refused_in_one_line():
+  config = smoke.get_config()
+  config.seed = 2**31
+  with pytest.raises(ConfigError, match=r'^--config.seed=2147483648 is invalid: must be below 2\*\*31 .*int32\)$'):
+    config_checks.validate(config)
