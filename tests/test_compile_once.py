@@ -30,6 +30,7 @@ def test_three_seeds_and_three_learning_rates_compile_the_train_step_once(tmp_pa
   assert result['again'] == result['runs'][-1][2]  # ...trains exactly as the shared one did.
 
 
+@pytest.mark.slow  # Two main.py processes: a minute.
 def test_a_second_process_with_another_seed_and_rate_loads_the_train_step_from_the_cache(tmp_path):
   cache = f'--compilation_cache_dir={tmp_path / "cache"}'
   train_step = re.compile(r'jit\(train_stack\) [\d.]+ s( \(persistent cache\))?')
