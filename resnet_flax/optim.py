@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,17 +90,27 @@ def muon_labels(params: Any) -> Any:
   return flax.traverse_util.path_aware_map(label, params)
 
 
+def _scale_by_width(updates: Any, params: Any = None) -> Any:
+  """An orthogonalised kernel's update times sqrt(max(1, fan_out / fan_in)), Muon's width scaling (as
+  `optax.contrib.muon` does, whose `scale_by_shape` is not public): more than 1 only where a kernel widens
+  (a 1x1 projection shortcut)."""
+  widening = lambda u: jnp.sqrt(max(1.0, u.shape[-1] / math.prod(u.shape[:-1])))
+  return jax.tree.map(lambda u: u * widening(u), updates)
+
+
 def _muon(optim: OptimConfig, hparams: Hyperparams, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
   """Muon (Jordan et al. 2024; airbench94_muon) on the hidden conv kernels, `_sgd` on the rest: the kernels'
   momentum is orthogonalised by optax's Newton-Schulz (`scale_by_muon`, a kernel flattened by CONV_AS_MATRIX),
-  decayed outside it and scaled by `muon_lr_multiplier` x the schedule. Its own `multi_transform`:
-  `optax.contrib.muon` would give every non-2-D parameter, so every conv kernel, Adam instead."""
+  width-scaled, decayed outside it (decoupled, as optax's Muon; the SGD groups' decay stays an L2 term) and
+  scaled by `muon_lr_multiplier` x the schedule. Its own `multi_transform`: `optax.contrib.muon` would give
+  every non-2-D parameter, so every conv kernel, Adam instead."""
   muon = optax.chain(
     optax.contrib.scale_by_muon(
       beta=hparams['momentum'],
       nesterov=optim.nesterov,
       weight_dimension_numbers=lambda params: jax.tree.map(lambda _: CONV_AS_MATRIX, params),
     ),
+    optax.stateless(_scale_by_width),
     optax.add_decayed_weights(hparams['weight_decay']),
     optax.scale_by_learning_rate(lambda step: optim.muon_lr_multiplier * learning_rate_fn(step)),
   )

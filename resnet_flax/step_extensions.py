@@ -1,27 +1,29 @@
 """Step extensions: what a recipe adds to the plain train step, declared as hooks.
 
-Adversarial training, distillation, pruning and quantization-aware training each change the step in a
-few places; each is a `StepExtension` that overrides only the hooks it needs, and `train.step.train_step`
-is the plain step plus a fold over the active ones, in `REGISTRY` order. The hooks come from what the
-four do:
+Adversarial training, distillation, pruning, quantization-aware training and AugMix's consistency loss each
+change the step in a few places; each is a `StepExtension` that overrides only the hooks it needs, and
+`train.step.train_step` is the plain step plus a fold over the active ones, in `REGISTRY` order. The hooks
+come from what they do:
 
 | hook             | when                                         | who                                    |
 |------------------|----------------------------------------------|----------------------------------------|
-| `check_config`   | before any work, for every registered one    | all four: their fields' contradictions |
+| `check_config`   | before any work, for every registered one    | all: their fields' contradictions      |
 | `create`         | set-up: the extension, or None when off       | all                                    |
 | `wrap_model`     | set-up                                       | QAT (qwix's fake quantization)         |
 | `wrap_optimizer` | set-up; its state is checkpointed with it    | pruning (the masks)                    |
 | `run_record`     | set-up: run.json's fields of it              | distillation, pruning, QAT             |
-| `arguments`      | set-up: values the compiled step takes       | adversarial (ε, step), distillation    |
-| `prepare`        | in the step, before the loss; not differentiated | adversarial (the attack), distillation (teacher logits) |
-| `loss`           | inside the differentiated loss               | distillation (replaces it), TRADES (adds to it) |
+| `arguments`      | set-up: values the compiled step takes       | adversarial (ε, step), distillation, JSD weight |
+| `fingerprint`    | set-up: what keys its program beyond config  | distillation (the teacher), pruning (schedule) |
+| `prepare`        | in the step, before the loss; not differentiated | adversarial (the attack), distillation (teacher logits), AugMix (the views) |
+| `loss`           | inside the differentiated loss               | distillation (replaces it), TRADES, AugMix's JSD (add to it) |
 | `after_update`   | after the optimizer's update                 | pruning (masks the EMA)                |
 
 Hyperparameters reach the compiled step as arguments (`arguments`, replicated, never donated), not as
 constants closed over: the same program serves any value of them. An extension names the config fields they
 come from (`traced_fields`): left out of the compiled step's key (`train.step.StepSpec`), runs that differ
-only in them share the program; what else tells two extensions' programs apart is its `fingerprint`. Values are computed on the host in float64 and rounded once to float32, as Python
-constants were, so the step computes the same bits with them as arguments.
+only in them share the program; what else tells two extensions' programs apart is its `fingerprint`. Values
+are computed on the host in float64 and rounded once to float32, as Python constants were, so the step
+computes the same bits with them as arguments.
 
 Written by hand: optax composes gradient transformations and flax composes modules, but no maintained
 library composes what a train step does around its loss.

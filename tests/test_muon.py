@@ -65,3 +65,14 @@ def test_muon_is_registered_and_refuses_options_it_ignores():
   config.optim.muon_lr_multiplier = 2.0
   with pytest.raises(ConfigError, match=r'optim.muon_lr_multiplier=2.0 does not apply to .*sgd.*only to muon'):
     config_checks.validate(config)
+
+
+def test_a_widening_kernel_is_scaled_by_the_root_of_its_fan_out_over_fan_in(one_update):
+  params, _, muon, _ = one_update
+  shortcut = 'ResNetBlock_1/shortcut_conv/kernel'  # 1x1, 16 -> 32 channels: sqrt(32 / 16).
+  assert params[shortcut].shape == (1, 1, 16, 32)
+  rms = lambda path: float(np.sqrt(np.mean(np.square(np.asarray(muon[path])))))
+  conv = 'ResNetBlock_1/Conv_1/kernel'  # 3x3, 32 -> 32: no scaling; an orthogonal [288, 32] has RMS 1/sqrt(288).
+  rate = LEARNING_RATE * optim.OPTION_DEFAULTS['muon_lr_multiplier']
+  assert rms(conv) == pytest.approx(rate / np.sqrt(288), rel=0.25)
+  assert rms(shortcut) == pytest.approx(rate * np.sqrt(2) / np.sqrt(32), rel=0.25)

@@ -213,6 +213,9 @@ class Pruning(step_extensions.StepExtension):
   def run_record(self) -> dict[str, Any]:
     return {'prune': run_record(self.config.prune)}
 
+  def fingerprint(self) -> Any:
+    return (super().fingerprint(), self.schedule)  # Its steps come from the run's length.
+
   def after_update(self, args, state):
     return state if state.ema is None else state.replace(ema=mask_ema(state.ema, state.opt_state.masks))
 

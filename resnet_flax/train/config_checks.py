@@ -25,13 +25,13 @@ from resnet_flax.run.checkpoint import checkpoint_choice
 from resnet_flax.train import step  # noqa: F401 (registers the step extensions: their checks are composed here)
 
 
-# Training's own fields, and evaluation's checkpoint choice (a training run that evaluates refuses
-# a bad one too, as it always has).
 def _seed(v) -> str | None:
   """The train step takes the seed as an int32 input (`train.hyperparams`)."""
   return rules.whole_number(v) or (None if v < 2**31 else 'must be below 2**31 (the train step takes it as int32)')
 
 
+# Training's own fields, and evaluation's checkpoint choice (a training run that evaluates refuses
+# a bad one too, as it always has).
 TRAIN_RULES: dict[str, rules.Rule] = {
   'seed': _seed,
   'init_from_checkpoint': checkpoint_choice,

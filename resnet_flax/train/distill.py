@@ -196,6 +196,12 @@ class Distillation(step_extensions.StepExtension):
   def run_record(self) -> dict[str, Any]:
     return {'teacher': self.teacher.identity}
 
+  def fingerprint(self) -> Any:
+    """The teacher's identity, model, normalisation and class order: what its logits in the step come from."""
+    info = self.teacher.restored.run.info
+    stats = (tuple(info.pixel_mean), tuple(info.pixel_std))
+    return (super().fingerprint(), self.teacher.restored.model, stats, self.teacher.class_order)
+
   def arguments(self) -> dict[str, Any]:
     return {'variables': self.teacher.variables, **loss_arguments(self.distill_config)}
 

@@ -7,8 +7,9 @@ second process. They stay out of `opt_state`: the optimizer is rebuilt from them
 `optax.inject_hyperparams`, whose state would change the checkpointed tree). An alpha of 0 is `None`
 here: mixing off is another program, and a `None` leaf gives jit another tree, so another cache entry.
 
-What the step closes over is `static_config`: the config with these fields set to None, so a read of one
-of them by mistake fails while tracing instead of fixing every later run to the first run's value.
+What the step closes over is `static_config`: the config with these fields set to None, so arithmetic on one
+of them by mistake fails while tracing instead of fixing every later run to the first run's value (a truth
+test would not fail: read the values from the step's `hparams`, never from the static config).
 The step extensions' values (ε, distillation's α and T...) are traced too, as their `arguments`, and their
 `traced_fields` are left out of the static config as well.
 """

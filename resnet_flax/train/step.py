@@ -128,7 +128,7 @@ class StepSpec:
   extensions: tuple[StepExtension, ...] = ()  # `step_extensions.create_all`, folded in this order.
 
   def key(self) -> tuple[Any, ...]:
-    fingerprints = tuple(extension.fingerprint() for extension in self.extensions)
+    fingerprints = tuple((extension.name, extension.fingerprint()) for extension in self.extensions)
     fields = (self.config, self.model, self.schedule, self.mean, self.std, self.num_classes, self.steps_per_epoch)
     return (*fields, self.class_weights, fingerprints)
 
