@@ -1,5 +1,7 @@
 """Errors that reach the user as one line (what is wrong and how to fix it), never a traceback."""
 
+import errno
+
 
 class UserError(Exception):
   """Base of every error caused by the user's config, data or workdir."""
@@ -19,3 +21,17 @@ class NonFiniteError(UserError):
 
 class OutOfMemoryError(UserError):
   """The compiled steps need more memory than the devices have free (`train.memory`), or XLA ran out of it."""
+
+
+class DiskFullError(UserError):
+  """The disk filled while the run wrote its outputs (TensorBoard events); its checkpoints are intact."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+  """Whether `exc`, or an error it was raised from, is 'no space left on device' (raised by a library directly,
+  or wrapped in its own error type)."""
+  while exc is not None:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or 'No space left on device' in str(exc):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False

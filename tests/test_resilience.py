@@ -1,5 +1,6 @@
 """Preemption, kills, corrupt checkpoints, non-finite losses, unwritable or full disks, several hosts."""
 
+import errno
 import os
 import random
 import re
@@ -13,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from resnet_flax.errors import DiskFullError
 from resnet_flax.run import preemption, writers
+from resnet_flax.run.checkpoint import CheckpointError
 
 from helpers import SMOKE_TOTAL_STEPS, finished_steps, load_checkpoint, run_main, run_smoke
 
@@ -246,3 +249,21 @@ def test_first_sigint_asks_to_stop_and_a_second_one_exits_at_once(monkeypatch):
     wait_for(lambda: exits)
   assert exits == [128 + signal.SIGINT]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Restored on leaving.
+
+
+class _FullDiskWriter:
+  def flush(self):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+
+def test_a_full_disk_at_the_last_flush_is_one_clear_error_unless_the_run_already_failed(caplog):
+  with pytest.raises(DiskFullError, match=r'^no space left on the device while writing the TensorBoard events in W '):
+    writers.flush_at_the_end(_FullDiskWriter(), 'W')
+  with pytest.raises(CheckpointError, match='the checkpoint of step 5 is intact'):  # The run's own error stays.
+    try:
+      raise CheckpointError(
+        'no space left on the device while saving a checkpoint (the checkpoint of step 5 is intact)'
+      )
+    finally:
+      writers.flush_at_the_end(_FullDiskWriter(), 'W')
+  assert 'TensorBoard events of the last steps were not written' in caplog.text

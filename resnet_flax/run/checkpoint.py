@@ -8,7 +8,6 @@ and then a resume goes backwards).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shutil
 from collections.abc import Mapping
@@ -20,7 +19,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_flax.errors import ConfigError, UserError
+from resnet_flax.errors import ConfigError, UserError, is_disk_full
 from resnet_flax.run.workdir import RunInfo
 
 BEST_METRIC = 'accuracy'
@@ -86,7 +85,7 @@ def _disk_errors_explained(manager: ocp.CheckpointManager, step: int | None):
   try:
     yield
   except Exception as e:
-    if not _is_disk_full(e):
+    if not is_disk_full(e):
       raise
     manager.reload()
     complete = [s for s in manager.all_steps() if s != step]
@@ -95,14 +94,6 @@ def _disk_errors_explained(manager: ocp.CheckpointManager, step: int | None):
       f'no space left on the device while saving a checkpoint in {manager.directory} '
       f'({kept}); free some space and rerun the same command to resume'
     ) from e
-
-
-def _is_disk_full(exc: BaseException | None) -> bool:
-  while exc is not None:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or 'No space left on device' in str(exc):
-      return True
-    exc = exc.__cause__ or exc.__context__
-  return False
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from absl import logging
 
+from resnet_flax.errors import DiskFullError, is_disk_full
 from resnet_flax.run.workdir import epochs_at
 
 
@@ -230,3 +232,22 @@ def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
             continue
           scalars.setdefault(value.tag, {})[event.step] = number
   return {tag: sorted(points.items()) for tag, points in scalars.items()}
+
+
+def flush_at_the_end(writer: Any, workdir: str) -> None:
+  """Flushes `writer` when a run ends, in a `finally`. A full disk is one clear error; when the run already
+  failed (usually the same full disk, met by a checkpoint, whose error says which checkpoint is intact), that
+  error stays the one the user sees, and this one is logged."""
+  failing = sys.exc_info()[1]
+  try:
+    writer.flush()
+  except Exception as e:
+    if not is_disk_full(e):
+      raise
+    if failing is not None:
+      logging.warning('The TensorBoard events of the last steps were not written either: the disk is full')
+      return
+    raise DiskFullError(
+      f'no space left on the device while writing the TensorBoard events in {workdir} (the checkpoints are '
+      'intact); free some space and rerun the same command to resume'
+    ) from e

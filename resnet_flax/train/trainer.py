@@ -207,7 +207,7 @@ def train_and_evaluate(
       checkpoint.wait_until_finished(manager)
     finally:
       checkpoint.close(manager)
-      writer.flush()
+      writers.flush_at_the_end(writer, workdir)
   if jax.process_index() == 0:
     curves.write_training_curves(workdir, setup.steps.per_epoch)
   return eval_metrics
