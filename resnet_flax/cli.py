@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 from absl import flags, logging
 
-from resnet_flax.errors import UserError
+from resnet_flax.errors import UserError, is_disk_full
 from resnet_flax.run import distributed
 from resnet_flax.train import memory
 
@@ -136,8 +136,8 @@ def run(
   num_processes: int | None,
   process_id: int | None,
 ) -> None:
-  """Runs `mode` in this process of the job; a UserError, or XLA running out of memory, ends the process with
-  its one line."""
+  """Runs `mode` in this process of the job; a UserError, XLA running out of memory, or a full disk met by any
+  library's writer (TensorBoard's events, an export) ends the process with its one line."""
   quiet_library_logs()
   set_compilation_cache(compilation_cache_dir)
   distributed.initialize(coordinator_address, num_processes, process_id)
@@ -150,6 +150,12 @@ def run(
     if message is None:
       raise
     exit_with_error(message)
+  except Exception as e:
+    if not is_disk_full(e):
+      raise
+    exit_with_error(  # Checkpoints are written whole or not at all: the last one listed is intact.
+      f'no space left on the device ({type(e).__name__}); free some space and rerun the same command to resume'
+    )
 
 
 def run_config():

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from resnet_flax import cli
 from resnet_flax.errors import DiskFullError
 from resnet_flax.run import preemption, writers
 from resnet_flax.run.checkpoint import CheckpointError
@@ -267,3 +269,17 @@ def test_a_full_disk_at_the_last_flush_is_one_clear_error_unless_the_run_already
     finally:
       writers.flush_at_the_end(_FullDiskWriter(), 'W')
   assert 'TensorBoard events of the last steps were not written' in caplog.text
+
+
+def test_a_full_disk_met_by_any_library_ends_the_command_in_one_line(monkeypatch):
+  def write_events():
+    raise RuntimeError('Could not flush events file') from OSError(errno.ENOSPC, 'No space left on device')
+
+  said = []
+  monkeypatch.setattr(cli, 'quiet_library_logs', lambda: None)  # Process-wide: not in the test's process.
+  monkeypatch.setattr(cli, 'exit_with_error', lambda message: said.append(message) or sys.exit(1))
+  with pytest.raises(SystemExit):
+    cli.run(write_events, '', None, None, None)
+  assert said == ['no space left on the device (RuntimeError); free some space and rerun the same command to resume']
+  with pytest.raises(RuntimeError, match='another failure'):  # Not a full disk: raised as it is.
+    cli.run(lambda: (_ for _ in ()).throw(RuntimeError('another failure')), '', None, None, None)
