@@ -239,10 +239,10 @@ def warmup_steps(optim: OptimConfig, steps: Steps) -> int:
   return clipped
 
 
-def create_learning_rate_fn(optim: OptimConfig, steps: Steps, peak: Peak | None = None) -> optax.Schedule:
+def create_learning_rate_fn(optim: OptimConfig, steps: Steps) -> optax.Schedule:
   """The schedule of `optim.schedule` after a linear warmup from 0 (`warmup_steps`; none when that is 0), up to
-  `peak` (default `optim.learning_rate`)."""
-  return Schedule.of(optim, steps).at(optim.learning_rate if peak is None else peak)
+  `optim.learning_rate` (the train step takes the peak as an input instead: `Schedule.at`)."""
+  return Schedule.of(optim, steps).at(optim.learning_rate)
 
 
 @dataclasses.dataclass(frozen=True)
